@@ -1,0 +1,1 @@
+"""fl_unlearn: federated unlearning core (framework-agnostic; never imports flwr)."""

@@ -1,0 +1,1 @@
+"""The Flower layer of fl_unlearn."""
