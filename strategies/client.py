@@ -1,0 +1,570 @@
+"""Client side: message handlers for a Message-API ClientApp, and a mod for legacy ``client_fn`` apps.
+
+One handler per message type (``DESIGN.md`` §3):
+
+===================  =================================================================================
+``query.info``       partition id, number of examples, label histogram
+``train``            FedAvg's contract (one ArrayRecord, one MetricRecord with ``num-examples``) plus the
+                     Fisher diagonal accumulated while training and a lineage ConfigRecord
+``query.fisher``     forget-Fisher of the client's forget data on the model version the server sends
+``query.evalforget`` accuracy of several models on the client's forget data (client / sample requests)
+``train.unlearn``    FIUn on the models the client holds (derived models), with the merged forget-Fisher
+``train.derive``     a chain of derived models (finetune | incremental | transfer) from a global model
+``evaluate``         accuracy on held-out data, split into forgotten and kept classes
+===================  =================================================================================
+
+The handlers need a model and the client's data: a :class:`ClientSpec` supplies them. Training settings come
+from the run-config keys of ``strategies.config.DEFAULTS`` (``lr``, ``local-epochs``, ``batch-size``,
+``momentum``, ``seed``, ``dp-noise-multiplier``, ``dp-max-grad-norm``) when present. State that must outlive a
+run (derived models, their retain-Fishers) lives in a per-client :class:`~fl_unlearn.store.Store` under
+``<store-dir>/clients/<partition-id>/`` (``node_config["unlearn-dir"]`` overrides the location).
+
+Bad messages get an error reply naming what was wrong (as Flower's mods do); nothing is changed then.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from logging import ERROR, INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from torch import nn
+
+from fl_unlearn.data import class_histogram, make_loader, sample_ids, without_classes, without_samples
+from fl_unlearn.errors import UnlearnError
+from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
+from fl_unlearn.fisher import FisherAccumulator, compute_fisher, select_parameters
+from fl_unlearn.store import Store
+from fl_unlearn.train import seed_everything, train_local
+from strategies import records as R
+from strategies.config import DEFAULTS
+from strategies.forget import ForgetSpec, retain_from_whole
+
+Handler = Callable[[Message, Context], Message]
+Tensors = dict[str, torch.Tensor]
+MODELS_DOC = "models"  # index of the models a client holds, in its store
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """What the unlearning handlers need from a client app.
+
+    Parameters
+    ----------
+    model_fn : Callable[[Context], nn.Module]
+        A freshly built model of the federation's architecture (weights are loaded from messages).
+    data_fn : Callable[[Context], Dataset]
+        This client's training data, a ``datasets.Dataset`` with ``image``, ``label`` and ``id`` columns
+        (``fl_unlearn.data``).
+    test_fn : Callable[[Context], Dataset | None] | None (default: None)
+        Held-out data to evaluate models on (``evaluate``, ``train.unlearn``); ``None`` skips evaluation.
+    """
+
+    model_fn: Callable[[Context], nn.Module]
+    data_fn: Callable[[Context], Dataset]
+    test_fn: Callable[[Context], Dataset | None] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------------
+
+
+def setting(context: Context, key: str) -> Any:
+    """A run-config value, else the App default (``run_simulation`` gives an empty run-config)."""
+    value = context.run_config.get(key, DEFAULTS[key])
+    return type(DEFAULTS[key])(value) if not isinstance(DEFAULTS[key], bool) else bool(value)
+
+
+def partition_id(context: Context) -> int:
+    """This client's partition id (``node_config["partition-id"]``)."""
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError as err:
+        raise UnlearnError("node_config has no 'partition-id'; set it for every SuperNode") from err
+
+
+def client_store(context: Context, config: Mapping[str, Any] | None = None) -> Store:
+    """The per-client store, under the first of: ``node_config["unlearn-dir"]``, run-config ``store-dir``
+    (then ``<store-dir>/clients/<partition-id>``), the server's store directory sent in ``config`` (same layout;
+    meaningful in simulation, where server and clients share a file system)."""
+    explicit = context.node_config.get("unlearn-dir")
+    if explicit:
+        return Store(Path(str(explicit)))
+    root = context.run_config.get("store-dir", "") or (config or {}).get(R.STORE_DIR, "")
+    if not root:
+        raise UnlearnError("no client directory: set run-config 'store-dir' (absolute) or node_config 'unlearn-dir'")
+    return Store(Path(str(root)) / "clients" / str(partition_id(context)))
+
+
+def error_reply(msg: Message, reason: str) -> Message:
+    """Log ``reason`` and answer ``msg`` with an error (as Flower's mods do)."""
+    log(ERROR, "%s: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def answering_errors(handler: Handler) -> Handler:
+    """Turn fl_unlearn / value errors raised by ``handler`` into error replies naming them."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except (UnlearnError, ValueError, KeyError) as err:
+            return error_reply(msg, f"{type(err).__name__}: {err}")
+
+    return wrapped
+
+
+def only_arrays(msg: Message) -> ArrayRecord:
+    """The message's one ArrayRecord (the model)."""
+    records = msg.content.array_records
+    if R.ARRAYS_KEY in records:
+        return records[R.ARRAYS_KEY]
+    if len(records) != 1:
+        raise UnlearnError(f"expected one ArrayRecord (the model), found {sorted(records)}")
+    return next(iter(records.values()))
+
+
+def load_model(spec: ClientSpec, context: Context, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A fresh model with ``weights`` loaded (strict: names and shapes must match)."""
+    model = spec.model_fn(context)
+    model.load_state_dict(dict(weights))
+    return model
+
+
+def lineage_config(ds: Dataset, pid: int) -> dict[str, Any]:
+    """Lineage record of a data set: partition, size, class histogram, sample digest."""
+    return {R.PARTITION_ID: pid, R.NUM_EXAMPLES: len(ds), **R.histogram_to_config(class_histogram(ds)),
+            R.SAMPLE_DIGEST: R.sample_digest(sample_ids(ds))}
+
+
+def _seed(context: Context, *parts: int) -> int:
+    digest = hashlib.sha256(repr((setting(context, "seed"), *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _state(model: nn.Module) -> Tensors:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _strip_prefix(fisher: Mapping[str, torch.Tensor], prefix: str = "_module.") -> Tensors:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in fisher.items()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# training with a Fisher accumulator (DP-SGD optional)
+# ------------------------------------------------------------------------------------------------------
+
+
+def train_with_fisher(
+    model: nn.Module, ds: Dataset, context: Context, *, seed: int, layers: str, estimator: str = "batch",
+    proximal_mu: float = 0.0, epochs: int | None = None,
+) -> tuple[dict[str, float], Tensors]:
+    """Train ``model`` in place on ``ds``; return the training stats and the Fisher accumulated meanwhile.
+
+    With ``dp-noise-multiplier`` and ``dp-max-grad-norm`` > 0 the model trains with Opacus DP-SGD and the
+    accumulator reads Opacus' per-sample gradients; otherwise it squares each batch gradient.
+    """
+    seed_everything(seed)
+    loader = make_loader(ds, setting(context, "batch-size"), shuffle=True, seed=seed)
+    epochs = setting(context, "local-epochs") if epochs is None else epochs
+    if setting(context, "dp-noise-multiplier") > 0 and setting(context, "dp-max-grad-norm") > 0:
+        return _train_dp(model, loader, context, layers=layers, epochs=epochs)
+    with FisherAccumulator(model, select_parameters(model, layers), estimator="batch") as acc:
+        stats = train_local(model, loader, epochs=epochs, lr=setting(context, "lr"),
+                            momentum=setting(context, "momentum"), proximal_mu=proximal_mu)
+        fisher = dict(acc.result())
+    if estimator != "batch":  # the accumulator's per-sample mode needs Opacus: a post-hoc pass instead
+        fisher = dict(compute_fisher(model, make_loader(ds, setting(context, "batch-size")),
+                                     select_parameters(model, layers), estimator=estimator))
+    return stats, fisher
+
+
+def _train_dp(model: nn.Module, loader: Any, context: Context, *, layers: str, epochs: int) -> tuple[dict, Tensors]:
+    """DP-SGD with Opacus; the Fisher comes from the per-sample gradients Opacus computes anyway."""
+    from opacus import PrivacyEngine
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=setting(context, "lr"), momentum=setting(context, "momentum"))
+    engine = PrivacyEngine(accountant="rdp")
+    dp_model, dp_opt, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=setting(context, "dp-noise-multiplier"), max_grad_norm=setting(context, "dp-max-grad-norm"),
+    )
+    names = select_parameters(dp_model, layers)
+    loss_sum, seen = 0.0, 0
+    with FisherAccumulator(dp_model, names, estimator="per_sample") as acc:
+        for _ in range(epochs):
+            for x, y in dp_loader:
+                if len(y) == 0:
+                    continue
+                dp_opt.zero_grad()
+                loss = nn.functional.cross_entropy(dp_model(x), y)
+                loss.backward()
+                dp_opt.step()
+                loss_sum, seen = loss_sum + float(loss) * len(y), seen + len(y)
+        fisher = _strip_prefix(acc.result())
+    eps = engine.get_epsilon(delta=1e-5)
+    dp_model.remove_hooks() if hasattr(dp_model, "remove_hooks") else None
+    return {"loss": loss_sum / max(seen, 1), "num_examples": len(loader.dataset), "dp_epsilon": eps}, fisher
+
+
+# ------------------------------------------------------------------------------------------------------
+# handlers
+# ------------------------------------------------------------------------------------------------------
+
+
+def handle_info(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``query.info``: partition id, number of examples, label histogram."""
+    ds = spec.data_fn(context)
+    info = {R.PARTITION_ID: partition_id(context), R.NUM_EXAMPLES: len(ds), **R.histogram_to_config(class_histogram(ds))}
+    return Message(RecordDict({R.INFO_KEY: ConfigRecord(info)}), reply_to=msg)
+
+
+def handle_train(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``train``: FedAvg's reply plus the accumulated Fisher and a lineage record.
+
+    Honours ``proximal-mu`` (FedProx) and the retrain baseline's ``exclude-classes`` / ``exclude-samples``.
+    """
+    config = R.first_config(msg)
+    pid = partition_id(context)
+    model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
+    ds = spec.data_fn(context)
+    if config.get(R.EXCLUDE_CLASSES):
+        ds = without_classes(ds, R.int_list(config[R.EXCLUDE_CLASSES]))
+    if config.get(R.EXCLUDE_SAMPLES):
+        ds = without_samples(ds, R.int_list(config[R.EXCLUDE_SAMPLES]))
+    if len(ds) == 0:
+        raise UnlearnError(f"partition {pid} has no training data left after exclusions")
+    stats, fisher = train_with_fisher(
+        model, ds, context, seed=_seed(context, pid, int(config.get("server-round", 0))),
+        layers=str(config.get(R.FISHER_LAYERS, setting(context, "fisher-layers"))),
+        estimator=str(config.get(R.FISHER_ESTIMATOR, setting(context, "fisher-estimator"))),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    metrics = {R.NUM_EXAMPLES: len(ds), "train-loss": float(stats["loss"])}
+    return Message(RecordDict({
+        R.ARRAYS_KEY: R.tensors_to_record(_state(model)),
+        R.METRICS_KEY: MetricRecord(metrics),
+        R.FISHER_KEY: R.tensors_to_record(fisher),
+        R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, pid)),
+    }), reply_to=msg)
+
+
+def handle_fisher(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent."""
+    config = R.first_config(msg)
+    forget_ds, _ = ForgetSpec.from_config(config).split(spec.data_fn(context))
+    model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
+    content: dict[str, Any] = {R.METRICS_KEY: MetricRecord({R.FORGET_NUM: len(forget_ds)})}
+    if len(forget_ds):
+        names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
+        loader = make_loader(forget_ds, setting(context, "batch-size"))
+        fisher = compute_fisher(model, loader, names, estimator=str(config.get(R.FISHER_ESTIMATOR, "batch")))
+        content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
+    log(INFO, "query.fisher: partition %d, %d forget samples", partition_id(context), len(forget_ds))
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def handle_eval_forget(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``query.evalforget``: accuracy of each sent model (``model-0``, ...) on this client's forget data."""
+    forget_ds, _ = ForgetSpec.from_config(R.first_config(msg)).split(spec.data_fn(context))
+    metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_ds)}
+    for key, record in msg.content.array_records.items():
+        if key.startswith(R.MODEL_KEY_PREFIX) and len(forget_ds):
+            model = load_model(spec, context, R.record_to_tensors(record))
+            metrics[key] = accuracy(model, make_loader(forget_ds, 256))
+    return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def handle_evaluate(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``evaluate``: held-out accuracy, split into forgotten and kept classes when ``forget-classes`` is sent."""
+    config = R.first_config(msg)
+    ds = spec.test_fn(context) if spec.test_fn is not None else None
+    ds = spec.data_fn(context) if ds is None else ds
+    model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
+    forget = R.int_list(config.get(R.FORGET_CLASSES))
+    acc = forget_retain_accuracy(model, ds, forget)
+    metrics: dict[str, float | int] = {R.NUM_EXAMPLES: len(ds), "accuracy": acc["acc"]}
+    if forget:
+        metrics.update({R.FORGET_ACC: acc["forget_acc"], R.RETAIN_ACC: acc["retain_acc"]})
+    return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _derive_steps(kind: str, depth: int, ds: Dataset) -> list[Dataset]:
+    """The data each generation of a derived chain trains on."""
+    if kind in ("finetune", "transfer"):
+        return [ds] * depth
+    if kind == "incremental":  # each generation learns new classes of the client's data
+        groups = np.array_split(np.asarray(sorted(class_histogram(ds))), depth)
+        return [ds.select(np.flatnonzero(np.isin(np.asarray(ds["label"]), g))) for g in groups]
+    raise UnlearnError(f"unknown derive kind {kind!r}; use finetune, incremental or transfer")
+
+
+def handle_derive(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``train.derive``: a chain of derived models from the global model sent; kept in the client store."""
+    config = R.first_config(msg)
+    kind, ids = str(config[R.KIND]), [str(i) for i in config[R.MODEL_IDS]]
+    pid, store = partition_id(context), client_store(context, config)
+    layers = str(config.get(R.FISHER_LAYERS, "last"))
+    model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
+    index = store.get_json(MODELS_DOC, {})
+    parent, out = str(config[R.PARENT_ID]), {}
+    for step, (node_id, ds) in enumerate(zip(ids, _derive_steps(kind, len(ids), spec.data_fn(context)))):
+        if kind == "transfer":  # only the last layer trains
+            keep = set(select_parameters(model, "last"))
+            for name, p in model.named_parameters():
+                p.requires_grad_(name in keep)
+        _, fisher = train_with_fisher(model, ds, context, seed=_seed(context, pid, 10_000 + step), layers=layers)
+        lineage = lineage_config(ds, pid)
+        weights = store.put(_state(model), {"node": node_id, "kind": "derived"})
+        index[node_id] = {"weights": weights, "retain-fisher": store.put(fisher, {"node": node_id}),
+                          "parent": parent, "lineage": lineage}
+        out[f"{R.NODE_KEY_PREFIX}{step}"] = ConfigRecord(
+            {R.NODE_ID: node_id, R.PARENT_ID: parent, R.WEIGHTS_DIGEST: weights, **lineage})
+        parent = node_id
+    store.put_json(MODELS_DOC, index)
+    log(INFO, "train.derive: partition %d built %d %s models", pid, len(ids), kind)
+    return Message(RecordDict(out), reply_to=msg)
+
+
+def _evaluate_split(spec: ClientSpec, context: Context, model: nn.Module, forget: ForgetSpec,
+                    forget_ds: Dataset) -> dict[str, float]:
+    """Held-out forget/retain accuracy (class requests), else accuracy on the client's forget data + test."""
+    test = spec.test_fn(context) if spec.test_fn is not None else None
+    out: dict[str, float] = {}
+    if test is not None:
+        acc = forget_retain_accuracy(model, test, forget.classes)
+        out[R.RETAIN_ACC] = acc["retain_acc"] if forget.classes else acc["acc"]
+        if forget.classes:
+            out[R.FORGET_ACC] = acc["forget_acc"]
+    if not forget.classes and len(forget_ds):
+        out[R.FORGET_ACC] = accuracy(model, make_loader(forget_ds, 256))
+    return out
+
+
+def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``train.unlearn``: dampen the listed models this client holds, in one ``unlearn_many`` step."""
+    from fl_unlearn.fiun import FIUnConfig, unlearn_many
+
+    config = R.first_config(msg)
+    store, forget = client_store(context, config), ForgetSpec.from_config(config)
+    index = store.get_json(MODELS_DOC, {})
+    ids, new_ids = [str(i) for i in config[R.MODEL_IDS]], [str(i) for i in config[R.NODE_ID]]
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise UnlearnError(f"this client holds no models {unknown}; it holds {sorted(index)}")
+    forget_fisher = R.record_to_tensors(msg.content.array_records[R.FORGET_FISHER_KEY])
+    forget_ds, _ = forget.split(spec.data_fn(context))
+    weights = [store.get(index[i]["weights"]) for i in ids]
+    retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher, _rho(forget, index[i]["lineage"],
+              forget_ds)) for i in ids]
+    cfg = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+    new_weights, stats = unlearn_many(weights, retain, [forget_fisher] * len(ids), cfg)
+    out = {}
+    for n, (old, new, w_old, w_new, st) in enumerate(zip(ids, new_ids, weights, new_weights, stats)):
+        before = _evaluate_split(spec, context, load_model(spec, context, w_old), forget, forget_ds)
+        after = _evaluate_split(spec, context, load_model(spec, context, w_new), forget, forget_ds)
+        digest = store.put(w_new, {"node": new, "unlearned-from": old})
+        index[new] = {**index[old], "weights": digest, "parent": old}
+        out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
+            R.PARENT_ID: old, R.NODE_ID: new, R.WEIGHTS_DIGEST: digest,
+            **{R.BEFORE + k: float(v) for k, v in before.items()}, **{R.AFTER + k: float(v) for k, v in after.items()},
+            **{k: v for k, v in _stats_items(st)},
+        })
+    store.put_json(MODELS_DOC, index)
+    log(INFO, "train.unlearn: partition %d unlearned %d models", partition_id(context), len(ids))
+    return Message(RecordDict(out), reply_to=msg)
+
+
+def _rho(forget: ForgetSpec, lineage: Mapping[str, Any], forget_ds: Dataset) -> float:
+    """Forgotten share of a derived model's training data."""
+    hist = R.histogram_from_config(lineage)
+    n = int(lineage[R.NUM_EXAMPLES])
+    return forget.fraction(hist, n, held=len(forget_ds))
+
+
+def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
+    import dataclasses
+
+    items = dataclasses.asdict(stats).items() if dataclasses.is_dataclass(stats) else dict(stats).items()
+    return [(str(k).replace("_", "-"), v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# registration
+# ------------------------------------------------------------------------------------------------------
+
+
+def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
+    """Our handlers by message type (besides ``train`` and ``evaluate``), answering errors with error replies."""
+    table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
+             R.MSG_UNLEARN: handle_unlearn, R.MSG_DERIVE: handle_derive}
+    return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
+
+
+def register_unlearning_handlers(app: ClientApp, spec: ClientSpec, *, train: bool = True,
+                                 evaluate: bool = True) -> ClientApp:
+    """Add fl_unlearn's message handlers to a Message-API ClientApp.
+
+    Parameters
+    ----------
+    app : ClientApp
+        The user's app (built without ``client_fn``; for a legacy app use :func:`unlearning_mod`).
+    spec : ClientSpec
+        Model and data access.
+    train : bool (default: True)
+        Also register our ``train`` (FedAvg's contract + Fisher + lineage). Pass ``False`` if the app has its
+        own, and decorate that one with :func:`with_fisher` before registering it.
+    evaluate : bool (default: True)
+        Also register our ``evaluate`` (held-out accuracy split into forgotten / kept classes).
+
+    Returns
+    -------
+    ClientApp
+        ``app`` itself.
+
+    Raises
+    ------
+    ValueError
+        A message type is registered twice (Flower's own check), e.g. ``train`` with ``train=True``.
+
+    Examples
+    --------
+    ::
+
+        app = ClientApp()
+        register_unlearning_handlers(app, ClientSpec(model_fn=..., data_fn=..., test_fn=...))
+    """
+    for message_type, handler in unlearning_handlers(spec).items():
+        category, action = message_type.split(".")
+        getattr(app, category)(action)(handler)
+    if train:
+        app.train()(answering_errors(functools.partial(handle_train, spec)))
+    if evaluate:
+        app.evaluate()(answering_errors(functools.partial(handle_evaluate, spec)))
+    return app
+
+
+def with_fisher(spec: ClientSpec, *, layers: str = "last") -> Callable[[Handler], Handler]:
+    """Decorate a user's own ``train`` function so its reply carries our Fisher and lineage records.
+
+    The user's training loop is not ours to hook, so the Fisher is computed after it, in one extra pass over
+    the client's data on the trained weights (our own ``train`` accumulates it at no extra pass).
+    """
+
+    def decorate(train_fn: Handler) -> Handler:
+        @functools.wraps(train_fn)
+        def train(msg: Message, context: Context) -> Message:
+            reply = train_fn(msg, context)
+            if reply.has_error():
+                return reply
+            return attach_fisher(spec, reply, context, layers=str(R.first_config(msg).get(R.FISHER_LAYERS, layers)))
+
+        return train
+
+    return decorate
+
+
+def attach_fisher(spec: ClientSpec, reply: Message, context: Context, *, layers: str = "last",
+                  weights: Tensors | None = None) -> Message:
+    """Add the Fisher (post-hoc, on the reply's weights) and the lineage record to a train reply."""
+    ds = spec.data_fn(context)
+    model = load_model(spec, context, weights if weights is not None else R.record_to_tensors(only_arrays(reply)))
+    fisher = compute_fisher(model, make_loader(ds, setting(context, "batch-size")), select_parameters(model, layers))
+    reply.content = RecordDict({**dict(reply.content.items()), R.FISHER_KEY: R.tensors_to_record(fisher),
+                                R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, partition_id(context)))})
+    return reply
+
+
+# ------------------------------------------------------------------------------------------------------
+# legacy apps: a mod
+# ------------------------------------------------------------------------------------------------------
+
+
+def unlearning_mod(spec: ClientSpec) -> Callable[[Message, Context, Handler], Message]:
+    """A mod that gives a legacy ``client_fn`` / NumPyClient app fl_unlearn's messages.
+
+    It answers ``query.info``, ``query.fisher``, ``query.evalforget``, ``train.unlearn`` and ``train.derive``
+    itself, and translates Message-API ``train`` / ``evaluate`` (what ``flwr.serverapp`` strategies send) to the
+    legacy ``FitIns`` / ``EvaluateIns`` the NumPyClient understands, and the replies back, adding the Fisher
+    (one extra pass after ``fit``) and the lineage record. So a legacy app is driven by
+    :class:`~strategies.server.UnlearningStrategy` around a new-API strategy. Parameters keep the order of the
+    model's ``state_dict`` (the NumPyClient convention). Bad input gets an error reply naming the fix.
+
+    Examples
+    --------
+    ::
+
+        app = ClientApp(client_fn=client_fn, mods=[unlearning_mod(spec)])
+    """
+    handlers = unlearning_handlers(spec)
+
+    def mod(msg: Message, context: Context, call_next: Handler) -> Message:
+        message_type = msg.metadata.message_type
+        if message_type in handlers:
+            return handlers[message_type](msg, context)
+        if message_type in ("train", "evaluate") and R.ARRAYS_KEY in msg.content.array_records:
+            try:
+                return _legacy_round_trip(spec, msg, context, call_next)
+            except (UnlearnError, ValueError, KeyError) as err:
+                return error_reply(msg, f"unlearning_mod: {type(err).__name__}: {err}")
+        return call_next(msg, context)
+
+    return mod
+
+
+def _legacy_round_trip(spec: ClientSpec, msg: Message, context: Context, call_next: Handler) -> Message:
+    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import (
+        evaluateins_to_recorddict,
+        fitins_to_recorddict,
+        recorddict_to_evaluateres,
+        recorddict_to_fitres,
+    )
+    from flwr.common import parameters_to_ndarrays
+
+    arrays = only_arrays(msg)
+    names = list(arrays.keys())
+    config = {k: v for k, v in R.first_config(msg).items() if not isinstance(v, list)}
+    params = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
+    is_train = msg.metadata.message_type == "train"
+    legacy = fitins_to_recorddict(FitIns(params, config), True) if is_train else evaluateins_to_recorddict(
+        EvaluateIns(params, config), True)
+    original = msg.content
+    msg.content = legacy
+    try:
+        out = call_next(msg, context)
+    finally:
+        msg.content = original
+    if out.has_error():
+        return out
+    if not is_train:
+        res = recorddict_to_evaluateres(out.content)
+        metrics = {R.NUM_EXAMPLES: res.num_examples, "loss": float(res.loss),
+                   **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}}
+        return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    res = recorddict_to_fitres(out.content, True)
+    ndarrays = parameters_to_ndarrays(res.parameters)
+    if len(ndarrays) != len(names):
+        raise UnlearnError(f"fit returned {len(ndarrays)} arrays for a model of {len(names)}; return every "
+                           "state_dict entry in order")
+    weights = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, ndarrays)}
+    metrics = {R.NUM_EXAMPLES: res.num_examples,
+               **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}}
+    reply = Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.METRICS_KEY: MetricRecord(metrics)}),
+                    reply_to=msg)
+    return attach_fisher(spec, reply, context, layers=str(R.first_config(msg).get(R.FISHER_LAYERS, "last")),
+                         weights=weights)

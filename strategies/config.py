@@ -1,0 +1,219 @@
+"""The Flower App's run-config: keys, defaults, and a typed view of them.
+
+``DEFAULTS`` mirrors ``[tool.flwr.app.config]`` of ``simulations/cifar100_fedavg/pyproject.toml`` (a test
+keeps the two in step). ``run_simulation`` gives an empty ``context.run_config``, so the apps merge it over
+these defaults; ``flwr run`` refuses unknown keys itself.
+
+Examples
+--------
+>>> cfg = AppConfig.from_run_config({"dataset": "mnist", "forget-classes": "3,7"})
+>>> cfg.dataset, cfg.forget_classes, cfg.resolved_model(grey=True)
+('mnist', (3, 7), 'cnn')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fl_unlearn.errors import ConfigError
+
+#: Run-config keys and their defaults (flat scalars; lists as comma strings).
+DEFAULTS: dict[str, bool | int | float | str] = {
+    "dataset": "cifar100",
+    "dataset-fallback": "mnist",
+    "dataset-cache-dir": "",
+    "max-train-samples": 0,
+    "max-test-samples": 0,
+    "model": "auto",
+    "num-clients": 4,
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "strategy": "fedavg",
+    "proximal-mu": 0.01,
+    "server-lr": 0.1,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "partitioner": "iid",
+    "dirichlet-alpha": 0.5,
+    "classes-per-partition": 2,
+    "seed": 42,
+    "mode": "train+unlearn",
+    "request-kind": "classes",
+    "forget-classes": "3",
+    "forget-clients": "0",
+    "forget-samples": "",
+    "fiun-alpha": 1.0,
+    "fiun-lambda": 1.0,
+    "fisher-layers": "last",
+    "fisher-estimator": "batch",
+    "mfim-mode": "max",
+    "derive": "none",
+    "derive-depth": 1,
+    "retrain-baseline": True,
+    "out-dir": "",
+    "store-dir": "",
+    "dp-noise-multiplier": 0.0,
+    "dp-max-grad-norm": 0.0,
+}
+
+MODES = ("train", "unlearn", "train+unlearn")
+REQUEST_KINDS = ("classes", "client", "samples")
+DERIVE_KINDS = ("none", "finetune", "incremental", "transfer")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+#: Environment variable naming the parent of default output directories (``out-dir=""``).
+RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
+
+
+def _int_list(text: str, key: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in str(text).replace(" ", "").split(",") if t)
+    except ValueError as err:
+        raise ConfigError(f"{key} must be a comma list of integers like '3,7'; got {text!r}") from err
+
+
+def _choice(value: str, options: tuple[str, ...], key: str) -> str:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    """A checked, typed view of the run-config (field = key with ``-`` as ``_``)."""
+
+    dataset: str
+    dataset_fallback: str
+    dataset_cache_dir: str
+    max_train_samples: int
+    max_test_samples: int
+    model: str
+    num_clients: int
+    num_server_rounds: int
+    fraction_train: float
+    strategy: str
+    proximal_mu: float
+    server_lr: float
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_partition: int
+    seed: int
+    mode: str
+    request_kind: str
+    forget_classes: tuple[int, ...]
+    forget_clients: tuple[int, ...]
+    forget_samples: str
+    fiun_alpha: float
+    fiun_lambda: float
+    fisher_layers: str
+    fisher_estimator: str
+    mfim_mode: str
+    derive: str
+    derive_depth: int
+    retrain_baseline: bool
+    out_dir: str
+    store_dir: str
+    dp_noise_multiplier: float
+    dp_max_grad_norm: float
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> AppConfig:
+        """Merge ``run_config`` (and keyword overrides, ``_`` for ``-``) over ``DEFAULTS`` and check it."""
+        merged: dict[str, Any] = dict(DEFAULTS)
+        merged.update(run_config or {})
+        merged.update({k.replace("_", "-"): v for k, v in overrides.items()})
+        unknown = sorted(set(merged) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}; known: {sorted(DEFAULTS)}")
+        values = {k.replace("-", "_"): _coerce(DEFAULTS[k], v, k) for k, v in merged.items()}
+        values["forget_classes"] = _int_list(values["forget_classes"], "forget-classes")
+        values["forget_clients"] = _int_list(values["forget_clients"], "forget-clients")
+        cfg = cls(**values)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        _choice(self.mode, MODES, "mode")
+        _choice(self.request_kind, REQUEST_KINDS, "request-kind")
+        _choice(self.derive, DERIVE_KINDS, "derive")
+        _choice(self.strategy, STRATEGIES, "strategy")
+        for key in ("num_clients", "num_server_rounds", "local_epochs", "batch_size", "derive_depth"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        for key in ("out_dir", "store_dir", "forget_samples", "dataset_cache_dir"):
+            value = getattr(self, key)
+            if value and not os.path.isabs(value):
+                raise ConfigError(
+                    f"{key.replace('_', '-')}={value!r} must be an absolute path: the ServerApp's working "
+                    "directory is wherever the SuperLink started, not the App directory"
+                )
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Back to flat run-config values (lists as comma strings)."""
+        out: dict[str, Any] = {}
+        for key in DEFAULTS:
+            value = getattr(self, key.replace("-", "_"))
+            out[key] = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        return out
+
+    def resolved_model(self, *, grey: bool) -> str:
+        """``model``, with ``auto`` = the small ``cnn`` for grey images and ``resnet18`` for colour."""
+        if self.model != "auto":
+            return self.model
+        return "cnn" if grey else "resnet18"
+
+    def data_config(self, source: str | None = None) -> Any:
+        """The ``fl_unlearn.data.DataConfig`` of this run (``source`` overrides ``dataset``)."""
+        from fl_unlearn.data import DataConfig
+
+        return DataConfig(
+            source=source or self.dataset,
+            num_partitions=self.num_clients,
+            partitioner=self.partitioner,
+            alpha=self.dirichlet_alpha,
+            classes_per_partition=self.classes_per_partition,
+            seed=self.seed,
+            cache_dir=self.dataset_cache_dir or None,
+            max_train=self.max_train_samples or None,
+            max_test=self.max_test_samples or None,
+        )
+
+    def resolved_dirs(self) -> tuple[Path, Path]:
+        """Absolute ``(out_dir, store_dir)``; empty values get a default outside the App directory.
+
+        The default parent is ``$FL_UNLEARN_RUNS_DIR``, else ``~/.cache/fl_unlearn/runs``, with one
+        timestamped directory per run; the store defaults to ``<out-dir>/store``. (``__file__`` points into
+        ``$FLWR_HOME/apps`` and the cwd is the SuperLink's, so neither is a usable default.)
+        """
+        out = Path(self.out_dir) if self.out_dir else _default_run_dir()
+        store = Path(self.store_dir) if self.store_dir else out / "store"
+        return out, store
+
+
+def _default_run_dir() -> Path:
+    parent = Path(os.environ.get(RUNS_ENV) or Path.home() / ".cache" / "fl_unlearn" / "runs")
+    return parent / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _coerce(default: Any, value: Any, key: str) -> Any:
+    """Coerce ``value`` to the type of ``default`` (TOML gives ints for floats like ``lr=1``)."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}") from err

@@ -1,0 +1,262 @@
+"""The App's run, phase by phase: train (recording lineage), derive, unlearn, retrain, evaluate, report.
+
+:func:`run_experiment` is what ``simulations/cifar100_fedavg/server_app.py`` calls; it reads like
+``Strategy.start``: a list of commented phases, each a short function. The server only ever reads the public
+held-out test split; client data stays with the clients (forget accuracy on a client's own data, for client
+and sample requests, is computed by that client with ``query.evalforget``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from torch import nn
+
+from fl_unlearn.data import FederatedData, load_with_fallback
+from fl_unlearn.errors import ConfigError
+from fl_unlearn.evaluate import forget_retain_accuracy
+from fl_unlearn.lineage import LineageGraph
+from fl_unlearn.models import build_model
+from fl_unlearn.requests import UnlearningRequest, parse_samples_file
+from fl_unlearn.store import Store
+from fl_unlearn.train import seed_everything
+from strategies import records as R
+from strategies.config import AppConfig
+from strategies.forget import request_config
+from strategies.report import write_results
+from strategies.server import RetrainStrategy, UnlearningStrategy, UnlearnOutcome, _checked
+
+Tensors = dict[str, torch.Tensor]
+#: Run-config keys that must match between a training run and a later ``mode=unlearn`` run on its store.
+SAME_AS_TRAINING = ("num-clients", "partitioner", "dirichlet-alpha", "classes-per-partition", "seed",
+                    "max-train-samples", "batch-size", "fisher-layers", "fisher-estimator", "local-epochs", "lr",
+                    "momentum", "strategy", "num-server-rounds")
+
+
+def make_strategy(cfg: AppConfig) -> Strategy:
+    """The inner strategy named by ``strategy`` (federated evaluation off: the server evaluates centrally)."""
+    common = {"fraction_train": cfg.fraction_train, "fraction_evaluate": 0.0, "min_available_nodes": 1,
+              "min_train_nodes": 1}
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedadam":
+        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+    return FedAvg(**common)
+
+
+def build_request(cfg: AppConfig) -> UnlearningRequest:
+    """The request named by ``request-kind`` and ``forget-*`` (its id is derived from them, so reruns match)."""
+    import hashlib
+
+    if cfg.request_kind == "classes":
+        request = UnlearningRequest.for_classes(cfg.forget_classes, id="r", created=0.0)
+    elif cfg.request_kind == "client":
+        request = UnlearningRequest.for_clients(cfg.forget_clients, id="r", created=0.0)
+    else:
+        if not cfg.forget_samples:
+            raise ConfigError("request-kind=samples needs forget-samples=<absolute path of a JSON file>")
+        request = UnlearningRequest.for_samples(parse_samples_file(cfg.forget_samples), id="r", created=0.0)
+    rid = "req-" + hashlib.sha256(request.to_json().encode()).hexdigest()[:12]
+    return UnlearningRequest(request.kind, request.classes, request.clients, request.samples, id=rid, created=0.0)
+
+
+class Evaluator:
+    """Held-out evaluation of server-side models: forget / retain accuracy on the test split.
+
+    For client and sample requests the forget accuracy is measured by the clients holding that data.
+    """
+
+    def __init__(self, new_model: Callable[[], nn.Module], data: FederatedData, request: UnlearningRequest | None,
+                 grid: Grid | None = None, strategy: UnlearningStrategy | None = None) -> None:
+        self.new_model, self.test, self.request = new_model, data.test, request
+        self.grid, self.strategy = grid, strategy
+
+    def _model(self, weights: Tensors) -> nn.Module:
+        model = self.new_model()
+        model.load_state_dict(weights)
+        return model
+
+    def __call__(self, weights_list: list[Tensors]) -> list[dict[str, float | None]]:
+        classes = list(self.request.classes) if self.request and self.request.kind == "classes" else []
+        out = []
+        for weights in weights_list:
+            acc = forget_retain_accuracy(self._model(weights), self.test, classes)
+            out.append({"forget_acc": acc["forget_acc"] if classes else None,
+                        "retain_acc": acc["retain_acc"] if classes else acc["acc"], "test_acc": acc["acc"]})
+        if self.request is not None and not classes and self.grid is not None:
+            for part, value in zip(out, self._forget_on_clients(weights_list)):
+                part["forget_acc"] = value
+        return out
+
+    def _forget_on_clients(self, weights_list: list[Tensors]) -> list[float | None]:
+        """Accuracy on the forgotten data, measured where it lives (``query.evalforget``), sample-weighted."""
+        assert self.strategy is not None and self.request is not None
+        nodes = self.strategy.nodes
+        nodes.refresh(self.grid)
+        pids = list(self.request.clients) if self.request.kind == "client" else list(self.request.samples)
+        models = {f"{R.MODEL_KEY_PREFIX}{i}": R.tensors_to_record(w) for i, w in enumerate(weights_list)}
+        msgs = [Message(RecordDict({**models, R.CONFIG_KEY: ConfigRecord(request_config(self.request, pid))}),
+                        dst_node_id=nodes.node_of(pid), message_type=R.MSG_EVAL_FORGET) for pid in pids]
+        totals = [0.0] * len(weights_list)
+        count = 0
+        for reply in _checked(self.grid.send_and_receive(msgs), "query.evalforget"):
+            metrics = reply.content.metric_records[R.METRICS_KEY]
+            n = int(metrics[R.FORGET_NUM])
+            count += n
+            for i in range(len(weights_list)):
+                totals[i] += n * float(metrics.get(f"{R.MODEL_KEY_PREFIX}{i}", 0.0))
+        return [t / count if count else None for t in totals]
+
+
+def _load_data(cfg: AppConfig) -> tuple[FederatedData, str, list[str]]:
+    warnings = []
+    fallback = cfg.dataset_fallback or None
+    data, used = load_with_fallback(cfg.data_config(), fallback)
+    if used != cfg.dataset:
+        msg = f"dataset {cfg.dataset!r} could not be loaded; FELL BACK to {used!r} (dataset-fallback)"
+        log(WARNING, "=" * 20 + " %s " + "=" * 20, msg)
+        warnings.append(msg)
+    return data, used, warnings
+
+
+def _model_factory(cfg: AppConfig, data: FederatedData) -> tuple[str, Callable[[], nn.Module]]:
+    channels, size = data.image_shape[0], data.image_shape[-1]
+    name = cfg.resolved_model(grey=channels == 1)
+    return name, lambda: build_model(name, data.num_classes, in_channels=channels, image_size=size)
+
+
+def _check_same_as_training(cfg: AppConfig, run_doc: dict[str, Any], used: str) -> None:
+    trained = run_doc.get("config", {})
+    now = cfg.to_run_config()
+    diff = {k: (trained.get(k), now[k]) for k in SAME_AS_TRAINING if k in trained and trained[k] != now[k]}
+    if run_doc.get("dataset_used") != used:
+        diff["dataset (used)"] = (run_doc.get("dataset_used"), used)
+    if diff:
+        lines = ", ".join(f"{k}: trained with {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"mode=unlearn must use the training run's settings (clients rebuild their data from "
+                          f"them); differences: {lines}")
+
+
+def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
+    """Run the App: see the module docstring. Returns the results written to ``<out-dir>/results.json``."""
+    # --- Set-up: directories, data, model, store and lineage ---------------------------------------------
+    out_dir, store_dir = cfg.resolved_dirs()
+    log(INFO, "fl_unlearn: out-dir %s, store-dir %s (mode %s)", out_dir, store_dir, cfg.mode)
+    data, used, warnings = _load_data(cfg)
+    model_name, new_model = _model_factory(cfg, data)
+    store = Store(store_dir)
+    graph = LineageGraph.open(store_dir / "lineage")
+    strategy = UnlearningStrategy(
+        make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
+        fisher_layers=cfg.fisher_layers, fisher_estimator=cfg.fisher_estimator, mfim_mode=cfg.mfim_mode,
+        fiun=_fiun_config(cfg) if "unlearn" in cfg.mode else None,
+    )
+    results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
+                               "strategy": cfg.strategy, "config": cfg.to_run_config(), "warnings": warnings,
+                               "out_dir": str(out_dir), "store_dir": str(store_dir), "timing": {}}
+
+    # --- Training (or the record of an earlier training run) --------------------------------------------
+    if "train" in cfg.mode.split("+"):
+        results["timing"]["train_s"] = _train(grid, cfg, strategy, new_model, store, used, model_name)
+    else:
+        run_doc = store.get_json("run")
+        if run_doc is None or len(graph) == 0:
+            raise ConfigError(f"mode=unlearn needs the store-dir of a training run; {store_dir} holds none")
+        _check_same_as_training(cfg, run_doc, used)
+        results["timing"]["train_s"] = run_doc["train_s"]
+    if cfg.mode == "train":
+        write_results(out_dir, results, graph)
+        return results
+
+    # --- Unlearning ----------------------------------------------------------------------------------
+    request = build_request(cfg)
+    final_before = graph.node(strategy.current)
+    outcome = strategy.unlearn(grid, request)
+    results["timing"].update(outcome.timing)
+    evaluator = Evaluator(new_model, data, request, grid, strategy)
+    results.update(_describe(outcome, graph, store, evaluator, final_before.id))
+
+    # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
+    if cfg.retrain_baseline:
+        retrained, results["timing"]["retrain_s"] = _retrain(grid, cfg, request, store, graph)
+        results["final_global"]["retrained"] = evaluator([retrained])[0]
+    results["graph_snapshot"] = str(graph.snapshot()) if graph.directory else None
+    path = write_results(out_dir, results, graph, highlight=outcome.affected)
+    log(INFO, "fl_unlearn: results in %s", path)
+    return results
+
+
+def _fiun_config(cfg: AppConfig) -> Any:
+    from fl_unlearn.fiun import FIUnConfig
+
+    return FIUnConfig(alpha=cfg.fiun_alpha, lam=cfg.fiun_lambda)
+
+
+def _train(grid: Grid, cfg: AppConfig, strategy: UnlearningStrategy, new_model: Callable[[], nn.Module],
+           store: Store, used: str, model_name: str) -> float:
+    """Federated training from seeded initial weights; lineage and checkpoints recorded by the wrapper."""
+    if len(strategy.graph) > 0:
+        raise ConfigError(f"store-dir {store.root} already holds a lineage; use a fresh store-dir to train "
+                          "(or mode=unlearn to serve a request on it)")
+    seed_everything(cfg.seed)
+    initial = ArrayRecord(new_model().state_dict())
+    start = time.perf_counter()
+    strategy.start(grid, initial, num_rounds=cfg.num_server_rounds)
+    train_s = time.perf_counter() - start
+    if cfg.derive != "none":
+        strategy.derive(grid, cfg.derive, cfg.derive_depth)
+    store.put_json("run", {"config": cfg.to_run_config(), "dataset_used": used, "model": model_name,
+                           "train_s": train_s})
+    return train_s
+
+
+def _retrain(grid: Grid, cfg: AppConfig, request: UnlearningRequest, store: Store,
+             graph: LineageGraph) -> tuple[Tensors, float]:
+    """The same federation from the same initial weights (``global-r0``) and seed, without the data."""
+    initial = store.get(graph.node("global-r0").weights)
+    retrain = RetrainStrategy(make_strategy(cfg), request, num_nodes=cfg.num_clients, seed=cfg.seed)
+    log(INFO, "retrain: the federation again without %s", request.describe())
+    start = time.perf_counter()
+    result = retrain.start(grid, R.tensors_to_record(initial), num_rounds=cfg.num_server_rounds)
+    return R.record_to_tensors(result.arrays), time.perf_counter() - start
+
+
+def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evaluate: Evaluator,
+              final_id: str) -> dict[str, Any]:
+    """Per affected model before/after figures (server-held: evaluated here; client-held: as reported)."""
+    ids = [i for i in outcome.server_models if i in outcome.versions]
+    befores = evaluate([store.get(graph.node(i).weights) for i in ids])
+    afters = evaluate([store.get(graph.node(outcome.versions[i]).weights) for i in ids])
+    figures = {i: (b, a) for i, b, a in zip(ids, befores, afters)}
+    models = []
+    for node_id in outcome.affected:
+        node = graph.node(node_id)
+        entry = {"id": node_id, "kind": node.kind, "owner": node.owner, "version": outcome.versions.get(node_id),
+                 "dampening": outcome.stats.get(node_id)}
+        if node_id in figures:
+            entry["before"], entry["after"] = figures[node_id]
+        elif node_id in outcome.client_results:
+            rep = outcome.client_results[node_id]
+            entry["before"] = {"forget_acc": rep.get(R.BEFORE + R.FORGET_ACC), "retain_acc": rep.get(R.BEFORE + R.RETAIN_ACC)}
+            entry["after"] = {"forget_acc": rep.get(R.AFTER + R.FORGET_ACC), "retain_acc": rep.get(R.AFTER + R.RETAIN_ACC)}
+        models.append(entry)
+    before, after = figures.get(final_id, (None, None))
+    final_version = outcome.versions.get(final_id)
+    return {
+        "request": {**outcome.request.to_dict(), "description": outcome.request.describe()},
+        "roots": outcome.roots,
+        "holders": {str(k): v for k, v in outcome.holders.items()},
+        "affected_models": models,
+        "optimiser_reset": outcome.optimiser_reset,
+        "final_global": {"id": final_id, "version": final_version, "before": before, "after": after,
+                         "after_digest": graph.node(final_version).weights if final_version else None},
+    }

@@ -1,0 +1,127 @@
+"""Record keys and record <-> tensor conversions of the fl_unlearn message protocol.
+
+Every key that travels in a Flower ``RecordDict`` or ``ConfigRecord`` is a constant here, kebab-case like
+Flower's ``"num-examples"``, so server and client can never disagree on a spelling. Message types follow
+``DESIGN.md`` section 3.
+
+Examples
+--------
+>>> import torch
+>>> rec = tensors_to_record({"fc.weight": torch.ones(2, 3)})
+>>> record_to_tensors(rec)["fc.weight"].shape
+torch.Size([2, 3])
+>>> histogram_from_config(histogram_to_config({3: 5, 1: 2}))
+{1: 2, 3: 5}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+# --- message types ------------------------------------------------------------------------------------
+MSG_INFO = "query.info"
+MSG_FISHER = "query.fisher"
+MSG_EVAL_FORGET = "query.evalforget"
+MSG_UNLEARN = "train.unlearn"
+MSG_DERIVE = "train.derive"
+
+# --- RecordDict keys --------------------------------------------------------------------------------
+ARRAYS_KEY = "arrays"  # FedAvg's default ArrayRecord key
+CONFIG_KEY = "config"  # FedAvg's default ConfigRecord key
+METRICS_KEY = "metrics"
+FISHER_KEY = "fl-unlearn-fisher"  # retain-Fisher accumulated during `train`; stripped by the wrapper
+LINEAGE_KEY = "fl-unlearn-lineage"  # ConfigRecord describing the data a client update trained on
+INFO_KEY = "info"
+FORGET_FISHER_KEY = "forget-fisher"
+RETAIN_FISHER_KEY = "retain-fisher"
+MODEL_KEY_PREFIX = "model-"  # model-0, model-1, ...: several models in one message
+NODE_KEY_PREFIX = "node-"  # node-0, node-1, ...: one ConfigRecord per derived / unlearned model
+
+# --- ConfigRecord / MetricRecord keys -----------------------------------------------------------------
+PARTITION_ID = "partition-id"
+NUM_EXAMPLES = "num-examples"
+HIST_CLASSES = "label-classes"
+HIST_COUNTS = "label-counts"
+SAMPLE_DIGEST = "sample-digest"
+PARENT_ID = "parent-id"  # lineage id of the model a client starts from
+NODE_ID = "node-id"
+MODEL_IDS = "model-ids"
+KIND = "kind"
+DEPTH = "depth"
+FISHER_LAYERS = "fisher-layers"
+FISHER_ESTIMATOR = "fisher-estimator"
+FORGET_CLASSES = "forget-classes"
+FORGET_SAMPLES = "forget-samples"
+FORGET_ALL = "forget-all"  # the whole partition is to be forgotten (client request)
+EXCLUDE_CLASSES = "exclude-classes"  # retrain baseline: drop these classes before training
+EXCLUDE_SAMPLES = "exclude-samples"  # retrain baseline: drop these sample ids before training
+WANT_RETAIN = "want-retain"
+FIUN_ALPHA = "fiun-alpha"
+STORE_DIR = "store-dir"  # where the server keeps its store: a default for client directories in simulation
+WEIGHTS_DIGEST = "weights-digest"
+FISHER_DIGEST = "fisher-digest"
+FORGET_NUM = "forget-num-examples"
+RETAIN_NUM = "retain-num-examples"
+FORGET_ACC = "forget-acc"
+RETAIN_ACC = "retain-acc"
+BEFORE = "before-"
+AFTER = "after-"
+
+
+def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Pack a ``{name: tensor}`` dict into an ArrayRecord (values copied to CPU numpy)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
+
+
+def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Unpack an ArrayRecord into a ``{name: tensor}`` dict of writable CPU tensors."""
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+def histogram_to_config(hist: Mapping[int, int]) -> dict[str, list[int]]:
+    """A label histogram as two int lists (ConfigRecord values cannot be dicts)."""
+    classes = sorted(int(c) for c in hist)
+    return {HIST_CLASSES: classes, HIST_COUNTS: [int(hist[c]) for c in classes]}
+
+
+def histogram_from_config(config: Mapping) -> dict[int, int]:
+    """Inverse of :func:`histogram_to_config`; raises ``ValueError`` on ragged lists."""
+    classes, counts = list(config.get(HIST_CLASSES, [])), list(config.get(HIST_COUNTS, []))
+    if len(classes) != len(counts):
+        raise ValueError(f"label histogram has {len(classes)} classes but {len(counts)} counts")
+    return {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
+
+
+def sample_digest(ids: Iterable[int]) -> str:
+    """A stable sha256 digest of a set of sample ids (order does not matter)."""
+    arr = np.sort(np.fromiter((int(i) for i in ids), dtype=np.int64))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def int_list(value: object) -> list[int]:
+    """Read an int list from a ConfigRecord value (absent or empty -> [])."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
+def first_config(msg: Message, key: str = CONFIG_KEY) -> ConfigRecord:
+    """The ConfigRecord ``key`` of a message, else its only ConfigRecord, else an empty one."""
+    records = msg.content.config_records
+    if key in records:
+        return records[key]
+    if len(records) == 1:
+        return next(iter(records.values()))
+    return ConfigRecord()
+
+
+def numbered(prefix: str, n: int) -> list[str]:
+    """``numbered("model-", 3) == ["model-0", "model-1", "model-2"]``."""
+    return [f"{prefix}{i}" for i in range(n)]

@@ -1,0 +1,107 @@
+"""Write a run's results: ``results.json``, the lineage (JSON and PNG) and a short ``report.md``.
+
+Framework-agnostic (no flwr import), so it can move to ``fl_unlearn/report.py`` once that module exists.
+
+Targets checked in ``results.json`` (issue 4, ``reference/flower.md`` §6): forgotten-class held-out accuracy
+<= 5 % on the final global model and every affected model (class requests); kept-class accuracy within 5
+points of the retrained model's; ``unlearn_s`` < 5 % of ``retrain_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+FORGET_ACC_MAX = 0.05
+RETAIN_GAP_MAX = 0.05
+TIME_RATIO_MAX = 0.05
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become ``None``, tuples lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Which acceptance targets the results meet (``None`` where a figure is missing)."""
+    final = results.get("final_global", {})
+    after, retrained = final.get("after") or {}, final.get("retrained") or {}
+    timing = results.get("timing", {})
+    out: dict[str, Any] = {"forget_acc_max": FORGET_ACC_MAX, "retain_gap_max": RETAIN_GAP_MAX,
+                           "time_ratio_max": TIME_RATIO_MAX}
+    is_class = results.get("request", {}).get("kind") == "classes"
+    forgets = [m["after"].get("forget_acc") for m in results.get("affected_models", []) if m.get("after")]
+    forgets = [f for f in forgets if f is not None]
+    out["final_forget_ok"] = (after.get("forget_acc") is not None and after["forget_acc"] <= FORGET_ACC_MAX) \
+        if is_class else None
+    out["all_affected_forget_ok"] = (bool(forgets) and max(forgets) <= FORGET_ACC_MAX) if is_class else None
+    if after.get("retain_acc") is not None and retrained.get("retain_acc") is not None:
+        out["retain_gap"] = retrained["retain_acc"] - after["retain_acc"]
+        out["retain_ok"] = abs(out["retain_gap"]) <= RETAIN_GAP_MAX
+    if timing.get("retrain_s") and timing.get("unlearn_s") is not None:
+        out["time_ratio"] = timing["unlearn_s"] / timing["retrain_s"]
+        out["time_ok"] = out["time_ratio"] < TIME_RATIO_MAX
+    return out
+
+
+def write_results(out_dir: Path, results: dict[str, Any], graph: Any = None, highlight: list[str] = ()) -> Path:
+    """Write ``results.json``, ``lineage.json`` / ``lineage.png`` (when ``graph`` is given) and ``report.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = dict(results, targets=targets(results))
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(_clean(results), indent=2, sort_keys=True))
+    if graph is not None:
+        (out_dir / "lineage.json").write_text(graph.to_json())
+        graph.render_png(out_dir / "lineage.png", highlight=[h for h in highlight if h in graph])
+    (out_dir / "report.md").write_text(render_report(_clean(results)))
+    return path
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """A short human-readable summary of ``results``."""
+    request, final, timing, tg = (results.get(k) or {} for k in ("request", "final_global", "timing", "targets"))
+    lines = [
+        "# fl_unlearn run",
+        "",
+        f"- dataset: {results.get('dataset_used')} (asked for {results.get('dataset_requested')}), "
+        f"model {results.get('model')}, {results.get('config', {}).get('num-clients')} clients, "
+        f"{results.get('config', {}).get('num-server-rounds')} rounds, strategy {results.get('strategy')}",
+        f"- request: {request.get('description', request)}",
+        f"- affected models: {len(results.get('affected_models', []))} (roots: {len(results.get('roots', []))})",
+        "",
+        "| final global model | forget acc | retain acc |",
+        "|---|---|---|",
+    ]
+    for label in ("before", "after", "retrained"):
+        part = final.get(label) or {}
+        lines.append(f"| {label} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} |")
+    lines += ["", "| model | kind | forget before | forget after | retain before | retain after |", "|---|---|---|---|---|---|"]
+    for m in results.get("affected_models", []):
+        b, a = m.get("before") or {}, m.get("after") or {}
+        lines.append(f"| {m['id']} | {m['kind']} | {_pct(b.get('forget_acc'))} | {_pct(a.get('forget_acc'))} | "
+                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} |")
+    ratio = tg.get("time_ratio")
+    lines += [
+        "",
+        f"- timing: train {timing.get('train_s', 0):.1f} s, unlearn {timing.get('unlearn_s', 0):.2f} s, "
+        f"retrain {timing.get('retrain_s') or 0:.1f} s"
+        + (f" (unlearn/retrain = {100 * ratio:.2f} %)" if ratio is not None else ""),
+        f"- targets: final forget <= 5 %: {tg.get('final_forget_ok')}, every affected model: "
+        f"{tg.get('all_affected_forget_ok')}, retain within 5 points of retrained: {tg.get('retain_ok')}, "
+        f"time < 5 %: {tg.get('time_ok')}",
+    ]
+    if results.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
+    return "\n".join(lines) + "\n"

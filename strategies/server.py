@@ -1,0 +1,803 @@
+"""Server side: a strategy wrapper that records lineage and unlearns on request.
+
+:class:`UnlearningStrategy` wraps any ``flwr.serverapp.strategy.Strategy`` (FedAvg, FedProx, FedAdam, a
+user's own) the way Flower's DP wrappers do: it keeps the inner strategy as ``self.strategy``, delegates all
+five methods, and works around ``configure_train`` / ``aggregate_train``:
+
+- ``configure_train`` learns node id -> partition id with ``query.info`` (waiting out the registration race),
+  checkpoints the incoming global model, lets the inner strategy sample nodes from a view sorted by partition
+  id with a private seeded RNG (so runs repeat), and tells every client which model it starts from;
+- ``aggregate_train`` strips the Fisher diagonal and lineage record each client adds to its reply (so the
+  inner strategy sees Flower's one-ArrayRecord/one-MetricRecord contract), aggregates through the inner
+  strategy, and records one ``local`` node per client update and one ``global`` node per round, with
+  weights and retain-Fishers in the store.
+
+:meth:`UnlearningStrategy.unlearn` serves a request: affected set from the lineage, forget-Fishers from the
+clients holding the data (one ``send_and_receive``), MFIM merge, one vectorised FIUn step over every
+affected server-held model, ``train.unlearn`` to every client holding an affected model (one
+``send_and_receive``), and a reset of the inner strategy's optimiser state.
+
+:class:`RetrainStrategy` is the gold standard: the same federation from the same weights and seed, with the
+forgotten data left out by the clients (classes, samples) or by sampling (clients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
+from fl_unlearn.lineage import LineageGraph, ModelNode, TrainingData
+from fl_unlearn.requests import UnlearningRequest, validate_request
+from fl_unlearn.store import Store
+from strategies import records as R
+from strategies.forget import forget_count, request_config, retain_from_whole
+
+Tensors = dict[str, torch.Tensor]
+#: Attributes of Flower's strategies that carry server-optimiser state (FedOpt family, FedAvgM).
+OPTIMISER_STATE = ("m_t", "v_t", "momentum_vector", "current_arrays")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Nodes: registration race, node id -> partition id
+# ------------------------------------------------------------------------------------------------------
+
+
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0) -> list[int]:
+    """Block until ``num_nodes`` nodes are connected; return their ids.
+
+    ``get_node_ids()`` can return 0 nodes right after start (flower.md §3, registration race).
+
+    Raises
+    ------
+    UnlearnError
+        Fewer nodes after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while len(ids := list(grid.get_node_ids())) < num_nodes:
+        if time.monotonic() > deadline:
+            raise UnlearnError(
+                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s; pass num-clients equal "
+                "to num-supernodes"
+            )
+        time.sleep(0.1)
+    return ids
+
+
+def error_reason(reply: Message) -> str:
+    """A one-line description of an error reply."""
+    return f"node {reply.metadata.src_node_id}: {reply.error.reason}"
+
+
+class NodeDirectory:
+    """Which node holds which partition, learned with ``query.info`` (node ids are random per run).
+
+    Attributes
+    ----------
+    partition : dict[int, int]
+        Node id -> partition id.
+    info : dict[int, dict]
+        Partition id -> ``{"num-examples": int, "histogram": {class: count}}``.
+    """
+
+    def __init__(self, num_nodes: int = 0, *, timeout: float = 120.0) -> None:
+        self.num_nodes, self.timeout = num_nodes, timeout
+        self.partition: dict[int, int] = {}
+        self.info: dict[int, dict[str, Any]] = {}
+
+    def refresh(self, grid: Grid) -> None:
+        """Wait for the expected nodes, then ask every node not seen yet for its partition (one round trip)."""
+        ids = wait_for_nodes(grid, self.num_nodes, self.timeout)
+        self.partition = {n: p for n, p in self.partition.items() if n in set(ids)}
+        new = [n for n in ids if n not in self.partition]
+        if not new:
+            return
+        msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=R.MSG_INFO) for n in new]
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                raise UnlearnError(
+                    f"query.info failed ({error_reason(reply)}); register the unlearning handlers on the ClientApp "
+                    "(strategies.client.register_unlearning_handlers) or add strategies.client.unlearning_mod"
+                )
+            cfg = reply.content.config_records[R.INFO_KEY]
+            pid = int(cfg[R.PARTITION_ID])
+            self.partition[reply.metadata.src_node_id] = pid
+            self.info[pid] = {"num-examples": int(cfg[R.NUM_EXAMPLES]), "histogram": R.histogram_from_config(cfg)}
+        log(INFO, "query.info: %d nodes, partitions %s", len(self.partition), sorted(self.partition.values()))
+
+    def node_of(self, pid: int) -> int:
+        """The node id holding partition ``pid``."""
+        for node, p in self.partition.items():
+            if p == pid:
+                return node
+        raise UnlearnError(f"no connected node holds partition {pid}; known: {sorted(self.partition.values())}")
+
+    def sorted_nodes(self, exclude: Iterable[int] = ()) -> list[int]:
+        """Node ids ordered by partition id, without the partitions in ``exclude``."""
+        skip = set(exclude)
+        return [n for n, p in sorted(self.partition.items(), key=lambda kv: kv[1]) if p not in skip]
+
+
+class _GridView:
+    """What the inner strategy sees: a Grid whose nodes are sorted by partition id (some maybe hidden)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@contextlib.contextmanager
+def seeded_random(rng: random.Random) -> Iterator[None]:
+    """Run the block with the global ``random`` module drawing from ``rng`` (then restored).
+
+    Flower's ``sample_nodes`` uses the global ``random.sample``; this makes the inner strategy's sampling
+    repeatable without touching anybody else's random stream.
+    """
+    saved = random.getstate()
+    random.setstate(rng.getstate())
+    try:
+        yield
+    finally:
+        rng.setstate(random.getstate())
+        random.setstate(saved)
+
+
+def with_config(msg: Message, extra: Mapping[str, Any], key: str = R.CONFIG_KEY) -> Message:
+    """Give ``msg`` its own copy of its RecordDict with ``extra`` added to its ConfigRecord.
+
+    FedAvg shares one RecordDict between all messages of a round (flower.md §3), so copy before editing.
+    """
+    content = RecordDict(dict(msg.content.items()))
+    configs = content.config_records
+    name = key if key in configs or len(configs) != 1 else next(iter(configs))
+    content[name] = ConfigRecord({**dict(configs.get(name, {})), **extra})
+    msg.content = content
+    return msg
+
+
+def reset_optimiser_state(strategy: Strategy) -> list[str]:
+    """Drop server-optimiser state (FedAdam/FedYogi moments, FedAvgM momentum) after unlearning.
+
+    That state was built from updates that saw the forgotten data (flower.md §3). Wrappers are followed
+    through their ``strategy`` attribute. Returns the attributes reset.
+    """
+    done, seen = [], set()
+    current: Any = strategy
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for name in OPTIMISER_STATE:
+            if getattr(current, name, None) is not None:
+                setattr(current, name, None)
+                done.append(f"{type(current).__name__}.{name}")
+        current = getattr(current, "strategy", None)
+    return done
+
+
+# ------------------------------------------------------------------------------------------------------
+# The delegating base
+# ------------------------------------------------------------------------------------------------------
+
+
+class _Delegating(Strategy):
+    """Delegates the five methods to ``self.strategy``; seeded, partition-sorted sampling; strips our records."""
+
+    def __init__(self, strategy: Strategy, *, num_nodes: int = 0, seed: int = 0, node_timeout: float = 120.0) -> None:
+        if not isinstance(strategy, Strategy):
+            raise ConfigError(
+                f"expected a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}; legacy "
+                "flwr.server.strategy strategies cannot drive Message-API clients"
+            )
+        self.strategy = strategy
+        self.nodes = NodeDirectory(num_nodes, timeout=node_timeout)
+        self.seed = seed
+        self._rng = random.Random(seed)
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        self.strategy.summary()
+
+    def _excluded_partitions(self) -> set[int]:
+        return set()
+
+    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        return {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample (seeded, by partition id) through the inner strategy; add our keys to each message."""
+        self.nodes.refresh(grid)
+        view = _GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
+        with seeded_random(self._rng):
+            messages = list(self.strategy.configure_train(server_round, arrays, config, view))
+        extra = self._extra_train_config(server_round)
+        return [with_config(m, extra) for m in messages]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of federated evaluation (seeded sampling)."""
+        self.nodes.refresh(grid)
+        view = _GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
+        with seeded_random(self._rng):
+            return list(self.strategy.configure_evaluate(server_round, arrays, config, view))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate evaluation metrics (unchanged)."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    @staticmethod
+    def _strip(reply: Message) -> tuple[ArrayRecord | None, ConfigRecord | None]:
+        """Remove our Fisher and lineage records from a train reply; return them."""
+        if reply.has_error():
+            return None, None
+        content = reply.content
+        fisher = content.array_records.get(R.FISHER_KEY)
+        lineage = content.config_records.get(R.LINEAGE_KEY)
+        reply.content = RecordDict({k: v for k, v in content.items() if k not in (R.FISHER_KEY, R.LINEAGE_KEY)})
+        return fisher, lineage
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Strip our records, then aggregate with the inner strategy."""
+        replies = list(replies)
+        for reply in replies:
+            self._strip(reply)
+        return self.strategy.aggregate_train(server_round, replies)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The unlearning strategy
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnlearnOutcome:
+    """What :meth:`UnlearningStrategy.unlearn` did.
+
+    Attributes
+    ----------
+    request : UnlearningRequest
+    roots, affected : list[str]
+        Lineage ids, chronological.
+    versions : dict[str, str]
+        Affected node id -> id of its unlearned version.
+    server_models : list[str]
+        Affected ids whose weights the server holds (dampened server-side).
+    client_results : dict[str, dict]
+        Affected client-held id -> the client's report (before/after accuracies, counts).
+    holders : dict[int, int]
+        Partition id -> forget samples it holds.
+    stats : dict[str, dict]
+        Per dampened model: FIUn statistics (selected / zeroed counts).
+    timing : dict[str, float]
+        ``forget_fisher_s``, ``merge_s``, ``dampen_s``, ``clients_s``, ``unlearn_s`` (their sum and more).
+    optimiser_reset : list[str]
+        Server-optimiser attributes reset.
+    """
+
+    request: UnlearningRequest
+    roots: list[str]
+    affected: list[str]
+    versions: dict[str, str] = field(default_factory=dict)
+    server_models: list[str] = field(default_factory=list)
+    client_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    holders: dict[int, int] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    optimiser_reset: list[str] = field(default_factory=list)
+
+
+class UnlearningStrategy(_Delegating):
+    """Wrap a strategy: record lineage, checkpoint every model, unlearn on request.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy to wrap (FedAvg, FedProx, FedAdam, a user's subclass). Its behaviour is unchanged.
+    store : Store
+        Where weights and Fisher diagonals go.
+    graph : LineageGraph
+        The lineage to record into (journaled when it has a directory).
+    num_nodes : int (default: 0)
+        Nodes to wait for before the first round (registration race); pass the federation size.
+    seed : int (default: 0)
+        Seeds node sampling (a private ``random.Random``; clients sorted by partition id).
+    num_classes : int | None (default: None)
+        Number of classes, to reject requests for unknown classes by id.
+    fisher_layers : str (default: "last")
+        Parameters the Fishers cover (``fl_unlearn.fisher.select_parameters`` spec); sent to clients.
+    fisher_estimator : str (default: "batch")
+        ``batch`` or ``per_sample``; the same for retain- and forget-Fishers.
+    mfim_mode : str (default: "max")
+        How several data holders' forget-Fishers merge (``fl_unlearn.mfim.merge_fishers``).
+    fiun : FIUnConfig | None (default: None)
+        Selection/dampening settings; ``FIUnConfig()`` when ``None``.
+    keep_local_weights : bool (default: True)
+        Store every client update, so local models can be unlearned too (costs a model per client and round).
+    node_timeout : float (default: 120.0)
+        Seconds to wait for nodes and replies.
+
+    Examples
+    --------
+    Wrap a strategy and run it as usual, then serve a request::
+
+        strategy = UnlearningStrategy(FedAvg(), Store(d / "store"), LineageGraph(d / "lineage"), num_nodes=4)
+        result = strategy.start(grid, initial_arrays, num_rounds=3)
+        outcome = strategy.unlearn(grid, UnlearningRequest.for_classes([3]))
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        store: Store,
+        graph: LineageGraph,
+        *,
+        num_nodes: int = 0,
+        seed: int = 0,
+        num_classes: int | None = None,
+        fisher_layers: str = "last",
+        fisher_estimator: str = "batch",
+        mfim_mode: str = "max",
+        fiun: Any = None,
+        keep_local_weights: bool = True,
+        node_timeout: float = 120.0,
+    ) -> None:
+        super().__init__(strategy, num_nodes=num_nodes, seed=seed, node_timeout=node_timeout)
+        self.store, self.graph = store, graph
+        self.num_classes = num_classes
+        self.fisher_layers, self.fisher_estimator, self.mfim_mode = fisher_layers, fisher_estimator, mfim_mode
+        self.fiun = fiun
+        self.keep_local_weights = keep_local_weights
+        self.current: str | None = self._newest_global()
+
+    def __repr__(self) -> str:
+        return f"UnlearningStrategy({self.strategy!r})"
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Unlearning (fl_unlearn):")
+        log(INFO, "\t│\t├── Store: %s", self.store.root)
+        log(INFO, "\t│\t├── Lineage: %d models", len(self.graph))
+        log(INFO, "\t│\t├── Fisher: %s layers, %s estimator", self.fisher_layers, self.fisher_estimator)
+        log(INFO, "\t│\t└── MFIM: %s", self.mfim_mode)
+        super().summary()
+
+    # -- training: lineage and checkpoints --------------------------------------------------------------
+
+    def _newest_global(self) -> str | None:
+        globals_ = [n.id for n in self.graph.nodes() if n.kind == "global"]
+        return globals_[-1] if globals_ else None
+
+    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        return {R.PARENT_ID: self.current or "", R.FISHER_LAYERS: self.fisher_layers,
+                R.FISHER_ESTIMATOR: self.fisher_estimator}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Checkpoint the incoming global model, then configure as the inner strategy does."""
+        self._checkpoint_input(server_round, arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _checkpoint_input(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Record the model a round starts from: ``global-r0`` at first, else check it is the current one."""
+        weights = R.record_to_tensors(arrays)
+        digest = self.store.put(weights, {"kind": "global", "round": server_round - 1})
+        if self.current is not None and self.graph.node(self.current).weights == digest:
+            return
+        node_id = f"global-r{server_round - 1}" if self.current is None else f"global-r{server_round - 1}-in"
+        parents = () if self.current is None else (self.current,)
+        self.graph.add_node(node_id, "global", round=server_round - 1, parents=parents, weights=digest,
+                            meta={"note": "initial model" if not parents else "model changed between rounds"})
+        self.current = node_id
+        self.store.set_ref("latest-global", digest)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Strip Fisher and lineage records, aggregate with the inner strategy, record the round."""
+        replies = list(replies)
+        extras = [self._strip(r) for r in replies]
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:
+            self._record_round(server_round, replies, extras, arrays)
+        return arrays, metrics
+
+    def _record_round(
+        self, server_round: int, replies: list[Message], extras: list[tuple[Any, Any]], arrays: ArrayRecord
+    ) -> None:
+        parent = self.current
+        locals_, fishers, counts = [], [], []
+        for reply, (fisher, lineage) in zip(replies, extras):
+            if reply.has_error() or lineage is None:
+                continue
+            node_id, fisher_t, n = self._record_local(server_round, reply, fisher, lineage, parent)
+            locals_.append(node_id)
+            if fisher_t is not None:
+                fishers.append(fisher_t)
+                counts.append(n)
+        retain = _weighted_mean(fishers, counts) if fishers and len(fishers) == len(locals_) else None
+        digest = self.store.put(R.record_to_tensors(arrays), {"kind": "global", "round": server_round})
+        self.graph.add_node(
+            f"global-r{server_round}", "global", round=server_round, parents=tuple(locals_), weights=digest,
+            retain_fisher=self.store.put(retain, {"kind": "retain-fisher", "round": server_round}) if retain else None,
+            meta={"num-examples": int(sum(counts))},
+        )
+        self.current = f"global-r{server_round}"
+        self.store.set_ref("latest-global", digest)
+        log(INFO, "lineage: round %d -> %s from %d client updates", server_round, self.current, len(locals_))
+
+    def _record_local(
+        self, server_round: int, reply: Message, fisher: ArrayRecord | None, lineage: ConfigRecord, parent: str | None
+    ) -> tuple[str, Tensors | None, int]:
+        pid = self.nodes.partition.get(reply.metadata.src_node_id, int(lineage[R.PARTITION_ID]))
+        n = int(lineage[R.NUM_EXAMPLES])
+        fisher_t = R.record_to_tensors(fisher) if fisher is not None else None
+        weights = None
+        if self.keep_local_weights:
+            (record,) = reply.content.array_records.values()
+            weights = self.store.put(R.record_to_tensors(record), {"kind": "local", "round": server_round, "client": pid})
+        node_id = f"local-r{server_round}-p{pid}"
+        data = TrainingData(pid, R.histogram_from_config(lineage), sample_digest=str(lineage[R.SAMPLE_DIGEST]) or None)
+        self.graph.add_node(
+            node_id, "local", round=server_round, parents=(parent,) if parent else (), owner=f"client:{pid}",
+            data=data, weights=weights,
+            retain_fisher=self.store.put(fisher_t, {"kind": "retain-fisher", "round": server_round, "client": pid})
+            if fisher_t else None,
+            meta={"num-examples": n, "held-by": "server" if weights else "nobody"},
+        )
+        return node_id, fisher_t, n
+
+    # -- derived models -----------------------------------------------------------------------------------
+
+    def derive(self, grid: Grid, kind: str, depth: int = 1, *, partitions: Sequence[int] | None = None) -> list[str]:
+        """Ask clients to build chains of ``depth`` derived models from the current global model.
+
+        One ``train.derive`` per client, all in one ``send_and_receive``; every reply's nodes are recorded in
+        the lineage (owner ``client:<pid>``; the weights stay on the client). Returns the new node ids.
+        """
+        if self.current is None:
+            raise UnlearnError("derive needs a global model; train first")
+        self.nodes.refresh(grid)
+        pids = sorted(self.nodes.partition.values()) if partitions is None else sorted(partitions)
+        base = self.graph.node(self.current)
+        arrays = R.tensors_to_record(self.store.get(base.weights))
+        msgs = []
+        for pid in pids:
+            ids = [f"derived-{kind}-p{pid}-{base.id}-{d}" for d in range(1, depth + 1)]
+            cfg = ConfigRecord({R.KIND: kind, R.DEPTH: depth, R.PARENT_ID: base.id, R.MODEL_IDS: ids,
+                                R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator,
+                                R.STORE_DIR: str(self.store.root)})
+            msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
+                                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_DERIVE))
+        new: list[str] = []
+        for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.derive"):
+            pid = self.nodes.partition[reply.metadata.src_node_id]
+            for key in sorted(k for k in reply.content.config_records if k.startswith(R.NODE_KEY_PREFIX)):
+                cfg = reply.content.config_records[key]
+                self.graph.add_node(
+                    str(cfg[R.NODE_ID]), "derived", round=base.round, parents=(str(cfg[R.PARENT_ID]),),
+                    owner=f"client:{pid}",
+                    data=TrainingData(pid, R.histogram_from_config(cfg), sample_digest=str(cfg[R.SAMPLE_DIGEST])),
+                    meta={"derive": kind, "client-weights": str(cfg[R.WEIGHTS_DIGEST]), "held-by": f"client:{pid}"},
+                )
+                new.append(str(cfg[R.NODE_ID]))
+        log(INFO, "derive: %d %s models on %d clients", len(new), kind, len(pids))
+        return new
+
+    # -- unlearning -----------------------------------------------------------------------------------------
+
+    def check_request(self, request: UnlearningRequest) -> None:
+        """Raise ``RequestError`` for a request that is malformed, unknown, or names data no model saw."""
+        known = {n.data.client for n in self.graph.nodes() if n.data is not None and n.data.client is not None}
+        validate_request(request, num_classes=self.num_classes, known_clients=known or None, graph=self.graph)
+
+    def unlearn(self, grid: Grid, request: UnlearningRequest) -> UnlearnOutcome:
+        """Unlearn ``request`` from every affected model at once.
+
+        Phases (each a short method): check the request; find roots and affected models; gather forget-Fishers
+        from the data holders in one round trip; merge them (MFIM); dampen every affected server-held model in
+        one ``fl_unlearn.fiun.unlearn_many`` call; send ``train.unlearn`` to every client holding an affected
+        model in one round trip; record the new versions; reset server-optimiser state.
+
+        Raises
+        ------
+        RequestError
+            Bad request (unknown class or client, data no model trained on). Nothing changes.
+        UnlearnError
+            A client failed to answer; nothing is recorded in the lineage then.
+        """
+        if not isinstance(request, UnlearningRequest):
+            raise RequestError(f"unlearn expects an UnlearningRequest, got {type(request).__name__}")
+        self.check_request(request)
+        roots, affected = self.graph.roots(request), self.graph.affected(request)
+        outcome = UnlearnOutcome(request, roots, affected)
+        log(INFO, "unlearn: %s: %d roots, %d affected models", request.describe(), len(roots), len(affected))
+        start = time.perf_counter()
+        self.nodes.refresh(grid)
+        holder_fishers = self._gather_forget_fishers(grid, request, roots, outcome)
+        t1 = time.perf_counter()
+        forget_of = self._merged_forget_fishers(affected, roots, holder_fishers)
+        t2 = time.perf_counter()
+        new_server = self._dampen_server_models(request, affected, forget_of, outcome)
+        t3 = time.perf_counter()
+        client_versions = self._unlearn_client_models(grid, request, affected, forget_of, outcome)
+        t4 = time.perf_counter()
+        self._record_versions(request, {**new_server, **client_versions}, outcome)
+        outcome.optimiser_reset = reset_optimiser_state(self.strategy)
+        outcome.timing = {"forget_fisher_s": t1 - start, "merge_s": t2 - t1, "dampen_s": t3 - t2,
+                          "clients_s": t4 - t3, "unlearn_s": time.perf_counter() - start}
+        log(INFO, "unlearn: %d affected models unlearned in %.2f s (optimiser state reset: %s)", len(affected),
+            outcome.timing["unlearn_s"], ", ".join(outcome.optimiser_reset) or "none")
+        return outcome
+
+    def _holders(self, request: UnlearningRequest, roots: list[str]) -> list[int]:
+        """Partitions holding forget data: the clients of the roots' training data."""
+        return sorted({c for r in roots if (c := self.graph.node(r).data.client) is not None})
+
+    def _newest_affected_global(self, affected: list[str]) -> ModelNode:
+        globals_ = [self.graph.node(a) for a in affected if self.graph.node(a).kind == "global"]
+        if not globals_:
+            raise UnlearnError("no global model is affected; nothing to compute the forget-Fisher on")
+        return globals_[-1]
+
+    def _gather_forget_fishers(
+        self, grid: Grid, request: UnlearningRequest, roots: list[str], outcome: UnlearnOutcome
+    ) -> dict[int, tuple[Tensors, int]]:
+        """One ``query.fisher`` per data holder, all at once, on the newest affected global model."""
+        holders = self._holders(request, roots)
+        model = self._newest_affected_global(outcome.affected)
+        arrays = R.tensors_to_record(self.store.get(model.weights))
+        msgs = []
+        for pid in holders:
+            cfg = ConfigRecord({R.NODE_ID: model.id, R.FISHER_LAYERS: self.fisher_layers,
+                                R.FISHER_ESTIMATOR: self.fisher_estimator, **request_config(request, pid)})
+            msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
+                                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER))
+        out: dict[int, tuple[Tensors, int]] = {}
+        for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "query.fisher"):
+            pid = self.nodes.partition[reply.metadata.src_node_id]
+            n = int(reply.content.metric_records[R.METRICS_KEY][R.FORGET_NUM])
+            if n > 0:
+                out[pid] = (R.record_to_tensors(reply.content.array_records[R.FORGET_FISHER_KEY]), n)
+            outcome.holders[pid] = n
+        if not out:
+            raise RequestError(f"{request.describe()}: no client holds any of the data to forget")
+        log(INFO, "unlearn: forget-Fishers from %d clients on %s (%d samples)", len(out), model.id,
+            sum(n for _, n in out.values()))
+        return out
+
+    def _merged_forget_fishers(
+        self, affected: list[str], roots: list[str], holder_fishers: dict[int, tuple[Tensors, int]]
+    ) -> dict[str, Tensors]:
+        """Per affected model, the MFIM merge of the holders whose roots are the model or its ancestors.
+
+        Models with the same set of holders share one merged Fisher (fiun.md §4: the merge is over the roots
+        that are ancestors of the model, or the model itself).
+        """
+        from fl_unlearn.mfim import merge_fishers
+
+        root_clients = {r: self.graph.node(r).data.client for r in roots}
+        cache: dict[tuple[int, ...], Tensors] = {}
+        out: dict[str, Tensors] = {}
+        for node_id in affected:
+            lineage = set(self._ancestors(node_id)) | {node_id}
+            key = tuple(sorted({c for r, c in root_clients.items() if r in lineage and c in holder_fishers}))
+            if not key:  # roots of holders that reported no forget sample now: use every holder
+                key = tuple(sorted(holder_fishers))
+            if key not in cache:
+                fishers = [holder_fishers[c][0] for c in key]
+                counts = [holder_fishers[c][1] for c in key]
+                cache[key] = merge_fishers(fishers, num_samples=counts, mode=self.mfim_mode)
+            out[node_id] = cache[key]
+        return out
+
+    def _ancestors(self, node_id: str) -> list[str]:
+        seen, stack = set(), list(self.graph.parents(node_id))
+        while stack:
+            p = stack.pop()
+            if p not in seen:
+                seen.add(p)
+                stack.extend(self.graph.parents(p))
+        return list(seen)
+
+    def _forget_fraction(self, node: ModelNode, request: UnlearningRequest, holders: dict[int, int]) -> float:
+        """Share of a model's direct training data that the request forgets (0 for aggregates)."""
+        data = node.data
+        if node.kind == "global":
+            parts = [self.graph.node(p) for p in node.parents if self.graph.node(p).data is not None]
+            total = sum(p.data.num_samples for p in parts)
+            forget = sum(forget_count(p.data, request) for p in parts)
+            return forget / total if total else 0.0
+        if data is None or data.num_samples == 0:
+            return 0.0
+        return forget_count(data, request) / data.num_samples
+
+    def _dampen_server_models(
+        self, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors], outcome: UnlearnOutcome
+    ) -> dict[str, str]:
+        """One ``unlearn_many`` over every affected model whose weights the server holds."""
+        from fl_unlearn.fiun import FIUnConfig, unlearn_many
+
+        ids = [a for a in affected if self.graph.node(a).weights is not None]
+        missing = [a for a in ids if self.graph.node(a).retain_fisher is None]
+        if missing:
+            raise UnlearnError(f"no retain-Fisher stored for {missing[:5]}; were the clients' train handlers "
+                               "registered with strategies.client (they send the Fisher with each update)?")
+        nodes = [self.graph.node(a) for a in ids]
+        weights = [self.store.get(n.weights) for n in nodes]
+        retain = [
+            retain_from_whole(self.store.get(n.retain_fisher), forget_of[n.id],
+                              self._forget_fraction(n, request, outcome.holders))
+            for n in nodes
+        ]
+        new_weights, stats = unlearn_many(weights, retain, [forget_of[n.id] for n in nodes], self.fiun or FIUnConfig())
+        outcome.server_models = ids
+        versions = {}
+        for node, w, s in zip(nodes, new_weights, stats):
+            versions[node.id] = self.store.put(w, {"kind": node.kind, "unlearned-from": node.id, "request": request.id})
+            outcome.stats[node.id] = _as_dict(s)
+        return versions
+
+    def _unlearn_client_models(
+        self, grid: Grid, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
+        outcome: UnlearnOutcome,
+    ) -> dict[str, str]:
+        """``train.unlearn`` to every client holding affected models, all in one round trip."""
+        by_client: dict[int, list[str]] = {}
+        for a in affected:
+            node = self.graph.node(a)
+            if node.weights is None and node.meta.get("held-by", "").startswith("client:"):
+                by_client.setdefault(node.client, []).append(a)
+        if not by_client:
+            return {}
+        msgs = []
+        for pid, ids in sorted(by_client.items()):
+            forget = forget_of[ids[-1]]  # the newest of a client's models inherits from every relevant root
+            cfg = ConfigRecord({R.MODEL_IDS: ids, R.NODE_ID: [version_id(i, request) for i in ids],
+                                R.STORE_DIR: str(self.store.root),
+                                **fiun_config(self.fiun), **request_config(request, pid)})
+            msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
+                                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))
+        versions: dict[str, str] = {}
+        for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.unlearn"):
+            for key, cfg in reply.content.config_records.items():
+                if key.startswith(R.NODE_KEY_PREFIX):
+                    old = str(cfg[R.PARENT_ID])
+                    versions[old] = str(cfg[R.WEIGHTS_DIGEST])
+                    outcome.client_results[old] = {k: cfg[k] for k in cfg}
+        log(INFO, "unlearn: %d client-held models unlearned on %d clients", len(versions), len(by_client))
+        return versions
+
+    def _record_versions(self, request: UnlearningRequest, digests: dict[str, str], outcome: UnlearnOutcome) -> None:
+        """Record every unlearned model as a new node (the lineage is append-only)."""
+        for old_id in outcome.affected:
+            if old_id not in digests:
+                continue
+            old = self.graph.node(old_id)
+            server_held = old.weights is not None
+            new_id = version_id(old_id, request)
+            self.graph.add_node(
+                new_id, old.kind, round=old.round, shard=old.shard, owner=old.owner, parents=(old_id,),
+                weights=digests[old_id] if server_held else None, request_id=request.id,
+                retain_fisher=old.retain_fisher,
+                meta={"unlearned-from": old_id, "held-by": old.meta.get("held-by", "server"),
+                      **({} if server_held else {"client-weights": digests[old_id]})},
+            )
+            outcome.versions[old_id] = new_id
+        if self.current in outcome.versions:
+            self.current = outcome.versions[self.current]
+            self.store.set_ref("latest-global", self.graph.node(self.current).weights)
+        self.store.put_json(f"requests/{request.id}", {"request": request.to_dict(), "versions": outcome.versions,
+                                                        "state": "applied"})
+
+
+def version_id(node_id: str, request: UnlearningRequest) -> str:
+    """Lineage id of the unlearned version of ``node_id`` for ``request``."""
+    return f"{node_id}~u{request.id[:8]}"
+
+
+def fiun_config(cfg: Any) -> dict[str, Any]:
+    """FIUn settings as ConfigRecord values (clients rebuild the ``FIUnConfig``)."""
+    if cfg is None:
+        return {}
+    import dataclasses
+
+    return {f"fiun-{k}": v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, bool))}
+
+
+def _weighted_mean(tensors: list[Tensors], weights: list[int]) -> Tensors:
+    total = float(sum(weights)) or 1.0
+    return {k: sum(t[k] * (w / total) for t, w in zip(tensors, weights)) for k in tensors[0]}
+
+
+def _as_dict(stats: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(stats):
+        return dataclasses.asdict(stats)
+    return dict(stats) if isinstance(stats, Mapping) else {"value": stats}
+
+
+def _checked(replies: Iterable[Message], what: str) -> list[Message]:
+    """All replies, or an ``UnlearnError`` listing every error reply."""
+    replies = list(replies)
+    errors = [error_reason(r) for r in replies if r.has_error()]
+    if errors:
+        raise UnlearnError(f"{what} failed on {len(errors)} node(s): " + "; ".join(errors))
+    return replies
+
+
+# ------------------------------------------------------------------------------------------------------
+# The gold standard
+# ------------------------------------------------------------------------------------------------------
+
+
+class RetrainStrategy(_Delegating):
+    """The same federation without the forgotten data: the retrain baseline (gold standard).
+
+    Clients drop the request's classes or samples before training (keys in the train config); a client
+    request leaves the forgotten clients out of sampling. Use a fresh inner strategy, the same initial
+    weights and the same ``seed`` as the original run. Nothing is recorded.
+    """
+
+    def __init__(self, strategy: Strategy, request: UnlearningRequest, *, num_nodes: int = 0, seed: int = 0,
+                 node_timeout: float = 120.0) -> None:
+        super().__init__(strategy, num_nodes=num_nodes, seed=seed, node_timeout=node_timeout)
+        self.request = request
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Retrain baseline without: %s", self.request.describe())
+        super().summary()
+
+    def _excluded_partitions(self) -> set[int]:
+        return set(self.request.clients) if self.request.kind == "client" else set()
+
+    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        if self.request.kind == "classes":
+            return {R.EXCLUDE_CLASSES: list(self.request.classes)}
+        return {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure as the inner strategy does, telling each client what to leave out."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.request.kind == "samples":
+            for m in messages:
+                pid = self.nodes.partition[m.metadata.dst_node_id]
+                with_config(m, {R.EXCLUDE_SAMPLES: list(self.request.samples.get(pid, ()))})
+        if self.request.kind == "client" and len(messages) == 0:
+            log(WARNING, "retrain: no node left to train after excluding clients %s", list(self.request.clients))
+        return messages
+
+
+def build_evaluate_fn(
+    evaluate: Callable[[Tensors], Mapping[str, float]],
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Adapt ``weights -> metrics`` to ``Strategy.start``'s ``evaluate_fn(round, arrays)``."""
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics = evaluate(R.record_to_tensors(arrays))
+        return MetricRecord({k: float(v) for k, v in metrics.items() if v == v})  # drop NaN parts
+
+    return evaluate_fn
