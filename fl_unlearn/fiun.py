@@ -1,0 +1,374 @@
+"""FIUn selection and dampening, for one model or a whole batch of affected models at once.
+
+Per element k of every tensor the Fishers cover (``reference/fiun.md`` §3, §9; Selective Synaptic Dampening)::
+
+    selected  iff  F_f[k] > alpha * F_D[k]  and  F_f[k] > tau
+    theta_k  <-  theta_k * min((lam * F_D[k] / F_f[k]) ** exponent, lower_bound)     (selected k only)
+
+``F_f`` is the (merged) forget-Fisher, ``F_D`` the model's retain-Fisher. ``lower_bound`` is really an upper cap
+on the factor (1: weights never grow). A selected element with ``F_D = 0`` gets factor 0: it is *zeroed*, and
+counted. ``F_f = 0`` is never selected. The division only happens where selected (``F_f > 0`` there), over a
+safe denominator elsewhere, and runs in float64, so zero or tiny Fishers give no NaN or inf, not even in
+intermediate tensors (for finite config values up to ~1e200). Weights keep their dtype.
+
+:func:`unlearn_many` stacks each tensor of N models into one ``[N, ...]`` tensor and applies the same
+element-wise step once; with no reductions involved the result equals a loop of :func:`dampen` bit for bit.
+(With ``exponent != 1`` on CPU, ``pow`` may take a vectorised or a scalar path depending on an element's
+position; both run in float64 and are rounded to the weights' dtype, so a mismatch would need the two float64
+results to straddle a rounding boundary, about 1e-9 per element.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+from fl_unlearn.errors import ConfigError, FisherError
+from fl_unlearn.fisher import check_fisher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FIUnConfig:
+    """Dampening hyper-parameters (reference-code names in brackets).
+
+    Parameters
+    ----------
+    alpha : float (default: 1.0)
+        Selection weighting: select where ``F_f > alpha * F_D`` [``selection_weighting``]; >= 0.
+    lam : float (default: 1.0)
+        Dampening constant [``dampening_constant``]; >= 0.
+    exponent : float (default: 1.0)
+        Exponent of the factor [``exponent``]; > 0.
+    lower_bound : float (default: 1.0)
+        Cap on the factor, despite its name [``lower_bound``]; > 0; 1 means weights never grow.
+    tau : float (default: 0.0)
+        Noise floor: select only where ``F_f > tau``; >= 0 (0 is the paper's rule).
+
+    Raises
+    ------
+    ConfigError
+        Listing every value out of range.
+    """
+
+    alpha: float = 1.0
+    lam: float = 1.0
+    exponent: float = 1.0
+    lower_bound: float = 1.0
+    tau: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = [p for f in fields(self) if (p := _check_value(f.name, getattr(self, f.name)))]
+        if problems:
+            raise ConfigError("Invalid FIUnConfig: " + "; ".join(problems))
+
+
+_STRICTLY_POSITIVE = {"exponent", "lower_bound"}
+
+
+def _check_value(name: str, value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name} must be a finite number, got {value!r}"
+    if name in _STRICTLY_POSITIVE and value <= 0:
+        return f"{name} must be > 0, got {value!r}"
+    if value < 0:
+        return f"{name} must be >= 0, got {value!r}"
+    return None
+
+
+@dataclass
+class DampenStats:
+    """What dampening did to one model (JSON-friendly via ``dataclasses.asdict``).
+
+    Attributes
+    ----------
+    selected : int
+        Elements whose factor was applied.
+    zeroed : int
+        Selected elements whose factor is 0 (``F_D = 0``, e.g. classes the model never saw).
+    total : int
+        Elements covered by the Fishers.
+    per_tensor : dict[str, dict[str, int]]
+        The same three counts per tensor name.
+    """
+
+    selected: int = 0
+    zeroed: int = 0
+    total: int = 0
+    per_tensor: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, name: str, selected: int, zeroed: int, total: int) -> None:
+        """Record one tensor's counts."""
+        self.per_tensor[name] = {"selected": selected, "zeroed": zeroed, "total": total}
+        self.selected += selected
+        self.zeroed += zeroed
+        self.total += total
+
+
+# --------------------------------------------------------------------------------------------
+# The element-wise step
+# --------------------------------------------------------------------------------------------
+
+
+def dampen_tensor(w: Tensor, f_retain: Tensor, f_forget: Tensor, cfg: FIUnConfig) -> tuple[Tensor, int, int]:
+    """Dampen one tensor.
+
+    Parameters
+    ----------
+    w : Tensor
+        Weights (floating); not modified.
+    f_retain : Tensor
+        F_D, broadcastable to ``w``.
+    f_forget : Tensor
+        F_f, broadcastable to ``w``.
+    cfg : FIUnConfig
+        Hyper-parameters.
+
+    Returns
+    -------
+    tuple[Tensor, int, int]
+        New weights (same dtype and device as ``w``), number of selected and of zeroed elements.
+
+    Examples
+    --------
+    >>> w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    >>> fd, ff = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([0.5, 4.0, 2.0, 0.0])
+    >>> dampen_tensor(w, fd, ff, FIUnConfig())
+    (tensor([1.0000, 0.5000, 0.0000, 4.0000]), 2, 1)
+    """
+    new, sel, beta = _dampen_math(w, f_retain, f_forget, cfg)
+    return new, int(sel.sum()), int((sel & (beta == 0)).sum())
+
+
+def _dampen_math(w: Tensor, fd: Tensor, ff: Tensor, cfg: FIUnConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Element-wise FIUn step; returns new weights, the selection mask and the factors (1 where unselected)."""
+    work = torch.float32 if w.device.type == "mps" else torch.float64
+    fd = fd.to(device=w.device, dtype=work)
+    ff = ff.to(device=w.device, dtype=work)
+    sel = (ff > cfg.alpha * fd) & (ff > cfg.tau)  # F_f > 0 wherever selected
+    ratio = torch.where(sel, fd, 0.0).mul_(cfg.lam).div_(torch.where(sel, ff, 1.0))
+    beta = _cap(ratio, cfg)
+    new = torch.where(sel, (w.to(work) * beta).to(w.dtype), w)
+    return new, sel, torch.where(sel, beta, 1.0)
+
+
+def _cap(ratio: Tensor, cfg: FIUnConfig) -> Tensor:
+    """``min(ratio ** exponent, lower_bound)``, clamping before the power so no intermediate overflows."""
+    if cfg.exponent == 1.0:
+        return ratio.clamp_(max=cfg.lower_bound)
+    try:
+        limit = cfg.lower_bound ** (1.0 / cfg.exponent)
+    except OverflowError:
+        limit = math.inf
+    return ratio.clamp_(max=limit).pow_(cfg.exponent).clamp_(max=cfg.lower_bound)
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------
+
+
+def dampen(
+    weights: Mapping[str, Tensor],
+    retain_fisher: Mapping[str, Tensor],
+    forget_fisher: Mapping[str, Tensor],
+    cfg: FIUnConfig,
+) -> tuple[dict[str, Tensor], DampenStats]:
+    """Unlearn one model: dampen every tensor the Fishers cover.
+
+    Parameters
+    ----------
+    weights : Mapping[str, Tensor]
+        The model's state dict; not modified.
+    retain_fisher : Mapping[str, Tensor]
+        F_D of this model, on the data it keeps.
+    forget_fisher : Mapping[str, Tensor]
+        F_f (merged where several roots), with the same names as ``retain_fisher``.
+    cfg : FIUnConfig
+        Hyper-parameters.
+
+    Returns
+    -------
+    tuple[dict[str, Tensor], DampenStats]
+        New weights (every tensor a copy; names not in the Fishers keep their values) and the counts.
+
+    Raises
+    ------
+    FisherError
+        Before any work, listing every problem: unknown names, shape mismatches, NaN/inf or negative entries,
+        different names in the two Fishers, a covered weight that is not floating point.
+    ConfigError
+        If ``cfg`` is not a :class:`FIUnConfig`.
+    """
+    _check_config(cfg)
+    names = _check_model_fishers(weights, retain_fisher, forget_fisher, label="")
+    stats = DampenStats()
+    out = {}
+    for name, w in weights.items():
+        if name in names:
+            new, selected, zeroed = dampen_tensor(w, retain_fisher[name], forget_fisher[name], cfg)
+            out[name] = new
+            stats.add(name, selected, zeroed, w.numel())
+        else:
+            out[name] = w.clone()
+    return out, stats
+
+
+def _check_config(cfg: object) -> None:
+    if not isinstance(cfg, FIUnConfig):
+        raise ConfigError(f"cfg must be a FIUnConfig, got {type(cfg).__name__}.")
+
+
+def _check_model_fishers(weights: Mapping[str, Tensor], retain: Mapping[str, Tensor],
+                         forget: Mapping[str, Tensor], label: str, *, check_forget: bool = True) -> list[str]:
+    """Validate both Fishers against ``weights``; return the covered names. Raises one FisherError."""
+    problems = [f"retain {p}" for p in check_fisher(retain, weights)]
+    problems += [f"forget {p}" for p in check_fisher(forget, weights)] if check_forget else []
+    if not problems:
+        problems += _name_mismatch(retain, forget)
+        problems += [f"weight {n!r} has dtype {weights[n].dtype}; only floating weights can be dampened."
+                     for n in retain if not weights[n].is_floating_point()]
+    if problems:
+        raise FisherError(f"{label}{len(problems)} problem(s): " + "; ".join(problems))
+    return list(retain)
+
+
+def _name_mismatch(retain: Mapping[str, Tensor], forget: Mapping[str, Tensor]) -> list[str]:
+    only_retain = [n for n in retain if n not in forget]
+    only_forget = [n for n in forget if n not in retain]
+    problems = [f"{n!r} is in the retain-Fisher but not the forget-Fisher" for n in only_retain]
+    return problems + [f"{n!r} is in the forget-Fisher but not the retain-Fisher" for n in only_forget]
+
+
+# --------------------------------------------------------------------------------------------
+# Many models at once
+# --------------------------------------------------------------------------------------------
+
+
+def unlearn_many(
+    models: Sequence[Mapping[str, Tensor]],
+    retain_fishers: Sequence[Mapping[str, Tensor]],
+    forget_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+    cfg: FIUnConfig,
+) -> tuple[list[dict[str, Tensor]], list[DampenStats]]:
+    """Unlearn N models in one vectorised step per tensor.
+
+    For each covered name the N models' tensors are stacked into ``W[N, ...]``, their retain-Fishers into
+    ``F_D[N, ...]``, and the forget-Fisher is broadcast (one dict for all) or stacked (one per model, where the
+    merges differ). The result equals ``[dampen(m, fd, ff, cfg) for ...]`` bit for bit (see the module note).
+
+    Parameters
+    ----------
+    models : Sequence[Mapping[str, Tensor]]
+        N >= 1 state dicts with the same names, shapes and dtypes; not modified.
+    retain_fishers : Sequence[Mapping[str, Tensor]]
+        One F_D per model, all with the same names.
+    forget_fisher : Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]]
+        One F_f shared by all models, or one per model; same names as the retain-Fishers.
+    cfg : FIUnConfig
+        Hyper-parameters.
+
+    Returns
+    -------
+    tuple[list[dict[str, Tensor]], list[DampenStats]]
+        New weights per model (independent tensors) and counts per model, in input order.
+
+    Raises
+    ------
+    ConfigError
+        No models, lengths that do not match, models that differ in names, shapes or dtypes, a bad ``cfg``.
+    FisherError
+        Any Fisher problem, naming the model index and the key.
+    """
+    _check_config(cfg)
+    models = list(models)
+    forgets = _forget_list(forget_fisher, len(models))
+    retains = list(retain_fishers)
+    _check_lengths(len(models), len(retains), len(forgets))
+    _check_same_models(models)
+    names = _check_all_fishers(models[0], retains, forgets)
+    outs: list[dict[str, Tensor]] = [{} for _ in models]
+    stats = [DampenStats() for _ in models]
+    for name in models[0]:
+        if name in names:
+            _dampen_stacked(name, models, retains, forgets, cfg, outs, stats)
+        else:
+            for out, model in zip(outs, models):
+                out[name] = model[name].clone()
+    logger.info("unlearn_many: %d models, %d tensors, %d of %d elements selected", len(models), len(names),
+                sum(s.selected for s in stats), sum(s.total for s in stats))
+    return outs, stats
+
+
+def _forget_list(forget_fisher: object, n: int) -> list[Mapping[str, Tensor]]:
+    if isinstance(forget_fisher, Mapping):
+        return [forget_fisher] * n
+    if isinstance(forget_fisher, Sequence) and not isinstance(forget_fisher, (str, bytes)):
+        return list(forget_fisher)
+    raise ConfigError(f"forget_fisher must be a dict or a list of dicts, got {type(forget_fisher).__name__}.")
+
+
+def _check_lengths(n_models: int, n_retain: int, n_forget: int) -> None:
+    if n_models == 0:
+        raise ConfigError("unlearn_many got no models; the affected set is empty.")
+    if n_retain != n_models:
+        raise ConfigError(f"{n_models} models but {n_retain} retain-Fishers; give one per model.")
+    if n_forget != n_models:
+        raise ConfigError(f"{n_models} models but {n_forget} forget-Fishers; give one, or one per model.")
+
+
+def _check_same_models(models: list[Mapping[str, Tensor]]) -> None:
+    problems = [p for i, model in enumerate(models[1:], start=1) for p in _layout_problems(i, model, models[0])]
+    if problems:
+        raise ConfigError("unlearn_many needs models of one architecture: " + "; ".join(problems))
+
+
+def _layout_problems(i: int, model: Mapping[str, Tensor], first: Mapping[str, Tensor]) -> list[str]:
+    problems = [f"models[{i}] lacks {n!r}" for n in first if n not in model]
+    problems += [f"models[{i}] has extra {n!r}" for n in model if n not in first]
+    for name, t in model.items():
+        ref = first.get(name)
+        if ref is not None and (t.shape != ref.shape or t.dtype != ref.dtype):
+            problems.append(f"models[{i}][{name!r}] is {tuple(t.shape)} {t.dtype}, models[0] has "
+                            f"{tuple(ref.shape)} {ref.dtype}")
+    return problems
+
+
+def _check_all_fishers(reference: Mapping[str, Tensor], retains: list, forgets: list) -> list[str]:
+    """Validate every model's pair of Fishers; all must cover the same names. Raises one FisherError."""
+    problems, checked = [], set()
+    for i, (retain, forget) in enumerate(zip(retains, forgets)):
+        try:
+            _check_model_fishers(reference, retain, forget, label=f"models[{i}]: ",
+                                 check_forget=id(forget) not in checked)
+        except FisherError as err:
+            problems.append(str(err))
+        checked.add(id(forget))
+    if not problems:
+        first = set(retains[0])
+        problems = [f"models[{i}]: the Fishers differ from models[0]'s on {sorted(set(r) ^ first)}"
+                    for i, r in enumerate(retains) if set(r) != first]
+    if problems:
+        raise FisherError("; ".join(problems))
+    return list(retains[0])
+
+
+def _dampen_stacked(name: str, models: list, retains: list, forgets: list, cfg: FIUnConfig, outs: list[dict],
+                    stats: list[DampenStats]) -> None:
+    w = torch.stack([m[name] for m in models])
+    fd = torch.stack([r[name].to(w.device) for r in retains])
+    shared = all(f is forgets[0] for f in forgets)  # one dict (or the same one N times): broadcast it
+    ff = forgets[0][name] if shared else torch.stack([f[name].to(w.device) for f in forgets])
+    new, sel, beta = _dampen_math(w, fd, ff, cfg)
+    n = len(models)
+    selected = sel.reshape(n, -1).sum(dim=1).tolist()
+    zeroed = (sel & (beta == 0)).reshape(n, -1).sum(dim=1).tolist()
+    for i in range(n):
+        outs[i][name] = new[i].clone()
+        stats[i].add(name, int(selected[i]), int(zeroed[i]), models[i][name].numel())
