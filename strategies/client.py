@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from logging import ERROR, INFO
@@ -45,6 +46,7 @@ from fl_unlearn.data import class_histogram, make_loader, sample_ids, without_cl
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
 from fl_unlearn.fisher import FisherAccumulator, compute_fisher, select_parameters
+from fl_unlearn.fiun import FIUnConfig, unlearn_many
 from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything, train_local
 from strategies import records as R
@@ -263,19 +265,47 @@ def handle_train(spec: ClientSpec, msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
+def index_batches(table: Any, indices: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches of the rows ``indices`` of a loader's ``ArrayImageDataset``, in order.
+
+    Subsets index the partition's converted images (``make_loader`` caches them per partition), instead of a
+    ``Dataset.select`` whose images would be converted again.
+    """
+    return [table.__getitems__(indices[i:i + batch_size].tolist()) for i in range(0, len(indices), batch_size)]
+
+
+def capped(indices: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``indices`` (a seeded random subset, in order); ``cap=0`` keeps all."""
+    if not cap or len(indices) <= cap:
+        return indices
+    return np.sort(np.random.default_rng(seed).choice(indices, size=cap, replace=False))
+
+
 def handle_fisher(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent."""
+    """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent, and with
+    ``want-retain`` the retain-Fisher of its kept data on the same model (at most ``retain-samples``)."""
+    start = time.perf_counter()
     config = R.first_config(msg)
-    forget_ds, _ = ForgetSpec.from_config(config).split(spec.data_fn(context))
+    ds = spec.data_fn(context)
+    estimator, batch_size = str(config.get(R.FISHER_ESTIMATOR, "batch")), setting(context, "batch-size")
+    table = make_loader(ds, batch_size).dataset
+    is_forget = ForgetSpec.from_config(config).mask(table.labels.numpy(), lambda: sample_ids(ds))
+    forget_idx, retain_idx = np.flatnonzero(is_forget), np.flatnonzero(~is_forget)
     model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
-    content: dict[str, Any] = {R.METRICS_KEY: MetricRecord({R.FORGET_NUM: len(forget_ds)})}
-    if len(forget_ds):
-        names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
-        loader = make_loader(forget_ds, setting(context, "batch-size"))
-        fisher = compute_fisher(model, loader, names, estimator=str(config.get(R.FISHER_ESTIMATOR, "batch")))
+    names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
+    metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_idx), R.RETAIN_NUM: len(retain_idx)}
+    content: dict[str, Any] = {}
+    if len(forget_idx):
+        fisher = compute_fisher(model, index_batches(table, forget_idx, batch_size), names, estimator=estimator)
         content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
-    log(INFO, "query.fisher: partition %d, %d forget samples", partition_id(context), len(forget_ds))
-    return Message(RecordDict(content), reply_to=msg)
+    if config.get(R.WANT_RETAIN) and len(retain_idx):
+        kept = capped(retain_idx, int(config.get(R.RETAIN_SAMPLES, 0)), _seed(context, -1))
+        fisher = compute_fisher(model, index_batches(table, kept, batch_size), names, estimator=estimator)
+        content[R.RETAIN_FISHER_KEY] = R.tensors_to_record(fisher)
+    metrics[R.SECONDS] = time.perf_counter() - start
+    log(INFO, "query.fisher: partition %d, %d forget / %d kept samples, %.2f s", partition_id(context),
+        len(forget_idx), len(retain_idx), metrics[R.SECONDS])
+    return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics), **content}), reply_to=msg)
 
 
 def handle_eval_forget(spec: ClientSpec, msg: Message, context: Context) -> Message:
@@ -357,8 +387,6 @@ def _evaluate_split(spec: ClientSpec, context: Context, model: nn.Module, forget
 
 def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     """``train.unlearn``: dampen the listed models this client holds, in one ``unlearn_many`` step."""
-    from fl_unlearn.fiun import FIUnConfig, unlearn_many
-
     config = R.first_config(msg)
     store, forget = client_store(context, config), ForgetSpec.from_config(config)
     index = store.get_json(MODELS_DOC, {})
@@ -369,8 +397,19 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     forget_fisher = R.record_to_tensors(msg.content.array_records[R.FORGET_FISHER_KEY])
     forget_ds, _ = forget.split(spec.data_fn(context))
     weights = [store.get(index[i]["weights"]) for i in ids]
-    retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher, _rho(forget, index[i]["lineage"],
-              forget_ds)) for i in ids]
+    if config.get(R.WANT_RETAIN):  # retain-fisher=fresh: on the kept data, at each model's own weights
+        ds = spec.data_fn(context)
+        batch_size = setting(context, "batch-size")
+        table = make_loader(ds, batch_size).dataset
+        kept_rows = np.flatnonzero(~forget.mask(table.labels.numpy(), lambda: sample_ids(ds)))
+        kept = capped(kept_rows, int(config.get(R.RETAIN_SAMPLES, 0)), _seed(context, -1))
+        batches = index_batches(table, kept, batch_size)
+        layers, estimator = str(config.get(R.FISHER_LAYERS, "last")), str(config.get(R.FISHER_ESTIMATOR, "batch"))
+        retain = [dict(compute_fisher(m := load_model(spec, context, w), batches, select_parameters(m, layers),
+                                      estimator=estimator)) for w in weights]
+    else:  # the Fisher accumulated while deriving, corrected for the forgotten share of its data
+        retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
+                                    _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
     cfg = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
     new_weights, stats = unlearn_many(weights, retain, [forget_fisher] * len(ids), cfg)
     out = {}

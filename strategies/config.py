@@ -51,9 +51,11 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "forget-samples": "",
     "fiun-alpha": 1.0,
     "fiun-lambda": 1.0,
-    "fisher-layers": "last",
+    "fisher-layers": "all",
     "fisher-estimator": "batch",
-    "mfim-mode": "max",
+    "retain-fisher": "fresh",
+    "retain-fisher-samples": 1024,
+    "mfim-mode": "weighted_mean",
     "derive": "none",
     "derive-depth": 1,
     "retrain-baseline": True,
@@ -67,6 +69,7 @@ MODES = ("train", "unlearn", "train+unlearn")
 REQUEST_KINDS = ("classes", "client", "samples")
 DERIVE_KINDS = ("none", "finetune", "incremental", "transfer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+RETAIN_SOURCES = ("fresh", "accumulated")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
@@ -117,6 +120,8 @@ class AppConfig:
     fiun_lambda: float
     fisher_layers: str
     fisher_estimator: str
+    retain_fisher: str
+    retain_fisher_samples: int
     mfim_mode: str
     derive: str
     derive_depth: int
@@ -147,6 +152,7 @@ class AppConfig:
         _choice(self.request_kind, REQUEST_KINDS, "request-kind")
         _choice(self.derive, DERIVE_KINDS, "derive")
         _choice(self.strategy, STRATEGIES, "strategy")
+        _choice(self.retain_fisher, RETAIN_SOURCES, "retain-fisher")
         for key in ("num_clients", "num_server_rounds", "local_epochs", "batch_size", "derive_depth"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")

@@ -24,6 +24,7 @@ from torch import nn
 from fl_unlearn.data import FederatedData, load_with_fallback
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.evaluate import forget_retain_accuracy
+from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.models import build_model
 from fl_unlearn.requests import UnlearningRequest, parse_samples_file
@@ -158,7 +159,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
         fisher_layers=cfg.fisher_layers, fisher_estimator=cfg.fisher_estimator, mfim_mode=cfg.mfim_mode,
-        fiun=_fiun_config(cfg) if "unlearn" in cfg.mode else None,
+        retain_fisher=cfg.retain_fisher, retain_samples=cfg.retain_fisher_samples, fiun=_fiun_config(cfg),
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
                                "strategy": cfg.strategy, "config": cfg.to_run_config(), "warnings": warnings,
@@ -195,9 +196,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     return results
 
 
-def _fiun_config(cfg: AppConfig) -> Any:
-    from fl_unlearn.fiun import FIUnConfig
-
+def _fiun_config(cfg: AppConfig) -> FIUnConfig:
     return FIUnConfig(alpha=cfg.fiun_alpha, lam=cfg.fiun_lambda)
 
 

@@ -60,7 +60,9 @@ FORGET_SAMPLES = "forget-samples"
 FORGET_ALL = "forget-all"  # the whole partition is to be forgotten (client request)
 EXCLUDE_CLASSES = "exclude-classes"  # retrain baseline: drop these classes before training
 EXCLUDE_SAMPLES = "exclude-samples"  # retrain baseline: drop these sample ids before training
-WANT_RETAIN = "want-retain"
+WANT_RETAIN = "want-retain"  # also send the retain-Fisher (retain-fisher=fresh)
+RETAIN_SAMPLES = "retain-samples"  # cap on the samples of a fresh retain-Fisher pass
+SECONDS = "seconds"
 FIUN_ALPHA = "fiun-alpha"
 STORE_DIR = "store-dir"  # where the server keeps its store: a default for client directories in simulation
 WEIGHTS_DIGEST = "weights-digest"

@@ -38,7 +38,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
+from fl_unlearn.fiun import FIUnConfig, unlearn_many
 from fl_unlearn.lineage import LineageGraph, ModelNode, TrainingData
+from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.requests import UnlearningRequest, validate_request
 from fl_unlearn.store import Store
 from strategies import records as R
@@ -253,11 +255,15 @@ class _Delegating(Strategy):
         reply.content = RecordDict({k: v for k, v in content.items() if k not in (R.FISHER_KEY, R.LINEAGE_KEY)})
         return fisher, lineage
 
+    def _in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies sorted by partition id: aggregation sums in a fixed order, so runs repeat bit for bit."""
+        return sorted(replies, key=lambda r: self.nodes.partition.get(r.metadata.src_node_id, -1))
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Strip our records, then aggregate with the inner strategy."""
-        replies = list(replies)
+        """Strip our records, then aggregate with the inner strategy (replies in partition order)."""
+        replies = self._in_partition_order(replies)
         for reply in replies:
             self._strip(reply)
         return self.strategy.aggregate_train(server_round, replies)
@@ -328,6 +334,15 @@ class UnlearningStrategy(_Delegating):
         ``batch`` or ``per_sample``; the same for retain- and forget-Fishers.
     mfim_mode : str (default: "max")
         How several data holders' forget-Fishers merge (``fl_unlearn.mfim.merge_fishers``).
+    retain_fisher : str (default: "fresh")
+        ``fresh``: every client also computes the Fisher of its kept data (at most ``retain_samples``) on the
+        model the forget-Fisher is computed on, in the same round trip; the sample-weighted mean is every
+        server-held model's retain-Fisher, and clients do the same for the models they hold. ``accumulated``:
+        the Fishers clients accumulated while training, corrected for the forgotten share
+        (:func:`~strategies.forget.retain_from_whole`); free, but measured to under-select on MNIST (the
+        training-time Fisher is much larger than the post-training forget-Fisher).
+    retain_samples : int (default: 1024)
+        Cap per client on a fresh retain-Fisher pass (0: all kept samples).
     fiun : FIUnConfig | None (default: None)
         Selection/dampening settings; ``FIUnConfig()`` when ``None``.
     keep_local_weights : bool (default: True)
@@ -356,14 +371,21 @@ class UnlearningStrategy(_Delegating):
         fisher_layers: str = "last",
         fisher_estimator: str = "batch",
         mfim_mode: str = "max",
+        retain_fisher: str = "fresh",
+        retain_samples: int = 1024,
         fiun: Any = None,
         keep_local_weights: bool = True,
         node_timeout: float = 120.0,
     ) -> None:
         super().__init__(strategy, num_nodes=num_nodes, seed=seed, node_timeout=node_timeout)
+        if retain_fisher not in ("fresh", "accumulated"):
+            raise ConfigError(f"retain_fisher must be 'fresh' or 'accumulated', got {retain_fisher!r}")
         self.store, self.graph = store, graph
         self.num_classes = num_classes
         self.fisher_layers, self.fisher_estimator, self.mfim_mode = fisher_layers, fisher_estimator, mfim_mode
+        self.retain_fisher, self.retain_samples = retain_fisher, retain_samples
+        self._round_offset = 0
+        self._dtypes: dict[str, torch.dtype] | None = None
         self.fiun = fiun
         self.keep_local_weights = keep_local_weights
         self.current: str | None = self._newest_global()
@@ -390,22 +412,38 @@ class UnlearningStrategy(_Delegating):
         return {R.PARENT_ID: self.current or "", R.FISHER_LAYERS: self.fisher_layers,
                 R.FISHER_ESTIMATOR: self.fisher_estimator}
 
+    def _lineage_round(self, server_round: int) -> int:
+        """The round as the lineage counts it: ``start()`` numbers rounds from 1 each time it is called, so a
+        later call (training on after unlearning) continues after the last recorded round."""
+        if server_round == 1:
+            self._round_offset = max((n.round or 0 for n in self.graph.nodes() if n.kind == "global"), default=0)
+        return server_round + self._round_offset
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Checkpoint the incoming global model, then configure as the inner strategy does."""
-        self._checkpoint_input(server_round, arrays)
+        self._checkpoint_input(self._lineage_round(server_round), arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _checkpoint_input(self, server_round: int, arrays: ArrayRecord) -> None:
+    def _model_tensors(self, arrays: ArrayRecord) -> Tensors:
+        """Tensors in the model's own dtypes (FedAdam's numpy maths returns float64 arrays)."""
+        tensors = R.record_to_tensors(arrays)
+        if self._dtypes is None:
+            first = self.graph.nodes()[0] if len(self.graph) else None
+            reference = self.store.get(first.weights) if first is not None and first.weights else tensors
+            self._dtypes = {k: v.dtype for k, v in reference.items()}
+        return {k: v.to(self._dtypes.get(k, v.dtype)) for k, v in tensors.items()}
+
+    def _checkpoint_input(self, lineage_round: int, arrays: ArrayRecord) -> None:
         """Record the model a round starts from: ``global-r0`` at first, else check it is the current one."""
-        weights = R.record_to_tensors(arrays)
-        digest = self.store.put(weights, {"kind": "global", "round": server_round - 1})
+        weights = self._model_tensors(arrays)
+        digest = self.store.put(weights, {"kind": "global", "round": lineage_round - 1})
         if self.current is not None and self.graph.node(self.current).weights == digest:
             return
-        node_id = f"global-r{server_round - 1}" if self.current is None else f"global-r{server_round - 1}-in"
+        node_id = f"global-r{lineage_round - 1}" if self.current is None else f"global-r{lineage_round - 1}-in"
         parents = () if self.current is None else (self.current,)
-        self.graph.add_node(node_id, "global", round=server_round - 1, parents=parents, weights=digest,
+        self.graph.add_node(node_id, "global", round=lineage_round - 1, parents=parents, weights=digest,
                             meta={"note": "initial model" if not parents else "model changed between rounds"})
         self.current = node_id
         self.store.set_ref("latest-global", digest)
@@ -414,11 +452,11 @@ class UnlearningStrategy(_Delegating):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Strip Fisher and lineage records, aggregate with the inner strategy, record the round."""
-        replies = list(replies)
+        replies = self._in_partition_order(replies)
         extras = [self._strip(r) for r in replies]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
-            self._record_round(server_round, replies, extras, arrays)
+            self._record_round(server_round + self._round_offset, replies, extras, arrays)
         return arrays, metrics
 
     def _record_round(
@@ -435,7 +473,7 @@ class UnlearningStrategy(_Delegating):
                 fishers.append(fisher_t)
                 counts.append(n)
         retain = _weighted_mean(fishers, counts) if fishers and len(fishers) == len(locals_) else None
-        digest = self.store.put(R.record_to_tensors(arrays), {"kind": "global", "round": server_round})
+        digest = self.store.put(self._model_tensors(arrays), {"kind": "global", "round": server_round})
         self.graph.add_node(
             f"global-r{server_round}", "global", round=server_round, parents=tuple(locals_), weights=digest,
             retain_fisher=self.store.put(retain, {"kind": "retain-fisher", "round": server_round}) if retain else None,
@@ -454,7 +492,8 @@ class UnlearningStrategy(_Delegating):
         weights = None
         if self.keep_local_weights:
             (record,) = reply.content.array_records.values()
-            weights = self.store.put(R.record_to_tensors(record), {"kind": "local", "round": server_round, "client": pid})
+            weights = self.store.put(self._model_tensors(record), {"kind": "local", "round": server_round,
+                                                                   "client": pid})
         node_id = f"local-r{server_round}-p{pid}"
         data = TrainingData(pid, R.histogram_from_config(lineage), sample_digest=str(lineage[R.SAMPLE_DIGEST]) or None)
         self.graph.add_node(
@@ -533,18 +572,22 @@ class UnlearningStrategy(_Delegating):
         log(INFO, "unlearn: %s: %d roots, %d affected models", request.describe(), len(roots), len(affected))
         start = time.perf_counter()
         self.nodes.refresh(grid)
-        holder_fishers = self._gather_forget_fishers(grid, request, roots, outcome)
+        holder_fishers, retain_fishers = self._gather_fishers(grid, request, roots, outcome)
         t1 = time.perf_counter()
         forget_of = self._merged_forget_fishers(affected, roots, holder_fishers)
+        shared_retain = None
+        if retain_fishers:
+            shared_retain = merge_fishers([f for f, _ in retain_fishers.values()],
+                                          num_samples=[n for _, n in retain_fishers.values()], mode="weighted_mean")
         t2 = time.perf_counter()
-        new_server = self._dampen_server_models(request, affected, forget_of, outcome)
+        new_server = self._dampen_server_models(request, affected, forget_of, shared_retain, outcome)
         t3 = time.perf_counter()
         client_versions = self._unlearn_client_models(grid, request, affected, forget_of, outcome)
         t4 = time.perf_counter()
         self._record_versions(request, {**new_server, **client_versions}, outcome)
         outcome.optimiser_reset = reset_optimiser_state(self.strategy)
-        outcome.timing = {"forget_fisher_s": t1 - start, "merge_s": t2 - t1, "dampen_s": t3 - t2,
-                          "clients_s": t4 - t3, "unlearn_s": time.perf_counter() - start}
+        outcome.timing.update({"forget_fisher_s": t1 - start, "merge_s": t2 - t1, "dampen_s": t3 - t2,
+                               "clients_s": t4 - t3, "unlearn_s": time.perf_counter() - start})
         log(INFO, "unlearn: %d affected models unlearned in %.2f s (optimiser state reset: %s)", len(affected),
             outcome.timing["unlearn_s"], ", ".join(outcome.optimiser_reset) or "none")
         return outcome
@@ -559,31 +602,47 @@ class UnlearningStrategy(_Delegating):
             raise UnlearnError("no global model is affected; nothing to compute the forget-Fisher on")
         return globals_[-1]
 
-    def _gather_forget_fishers(
+    def _gather_fishers(
         self, grid: Grid, request: UnlearningRequest, roots: list[str], outcome: UnlearnOutcome
-    ) -> dict[int, tuple[Tensors, int]]:
-        """One ``query.fisher`` per data holder, all at once, on the newest affected global model."""
-        holders = self._holders(request, roots)
+    ) -> tuple[dict[int, tuple[Tensors, int]], dict[int, tuple[Tensors, int]]]:
+        """One ``query.fisher`` per client, all at once, on the newest affected global model.
+
+        Data holders return their forget-Fisher; with ``retain_fisher="fresh"`` every client is asked and also
+        returns the retain-Fisher of its kept data. Returns ``(forget, retain)``: partition -> (Fisher, samples).
+        """
+        fresh = self.retain_fisher == "fresh"
+        pids = sorted(self.nodes.partition.values()) if fresh else self._holders(request, roots)
         model = self._newest_affected_global(outcome.affected)
         arrays = R.tensors_to_record(self.store.get(model.weights))
         msgs = []
-        for pid in holders:
-            cfg = ConfigRecord({R.NODE_ID: model.id, R.FISHER_LAYERS: self.fisher_layers,
-                                R.FISHER_ESTIMATOR: self.fisher_estimator, **request_config(request, pid)})
+        for pid in pids:
+            cfg = ConfigRecord({R.NODE_ID: model.id, **self._fisher_config(), **request_config(request, pid)})
             msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER))
-        out: dict[int, tuple[Tensors, int]] = {}
+        forget: dict[int, tuple[Tensors, int]] = {}
+        retain: dict[int, tuple[Tensors, int]] = {}
+        seconds = []
         for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "query.fisher"):
             pid = self.nodes.partition[reply.metadata.src_node_id]
-            n = int(reply.content.metric_records[R.METRICS_KEY][R.FORGET_NUM])
-            if n > 0:
-                out[pid] = (R.record_to_tensors(reply.content.array_records[R.FORGET_FISHER_KEY]), n)
-            outcome.holders[pid] = n
-        if not out:
+            metrics, records = reply.content.metric_records[R.METRICS_KEY], reply.content.array_records
+            seconds.append(float(metrics.get(R.SECONDS, 0.0)))
+            if int(metrics[R.FORGET_NUM]) > 0:
+                forget[pid] = (R.record_to_tensors(records[R.FORGET_FISHER_KEY]), int(metrics[R.FORGET_NUM]))
+                outcome.holders[pid] = int(metrics[R.FORGET_NUM])
+            if R.RETAIN_FISHER_KEY in records:
+                retain[pid] = (R.record_to_tensors(records[R.RETAIN_FISHER_KEY]), int(metrics[R.RETAIN_NUM]))
+        if not forget:
             raise RequestError(f"{request.describe()}: no client holds any of the data to forget")
-        log(INFO, "unlearn: forget-Fishers from %d clients on %s (%d samples)", len(out), model.id,
-            sum(n for _, n in out.values()))
-        return out
+        outcome.timing["client_fisher_max_s"] = max(seconds, default=0.0)
+        log(INFO, "unlearn: forget-Fishers from %d clients on %s (%d samples)%s", len(forget), model.id,
+            sum(n for _, n in forget.values()), f", retain-Fishers from {len(retain)}" if retain else "")
+        return forget, retain
+
+    def _fisher_config(self) -> dict[str, Any]:
+        cfg = {R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator}
+        if self.retain_fisher == "fresh":
+            cfg.update({R.WANT_RETAIN: True, R.RETAIN_SAMPLES: int(self.retain_samples)})
+        return cfg
 
     def _merged_forget_fishers(
         self, affected: list[str], roots: list[str], holder_fishers: dict[int, tuple[Tensors, int]]
@@ -593,8 +652,6 @@ class UnlearningStrategy(_Delegating):
         Models with the same set of holders share one merged Fisher (fiun.md §4: the merge is over the roots
         that are ancestors of the model, or the model itself).
         """
-        from fl_unlearn.mfim import merge_fishers
-
         root_clients = {r: self.graph.node(r).data.client for r in roots}
         cache: dict[tuple[int, ...], Tensors] = {}
         out: dict[str, Tensors] = {}
@@ -619,7 +676,7 @@ class UnlearningStrategy(_Delegating):
                 stack.extend(self.graph.parents(p))
         return list(seen)
 
-    def _forget_fraction(self, node: ModelNode, request: UnlearningRequest, holders: dict[int, int]) -> float:
+    def _forget_fraction(self, node: ModelNode, request: UnlearningRequest) -> float:
         """Share of a model's direct training data that the request forgets (0 for aggregates)."""
         data = node.data
         if node.kind == "global":
@@ -632,23 +689,22 @@ class UnlearningStrategy(_Delegating):
         return forget_count(data, request) / data.num_samples
 
     def _dampen_server_models(
-        self, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors], outcome: UnlearnOutcome
+        self, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
+        shared_retain: Tensors | None, outcome: UnlearnOutcome,
     ) -> dict[str, str]:
         """One ``unlearn_many`` over every affected model whose weights the server holds."""
-        from fl_unlearn.fiun import FIUnConfig, unlearn_many
-
         ids = [a for a in affected if self.graph.node(a).weights is not None]
-        missing = [a for a in ids if self.graph.node(a).retain_fisher is None]
-        if missing:
-            raise UnlearnError(f"no retain-Fisher stored for {missing[:5]}; were the clients' train handlers "
-                               "registered with strategies.client (they send the Fisher with each update)?")
         nodes = [self.graph.node(a) for a in ids]
+        if shared_retain is not None:
+            retain = [shared_retain] * len(nodes)
+        else:
+            missing = [n.id for n in nodes if n.retain_fisher is None]
+            if missing:
+                raise UnlearnError(f"no retain-Fisher stored for {missing[:5]}; use retain_fisher='fresh', or "
+                                   "register the clients' train handlers from strategies.client (they send it)")
+            retain = [retain_from_whole(self.store.get(n.retain_fisher), forget_of[n.id],
+                                        self._forget_fraction(n, request)) for n in nodes]
         weights = [self.store.get(n.weights) for n in nodes]
-        retain = [
-            retain_from_whole(self.store.get(n.retain_fisher), forget_of[n.id],
-                              self._forget_fraction(n, request, outcome.holders))
-            for n in nodes
-        ]
         new_weights, stats = unlearn_many(weights, retain, [forget_of[n.id] for n in nodes], self.fiun or FIUnConfig())
         outcome.server_models = ids
         versions = {}
@@ -673,7 +729,7 @@ class UnlearningStrategy(_Delegating):
         for pid, ids in sorted(by_client.items()):
             forget = forget_of[ids[-1]]  # the newest of a client's models inherits from every relevant root
             cfg = ConfigRecord({R.MODEL_IDS: ids, R.NODE_ID: [version_id(i, request) for i in ids],
-                                R.STORE_DIR: str(self.store.root),
+                                R.STORE_DIR: str(self.store.root), **self._fisher_config(),
                                 **fiun_config(self.fiun), **request_config(request, pid)})
             msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))

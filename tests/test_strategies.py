@@ -1,0 +1,426 @@
+"""The Flower layer: strategy wrapper, client handlers, legacy mod and the App, end to end.
+
+Federated tests use ``run_simulation`` (2-4 nodes, digits, the small CNN, 1-2 rounds; each well under a
+minute); a handful of fast checks need no Ray at all. One test runs the real ``flwr run`` through
+``scripts/flwr_run.sh`` and checks that no SuperLink is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.simulation import run_simulation
+
+from fl_unlearn.data import make_loader
+from fl_unlearn.errors import ConfigError, RequestError
+from fl_unlearn.lineage import LineageGraph
+from fl_unlearn.requests import UnlearningRequest
+from fl_unlearn.store import Store
+from fl_unlearn.train import seed_everything, train_local
+from strategies import records as R
+from strategies.app import app_model, app_partition, app_test, make_client_app, make_server_app, with_run_config
+from strategies.client import ClientSpec, unlearning_mod
+from strategies.config import DEFAULTS, AppConfig
+from strategies.experiment import run_experiment
+from strategies.server import (
+    OPTIMISER_STATE,
+    UnlearningStrategy,
+    reset_optimiser_state,
+    seeded_random,
+    with_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "simulations" / "cifar100_fedavg"
+BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+#: Small and fast: sklearn digits (8x8), 2 clients, 2 rounds, the small CNN.
+BASE = {"dataset": "digits", "num-clients": 2, "num-server-rounds": 2, "seed": 7, "retrain-baseline": False,
+        "max-test-samples": 300}
+
+
+@pytest.fixture(autouse=True)
+def _short_ray_tmpdir(monkeypatch, tmp_path_factory):
+    """Each Ray start gets its own short temp dir (socket paths are length-limited)."""
+    path = Path("/tmp") / f"ray{os.getpid()}"
+    path.mkdir(exist_ok=True)
+    monkeypatch.setenv("RAY_TMPDIR", str(path))
+    yield
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def simulate(server_app: ServerApp, client_app: ClientApp, num_nodes: int = 2) -> None:
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_nodes, backend_config=BACKEND)
+
+
+def run_app(num_nodes: int = 2, **overrides) -> dict:
+    """Run the App with run_simulation; return its results.json."""
+    cfg = {**BASE, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    simulate(make_server_app(cfg), make_client_app(cfg), num_nodes)
+    return json.loads((Path(cfg["out-dir"]) / "results.json").read_text())
+
+
+def tree_digest(path: Path) -> str:
+    """A digest of every file (name and bytes) under ``path``: equal digests, unchanged tree."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------
+# shared runs (module scope: read-only afterwards)
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A training run (mode=train); its store serves later mode=unlearn runs (copy before use)."""
+    out = tmp_path_factory.mktemp("trained")
+    path = Path("/tmp") / f"ray{os.getpid()}m"
+    os.environ["RAY_TMPDIR"] = str(path)
+    run_app(mode="train", out_dir=str(out), derive="finetune", derive_depth=2)
+    shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_unlearn(tmp_path_factory) -> dict:
+    """train+unlearn in one run, with derived models and the retrain baseline."""
+    out = tmp_path_factory.mktemp("train_unlearn")
+    path = Path("/tmp") / f"ray{os.getpid()}n"
+    os.environ["RAY_TMPDIR"] = str(path)
+    results = run_app(out_dir=str(out), derive="finetune", derive_depth=2, retrain_baseline=True)
+    shutil.rmtree(path, ignore_errors=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------
+# the App
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_app_trains_unlearns_and_reports(train_unlearn):
+    res = train_unlearn
+    out = Path(res["out_dir"])
+    assert res["dataset_used"] == "digits" and res["model"] == "cnn"
+    assert res["request"]["kind"] == "classes" and res["request"]["classes"] == [3]
+    kinds = {m["kind"] for m in res["affected_models"]}
+    assert kinds == {"global", "local", "derived"}
+    for m in res["affected_models"]:
+        assert m["version"] is not None, m["id"]
+        assert set(m["before"]) >= {"forget_acc", "retain_acc"} and set(m["after"]) >= {"forget_acc", "retain_acc"}
+    final = res["final_global"]
+    assert final["id"] == "global-r2" and final["retrained"]["forget_acc"] == 0.0
+    assert final["after"]["forget_acc"] <= final["before"]["forget_acc"]
+    assert set(res["timing"]) >= {"train_s", "unlearn_s", "retrain_s"}
+    for name in ("results.json", "lineage.json", "lineage.png", "report.md"):
+        assert (out / name).is_file(), name
+
+
+def test_every_global_model_is_checkpointed(train_unlearn):
+    store = Store(train_unlearn["store_dir"])
+    graph = LineageGraph.load(Path(train_unlearn["store_dir"]) / "lineage")
+    globals_ = [n for n in graph.nodes() if n.kind == "global" and n.request_id is None]
+    assert [n.id for n in globals_] == ["global-r0", "global-r1", "global-r2"]
+    for node in globals_:
+        assert store.get(node.weights)  # present and checksum-verified
+    locals_ = [n for n in graph.nodes() if n.kind == "local" and n.request_id is None]
+    assert len(locals_) == 4 and all(n.parents == (f"global-r{n.round - 1}",) for n in locals_)
+    assert graph.node("global-r2").parents == ("local-r2-p0", "local-r2-p1")
+
+
+def test_separate_unlearn_run_equals_train_plus_unlearn(trained, train_unlearn, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), derive="finetune",
+                  derive_depth=2)
+    assert res["final_global"]["after_digest"] == train_unlearn["final_global"]["after_digest"]
+    assert [m["id"] for m in res["affected_models"]] == [m["id"] for m in train_unlearn["affected_models"]]
+
+
+def test_unknown_class_fails_clearly_and_changes_nothing(trained, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    before = tree_digest(store)
+    with pytest.raises(RequestError, match=r"Unknown class \[12\]"):
+        run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), forget_classes="12",
+                derive="finetune", derive_depth=2)
+    assert tree_digest(store) == before
+
+
+def test_malformed_request_fails_clearly_and_changes_nothing(trained, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    bad = tmp_path / "forget.json"
+    bad.write_text('{"0": [1, 2,')
+    before = tree_digest(store)
+    cfg = AppConfig.from_run_config({**BASE, "mode": "unlearn", "store-dir": str(store), "out-dir": str(tmp_path),
+                                     "request-kind": "samples", "forget-samples": str(bad), "derive": "finetune",
+                                     "derive-depth": 2})
+    with pytest.raises(RequestError, match="malformed"):
+        run_experiment(grid=None, cfg=cfg)  # fails before any message is sent
+    assert tree_digest(store) == before
+
+
+def test_multi_root_request_merges_two_holders(tmp_path):
+    # Pathological split, 4 clients x 3 classes: pick two classes that each live on one client only.
+    from fl_unlearn.data import DataConfig, class_histogram, load_federated
+
+    data = load_federated(DataConfig(source="digits", num_partitions=4, partitioner="pathological",
+                                     classes_per_partition=3, seed=BASE["seed"]))
+    owners: dict[int, list[int]] = {}
+    for pid in range(4):
+        for c in class_histogram(data.partition(pid)):
+            owners.setdefault(c, []).append(pid)
+    single = {c: ps[0] for c, ps in sorted(owners.items()) if len(ps) == 1}
+    (a, pa), (b, pb) = next(((x, y) for x in single.items() for y in single.items() if x[1] < y[1]))
+    res = run_app(num_nodes=4, num_clients=4, partitioner="pathological", classes_per_partition=3,
+                  forget_classes=f"{a},{b}", out_dir=str(tmp_path), num_server_rounds=1)
+    assert sorted(res["holders"]) == sorted([str(pa), str(pb)])  # two roots' clients, merged with MFIM
+    assert {m["owner"] for m in res["affected_models"] if m["kind"] == "local"} == {f"client:{pa}", f"client:{pb}"}
+    assert res["final_global"]["after"]["forget_acc"] <= 0.05
+
+
+def test_client_request_is_served_and_reported(tmp_path):
+    res = run_app(request_kind="client", forget_clients="1", out_dir=str(tmp_path), num_server_rounds=1,
+                  retrain_baseline=True)
+    assert res["request"]["clients"] == [1] and res["holders"] == {"1": pytest.approx(res["holders"]["1"])}
+    assert {m["id"] for m in res["affected_models"]} == {"local-r1-p1", "global-r1"}
+    for part in ("before", "after", "retrained"):
+        assert res["final_global"][part]["forget_acc"] is not None  # measured on client 1, where the data is
+
+
+# ------------------------------------------------------------------------------------------------------
+# the wrapper around FedAvg, FedProx and FedAdam
+# ------------------------------------------------------------------------------------------------------
+
+
+def wrapper_app(make_inner, out: dict, store_dir: Path) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        seed_everything(7)
+        model = app_model(Context(0, 0, {}, RecordDict(), {**DEFAULTS, **BASE}))
+        wrapper = UnlearningStrategy(make_inner(), Store(store_dir), LineageGraph(), num_nodes=2, seed=7,
+                                     num_classes=10, fisher_layers="all", mfim_mode="weighted_mean")
+        sent = []
+        configure = wrapper.configure_train
+
+        def spy(*args):
+            messages = list(configure(*args))
+            sent.extend(messages)
+            return messages
+
+        wrapper.configure_train = spy
+        out["result"] = wrapper.start(grid, ArrayRecord(model.state_dict()), num_rounds=2)
+        out["configs"] = [dict(R.first_config(m)) for m in sent]
+        out["state_before"] = {k for k in OPTIMISER_STATE if getattr(wrapper.strategy, k, None) is not None}
+        out["outcome"] = wrapper.unlearn(grid, UnlearningRequest.for_classes([3]))
+        out["state_after"] = {k for k in OPTIMISER_STATE if getattr(wrapper.strategy, k, None) is not None}
+        out["graph"] = wrapper.graph
+        # training goes on from the unlearned model with the reset optimiser
+        out["again"] = wrapper.start(grid, R.tensors_to_record(wrapper.store.get(
+            wrapper.graph.node(wrapper.current).weights)), num_rounds=1)
+
+    return app
+
+
+@pytest.mark.parametrize("make_inner", [
+    lambda: FedAvg(fraction_evaluate=0.0),
+    lambda: FedProx(fraction_evaluate=0.0, proximal_mu=0.5),
+    lambda: FedAdam(fraction_evaluate=0.0, eta=0.01, eta_l=0.05),
+], ids=["fedavg", "fedprox", "fedadam"])
+def test_wrapper_keeps_inner_strategy_working(make_inner, tmp_path):
+    out: dict = {}
+    simulate(wrapper_app(make_inner, out, tmp_path / "store"), make_client_app({**BASE}))
+    inner = make_inner()
+    assert all(c[R.PARENT_ID].startswith("global-r") for c in out["configs"])
+    if isinstance(inner, FedProx):
+        assert all(c["proximal-mu"] == 0.5 for c in out["configs"])
+    if isinstance(inner, FedAdam):
+        assert {"m_t", "v_t", "current_arrays"} <= out["state_before"]
+        assert out["state_after"] == set()
+        assert "FedAdam.m_t" in out["outcome"].optimiser_reset
+    assert list(out["result"].train_metrics_clientapp) == [1, 2]
+    assert out["outcome"].affected[-1] == "global-r2" and out["outcome"].versions["global-r2"] in out["graph"]
+    assert out["again"].arrays is not None
+
+
+# ------------------------------------------------------------------------------------------------------
+# a legacy NumPyClient app with our mod
+# ------------------------------------------------------------------------------------------------------
+
+
+class DigitsClient(NumPyClient):
+    """A plain legacy client: it knows nothing of unlearning."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.model = app_model(context)
+
+    def get_parameters(self, config):
+        return [v.numpy() for v in self.model.state_dict().values()]
+
+    def _set(self, parameters):
+        keys = list(self.model.state_dict())
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in zip(keys, parameters)})
+
+    def fit(self, parameters, config):
+        self._set(parameters)
+        ds = app_partition(self.context)
+        train_local(self.model, make_loader(ds, 32, shuffle=True, seed=1), epochs=1, lr=0.05)
+        return self.get_parameters({}), len(ds), {"legacy": 1}
+
+    def evaluate(self, parameters, config):
+        self._set(parameters)
+        return 0.0, len(app_test(self.context)), {}
+
+
+def legacy_client_fn(context: Context):
+    return DigitsClient(context).to_client()
+
+
+def test_legacy_numpyclient_app_with_mod(tmp_path):
+    spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
+    client_app = ClientApp(client_fn=legacy_client_fn, mods=[with_run_config(BASE), unlearning_mod(spec)])
+    out: dict = {}
+    simulate(wrapper_app(lambda: FedAvg(fraction_evaluate=0.0), out, tmp_path / "store"), client_app)
+    assert out["result"].train_metrics_clientapp[1]["legacy"] == 1.0  # trained by the legacy fit
+    graph = out["graph"]
+    assert graph.node("global-r2").retain_fisher is not None  # the mod attached a Fisher to each update
+    assert set(out["outcome"].versions) == set(out["outcome"].affected)
+
+
+# ------------------------------------------------------------------------------------------------------
+# flwr run, with the SuperLink stopped afterwards
+# ------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flwr_run_script_completes_and_stops_its_superlink(tmp_path):
+    ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    env = {**os.environ, **ports, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("FLWR_HOME", None)
+    cfg = f"dataset='digits' num-clients=2 num-server-rounds=1 max-test-samples=200 out-dir='{tmp_path}'"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "flwr_run.sh"), str(APP_DIR), "--run-config", cfg,
+         "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run status: finished:completed" in proc.stdout
+    assert (tmp_path / "results.json").is_file()
+    for port in ports.values():
+        listening = subprocess.run(["lsof", "-t", f"-iTCP:{port}", "-sTCP:LISTEN"], capture_output=True, text=True)
+        assert listening.stdout.strip() == "", f"a process still listens on {port}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# fast checks (no Ray)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_app_config_defaults_match_the_app_pyproject():
+    table = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert table == DEFAULTS
+    assert "federations" not in tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]
+
+
+def test_app_config_refuses_relative_paths_and_unknown_keys():
+    with pytest.raises(ConfigError, match="absolute"):
+        AppConfig.from_run_config({"out-dir": "runs/x"})
+    with pytest.raises(ConfigError, match="unknown run-config keys"):
+        AppConfig.from_run_config({"num-clientz": 3})
+    assert AppConfig.from_run_config({"forget-classes": "3, 7"}).forget_classes == (3, 7)
+
+
+def test_records_round_trip():
+    tensors = {"fc.weight": torch.randn(3, 4), "fc.bias": torch.zeros(3)}
+    back = R.record_to_tensors(R.tensors_to_record(tensors))
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert R.histogram_from_config(R.histogram_to_config({7: 2, 1: 5})) == {1: 5, 7: 2}
+    assert R.sample_digest([3, 1]) == R.sample_digest([1, 3])
+
+
+@pytest.fixture
+def task_identity():
+    """Messages need a task identity (Flower sets it inside a run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_with_config_copies_the_shared_recorddict(task_identity):
+    shared = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})})
+    a, b = (Message(shared, dst_node_id=n, message_type="train") for n in (1, 2))
+    with_config(a, {"x": 1})
+    assert dict(R.first_config(a)) == {"server-round": 1, "x": 1}
+    assert dict(R.first_config(b)) == {"server-round": 1} and dict(shared["config"]) == {"server-round": 1}
+
+
+def test_reset_optimiser_state_follows_wrappers():
+    inner = FedAdam()
+    inner.m_t, inner.v_t = {"w": np.ones(2)}, {"w": np.ones(2)}
+    wrapper = UnlearningStrategy(inner, Store(Path("/tmp") / f"fu-store-{os.getpid()}"), LineageGraph())
+    assert sorted(reset_optimiser_state(wrapper)) == ["FedAdam.m_t", "FedAdam.v_t"]
+    assert inner.m_t is None and inner.v_t is None
+
+
+def test_seeded_random_repeats_and_restores_the_global_stream():
+    import random
+
+    random.seed(1)
+    expected_global = random.random()
+    random.seed(1)
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    with seeded_random(rng_a):
+        first = random.sample(range(100), 3)
+    with seeded_random(rng_b):
+        second = random.sample(range(100), 3)
+    assert first == second
+    assert random.random() == expected_global
+
+
+def test_wrapper_refuses_a_legacy_strategy():
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+
+    with pytest.raises(ConfigError, match="legacy"):
+        UnlearningStrategy(LegacyFedAvg(), Store(Path("/tmp") / f"fu-store-{os.getpid()}"), LineageGraph())
+
+
+def test_train_reply_is_stripped_to_flowers_contract(task_identity):
+    content = RecordDict({
+        "arrays": ArrayRecord({"w": torch.ones(2)}), "metrics": MetricRecord({"num-examples": 3}),
+        R.FISHER_KEY: ArrayRecord({"w": torch.ones(2)}), R.LINEAGE_KEY: ConfigRecord({R.PARTITION_ID: 0}),
+    })
+    request = Message(RecordDict(), dst_node_id=1, message_type="train")
+    reply = Message(content, reply_to=request)
+    fisher, lineage = UnlearningStrategy._strip(reply)
+    assert fisher is not None and lineage[R.PARTITION_ID] == 0
+    assert list(reply.content.array_records) == ["arrays"] and list(reply.content.metric_records) == ["metrics"]
