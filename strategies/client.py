@@ -42,7 +42,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from torch import nn
 
-from fl_unlearn.data import class_histogram, make_loader, sample_ids, without_classes, without_samples
+from fl_unlearn.data import class_histogram, make_loader, sample_ids, samples_of_classes, without_classes, without_samples
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
 from fl_unlearn.fisher import FisherAccumulator, compute_fisher, select_parameters
@@ -265,46 +265,44 @@ def handle_train(spec: ClientSpec, msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-def index_batches(table: Any, indices: np.ndarray, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x, y)`` batches of the rows ``indices`` of a loader's ``ArrayImageDataset``, in order.
+def capped(ds: Dataset, cap: int, seed: int) -> Dataset:
+    """At most ``cap`` rows of ``ds`` (a seeded random subset, in order); ``cap=0`` keeps all.
 
-    Subsets index the partition's converted images (``make_loader`` caches them per partition), instead of a
-    ``Dataset.select`` whose images would be converted again.
+    Subsetting before a loader converts images makes a capped pass cost what its samples cost.
     """
-    return [table.__getitems__(indices[i:i + batch_size].tolist()) for i in range(0, len(indices), batch_size)]
+    if not cap or len(ds) <= cap:
+        return ds
+    return ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), size=cap, replace=False)))
 
 
-def capped(indices: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """At most ``cap`` of ``indices`` (a seeded random subset, in order); ``cap=0`` keeps all."""
-    if not cap or len(indices) <= cap:
-        return indices
-    return np.sort(np.random.default_rng(seed).choice(indices, size=cap, replace=False))
+def fisher_of(model: nn.Module, ds: Dataset, context: Context, config: Mapping[str, Any], *, seed: int) -> Tensors:
+    """The Fisher of ``model`` on at most ``fisher-samples`` rows of ``ds``, with the layers and estimator
+    the server asked for (the same batch size for every Fisher, so forget and retain estimates compare)."""
+    names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
+    rows = capped(ds, int(config.get(R.FISHER_SAMPLES, 0)), seed)
+    loader = make_loader(rows, setting(context, "batch-size"))
+    return dict(compute_fisher(model, loader, names, estimator=str(config.get(R.FISHER_ESTIMATOR, "batch"))))
 
 
 def handle_fisher(spec: ClientSpec, msg: Message, context: Context) -> Message:
     """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent, and with
-    ``want-retain`` the retain-Fisher of its kept data on the same model (at most ``retain-samples``)."""
+    ``want-retain`` the retain-Fisher of its kept data on the same model (each pass at most
+    ``fisher-samples`` samples)."""
     start = time.perf_counter()
     config = R.first_config(msg)
-    ds = spec.data_fn(context)
-    estimator, batch_size = str(config.get(R.FISHER_ESTIMATOR, "batch")), setting(context, "batch-size")
-    table = make_loader(ds, batch_size).dataset
-    is_forget = ForgetSpec.from_config(config).mask(table.labels.numpy(), lambda: sample_ids(ds))
-    forget_idx, retain_idx = np.flatnonzero(is_forget), np.flatnonzero(~is_forget)
+    forget_ds, retain_ds = ForgetSpec.from_config(config).split(spec.data_fn(context))
     model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
-    names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
-    metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_idx), R.RETAIN_NUM: len(retain_idx)}
+    metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_ds), R.RETAIN_NUM: len(retain_ds)}
     content: dict[str, Any] = {}
-    if len(forget_idx):
-        fisher = compute_fisher(model, index_batches(table, forget_idx, batch_size), names, estimator=estimator)
+    if len(forget_ds):
+        fisher = fisher_of(model, forget_ds, context, config, seed=_seed(context, -2))
         content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
-    if config.get(R.WANT_RETAIN) and len(retain_idx):
-        kept = capped(retain_idx, int(config.get(R.RETAIN_SAMPLES, 0)), _seed(context, -1))
-        fisher = compute_fisher(model, index_batches(table, kept, batch_size), names, estimator=estimator)
+    if config.get(R.WANT_RETAIN) and len(retain_ds):
+        fisher = fisher_of(model, retain_ds, context, config, seed=_seed(context, -1))
         content[R.RETAIN_FISHER_KEY] = R.tensors_to_record(fisher)
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.fisher: partition %d, %d forget / %d kept samples, %.2f s", partition_id(context),
-        len(forget_idx), len(retain_idx), metrics[R.SECONDS])
+        len(forget_ds), len(retain_ds), metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics), **content}), reply_to=msg)
 
 
@@ -339,7 +337,7 @@ def _derive_steps(kind: str, depth: int, ds: Dataset) -> list[Dataset]:
         return [ds] * depth
     if kind == "incremental":  # each generation learns new classes of the client's data
         groups = np.array_split(np.asarray(sorted(class_histogram(ds))), depth)
-        return [ds.select(np.flatnonzero(np.isin(np.asarray(ds["label"]), g))) for g in groups]
+        return [samples_of_classes(ds, g.tolist()) for g in groups]
     raise UnlearnError(f"unknown derive kind {kind!r}; use finetune, incremental or transfer")
 
 
@@ -395,18 +393,11 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     if unknown:
         raise UnlearnError(f"this client holds no models {unknown}; it holds {sorted(index)}")
     forget_fisher = R.record_to_tensors(msg.content.array_records[R.FORGET_FISHER_KEY])
-    forget_ds, _ = forget.split(spec.data_fn(context))
+    forget_ds, retain_ds = forget.split(spec.data_fn(context))
     weights = [store.get(index[i]["weights"]) for i in ids]
     if config.get(R.WANT_RETAIN):  # retain-fisher=fresh: on the kept data, at each model's own weights
-        ds = spec.data_fn(context)
-        batch_size = setting(context, "batch-size")
-        table = make_loader(ds, batch_size).dataset
-        kept_rows = np.flatnonzero(~forget.mask(table.labels.numpy(), lambda: sample_ids(ds)))
-        kept = capped(kept_rows, int(config.get(R.RETAIN_SAMPLES, 0)), _seed(context, -1))
-        batches = index_batches(table, kept, batch_size)
-        layers, estimator = str(config.get(R.FISHER_LAYERS, "last")), str(config.get(R.FISHER_ESTIMATOR, "batch"))
-        retain = [dict(compute_fisher(m := load_model(spec, context, w), batches, select_parameters(m, layers),
-                                      estimator=estimator)) for w in weights]
+        retain = [fisher_of(load_model(spec, context, w), retain_ds, context, config, seed=_seed(context, -1))
+                  for w in weights]
     else:  # the Fisher accumulated while deriving, corrected for the forgotten share of its data
         retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
                                     _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
@@ -526,84 +517,3 @@ def attach_fisher(spec: ClientSpec, reply: Message, context: Context, *, layers:
     reply.content = RecordDict({**dict(reply.content.items()), R.FISHER_KEY: R.tensors_to_record(fisher),
                                 R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, partition_id(context)))})
     return reply
-
-
-# ------------------------------------------------------------------------------------------------------
-# legacy apps: a mod
-# ------------------------------------------------------------------------------------------------------
-
-
-def unlearning_mod(spec: ClientSpec) -> Callable[[Message, Context, Handler], Message]:
-    """A mod that gives a legacy ``client_fn`` / NumPyClient app fl_unlearn's messages.
-
-    It answers ``query.info``, ``query.fisher``, ``query.evalforget``, ``train.unlearn`` and ``train.derive``
-    itself, and translates Message-API ``train`` / ``evaluate`` (what ``flwr.serverapp`` strategies send) to the
-    legacy ``FitIns`` / ``EvaluateIns`` the NumPyClient understands, and the replies back, adding the Fisher
-    (one extra pass after ``fit``) and the lineage record. So a legacy app is driven by
-    :class:`~strategies.server.UnlearningStrategy` around a new-API strategy. Parameters keep the order of the
-    model's ``state_dict`` (the NumPyClient convention). Bad input gets an error reply naming the fix.
-
-    Examples
-    --------
-    ::
-
-        app = ClientApp(client_fn=client_fn, mods=[unlearning_mod(spec)])
-    """
-    handlers = unlearning_handlers(spec)
-
-    def mod(msg: Message, context: Context, call_next: Handler) -> Message:
-        message_type = msg.metadata.message_type
-        if message_type in handlers:
-            return handlers[message_type](msg, context)
-        if message_type in ("train", "evaluate") and R.ARRAYS_KEY in msg.content.array_records:
-            try:
-                return _legacy_round_trip(spec, msg, context, call_next)
-            except (UnlearnError, ValueError, KeyError) as err:
-                return error_reply(msg, f"unlearning_mod: {type(err).__name__}: {err}")
-        return call_next(msg, context)
-
-    return mod
-
-
-def _legacy_round_trip(spec: ClientSpec, msg: Message, context: Context, call_next: Handler) -> Message:
-    from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import (
-        evaluateins_to_recorddict,
-        fitins_to_recorddict,
-        recorddict_to_evaluateres,
-        recorddict_to_fitres,
-    )
-    from flwr.common import parameters_to_ndarrays
-
-    arrays = only_arrays(msg)
-    names = list(arrays.keys())
-    config = {k: v for k, v in R.first_config(msg).items() if not isinstance(v, list)}
-    params = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
-    is_train = msg.metadata.message_type == "train"
-    legacy = fitins_to_recorddict(FitIns(params, config), True) if is_train else evaluateins_to_recorddict(
-        EvaluateIns(params, config), True)
-    original = msg.content
-    msg.content = legacy
-    try:
-        out = call_next(msg, context)
-    finally:
-        msg.content = original
-    if out.has_error():
-        return out
-    if not is_train:
-        res = recorddict_to_evaluateres(out.content)
-        metrics = {R.NUM_EXAMPLES: res.num_examples, "loss": float(res.loss),
-                   **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}}
-        return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
-    res = recorddict_to_fitres(out.content, True)
-    ndarrays = parameters_to_ndarrays(res.parameters)
-    if len(ndarrays) != len(names):
-        raise UnlearnError(f"fit returned {len(ndarrays)} arrays for a model of {len(names)}; return every "
-                           "state_dict entry in order")
-    weights = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, ndarrays)}
-    metrics = {R.NUM_EXAMPLES: res.num_examples,
-               **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}}
-    reply = Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.METRICS_KEY: MetricRecord(metrics)}),
-                    reply_to=msg)
-    return attach_fisher(spec, reply, context, layers=str(R.first_config(msg).get(R.FISHER_LAYERS, "last")),
-                         weights=weights)

@@ -53,8 +53,8 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
     "fisher-estimator": "batch",
+    "fisher-samples": 1024,
     "retain-fisher": "fresh",
-    "retain-fisher-samples": 1024,
     "mfim-mode": "weighted_mean",
     "derive": "none",
     "derive-depth": 1,
@@ -120,8 +120,8 @@ class AppConfig:
     fiun_lambda: float
     fisher_layers: str
     fisher_estimator: str
+    fisher_samples: int
     retain_fisher: str
-    retain_fisher_samples: int
     mfim_mode: str
     derive: str
     derive_depth: int

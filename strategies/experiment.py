@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,9 @@ from strategies import records as R
 from strategies.config import AppConfig
 from strategies.forget import request_config
 from strategies.report import write_results
-from strategies.server import RetrainStrategy, UnlearningStrategy, UnlearnOutcome, _checked
+from strategies.nodes import checked_replies
+from strategies.retrain import RetrainStrategy
+from strategies.server import UnlearningStrategy, UnlearnOutcome
 
 Tensors = dict[str, torch.Tensor]
 #: Run-config keys that must match between a training run and a later ``mode=unlearn`` run on its store.
@@ -109,7 +110,7 @@ class Evaluator:
                         dst_node_id=nodes.node_of(pid), message_type=R.MSG_EVAL_FORGET) for pid in pids]
         totals = [0.0] * len(weights_list)
         count = 0
-        for reply in _checked(self.grid.send_and_receive(msgs), "query.evalforget"):
+        for reply in checked_replies(self.grid.send_and_receive(msgs), "query.evalforget"):
             metrics = reply.content.metric_records[R.METRICS_KEY]
             n = int(metrics[R.FORGET_NUM])
             count += n
@@ -159,7 +160,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
         fisher_layers=cfg.fisher_layers, fisher_estimator=cfg.fisher_estimator, mfim_mode=cfg.mfim_mode,
-        retain_fisher=cfg.retain_fisher, retain_samples=cfg.retain_fisher_samples, fiun=_fiun_config(cfg),
+        retain_fisher=cfg.retain_fisher, fisher_samples=cfg.fisher_samples, fiun=_fiun_config(cfg),
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
                                "strategy": cfg.strategy, "config": cfg.to_run_config(), "warnings": warnings,

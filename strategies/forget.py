@@ -14,7 +14,7 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +55,6 @@ class ForgetSpec:
             tuple(R.int_list(config.get(R.FORGET_SAMPLES))),
             bool(config.get(R.FORGET_ALL, False)),
         )
-
-    def mask(self, labels: np.ndarray, ids: Callable[[], np.ndarray]) -> np.ndarray:
-        """Boolean mask of the rows to forget, from their labels (and ``ids()``, read only for samples)."""
-        if self.everything:
-            return np.ones(len(labels), dtype=bool)
-        if self.classes:
-            return np.isin(labels, np.asarray(self.classes, dtype=np.int64))
-        return np.isin(ids(), np.asarray(self.samples, dtype=np.int64))
 
     def split(self, ds: Dataset) -> tuple[Dataset, Dataset]:
         """``(forget, retain)`` rows of ``ds``."""

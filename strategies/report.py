@@ -44,8 +44,9 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         if is_class else None
     out["all_affected_forget_ok"] = (bool(forgets) and max(forgets) <= FORGET_ACC_MAX) if is_class else None
     if after.get("retain_acc") is not None and retrained.get("retain_acc") is not None:
-        out["retain_gap"] = retrained["retain_acc"] - after["retain_acc"]
+        out["retain_gap"] = retrained["retain_acc"] - after["retain_acc"]  # > 0: below the retrained model
         out["retain_ok"] = abs(out["retain_gap"]) <= RETAIN_GAP_MAX
+        out["retain_not_worse_ok"] = out["retain_gap"] <= RETAIN_GAP_MAX
     if timing.get("retrain_s") and timing.get("unlearn_s") is not None:
         out["time_ratio"] = timing["unlearn_s"] / timing["retrain_s"]
         out["time_ok"] = out["time_ratio"] < TIME_RATIO_MAX

@@ -17,18 +17,16 @@ clients holding the data (one ``send_and_receive``), MFIM merge, one vectorised 
 affected server-held model, ``train.unlearn`` to every client holding an affected model (one
 ``send_and_receive``), and a reset of the inner strategy's optimiser state.
 
-:class:`RetrainStrategy` is the gold standard: the same federation from the same weights and seed, with the
-forgotten data left out by the clients (classes, samples) or by sampling (clients).
+The delegation itself lives in :class:`~strategies.base.DelegatingStrategy`; the retrain baseline in
+:mod:`strategies.retrain`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import torch
@@ -44,234 +42,12 @@ from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.requests import UnlearningRequest, validate_request
 from fl_unlearn.store import Store
 from strategies import records as R
+from strategies.base import DelegatingStrategy
 from strategies.forget import forget_count, request_config, retain_from_whole
+from strategies.nodes import checked_replies
+from strategies.strategy_utils import reset_optimiser_state
 
 Tensors = dict[str, torch.Tensor]
-#: Attributes of Flower's strategies that carry server-optimiser state (FedOpt family, FedAvgM).
-OPTIMISER_STATE = ("m_t", "v_t", "momentum_vector", "current_arrays")
-
-
-# ------------------------------------------------------------------------------------------------------
-# Nodes: registration race, node id -> partition id
-# ------------------------------------------------------------------------------------------------------
-
-
-def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0) -> list[int]:
-    """Block until ``num_nodes`` nodes are connected; return their ids.
-
-    ``get_node_ids()`` can return 0 nodes right after start (flower.md §3, registration race).
-
-    Raises
-    ------
-    UnlearnError
-        Fewer nodes after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while len(ids := list(grid.get_node_ids())) < num_nodes:
-        if time.monotonic() > deadline:
-            raise UnlearnError(
-                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s; pass num-clients equal "
-                "to num-supernodes"
-            )
-        time.sleep(0.1)
-    return ids
-
-
-def error_reason(reply: Message) -> str:
-    """A one-line description of an error reply."""
-    return f"node {reply.metadata.src_node_id}: {reply.error.reason}"
-
-
-class NodeDirectory:
-    """Which node holds which partition, learned with ``query.info`` (node ids are random per run).
-
-    Attributes
-    ----------
-    partition : dict[int, int]
-        Node id -> partition id.
-    info : dict[int, dict]
-        Partition id -> ``{"num-examples": int, "histogram": {class: count}}``.
-    """
-
-    def __init__(self, num_nodes: int = 0, *, timeout: float = 120.0) -> None:
-        self.num_nodes, self.timeout = num_nodes, timeout
-        self.partition: dict[int, int] = {}
-        self.info: dict[int, dict[str, Any]] = {}
-
-    def refresh(self, grid: Grid) -> None:
-        """Wait for the expected nodes, then ask every node not seen yet for its partition (one round trip)."""
-        ids = wait_for_nodes(grid, self.num_nodes, self.timeout)
-        self.partition = {n: p for n, p in self.partition.items() if n in set(ids)}
-        new = [n for n in ids if n not in self.partition]
-        if not new:
-            return
-        msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=R.MSG_INFO) for n in new]
-        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
-            if reply.has_error():
-                raise UnlearnError(
-                    f"query.info failed ({error_reason(reply)}); register the unlearning handlers on the ClientApp "
-                    "(strategies.client.register_unlearning_handlers) or add strategies.client.unlearning_mod"
-                )
-            cfg = reply.content.config_records[R.INFO_KEY]
-            pid = int(cfg[R.PARTITION_ID])
-            self.partition[reply.metadata.src_node_id] = pid
-            self.info[pid] = {"num-examples": int(cfg[R.NUM_EXAMPLES]), "histogram": R.histogram_from_config(cfg)}
-        log(INFO, "query.info: %d nodes, partitions %s", len(self.partition), sorted(self.partition.values()))
-
-    def node_of(self, pid: int) -> int:
-        """The node id holding partition ``pid``."""
-        for node, p in self.partition.items():
-            if p == pid:
-                return node
-        raise UnlearnError(f"no connected node holds partition {pid}; known: {sorted(self.partition.values())}")
-
-    def sorted_nodes(self, exclude: Iterable[int] = ()) -> list[int]:
-        """Node ids ordered by partition id, without the partitions in ``exclude``."""
-        skip = set(exclude)
-        return [n for n, p in sorted(self.partition.items(), key=lambda kv: kv[1]) if p not in skip]
-
-
-class _GridView:
-    """What the inner strategy sees: a Grid whose nodes are sorted by partition id (some maybe hidden)."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid, self._node_ids = grid, node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-@contextlib.contextmanager
-def seeded_random(rng: random.Random) -> Iterator[None]:
-    """Run the block with the global ``random`` module drawing from ``rng`` (then restored).
-
-    Flower's ``sample_nodes`` uses the global ``random.sample``; this makes the inner strategy's sampling
-    repeatable without touching anybody else's random stream.
-    """
-    saved = random.getstate()
-    random.setstate(rng.getstate())
-    try:
-        yield
-    finally:
-        rng.setstate(random.getstate())
-        random.setstate(saved)
-
-
-def with_config(msg: Message, extra: Mapping[str, Any], key: str = R.CONFIG_KEY) -> Message:
-    """Give ``msg`` its own copy of its RecordDict with ``extra`` added to its ConfigRecord.
-
-    FedAvg shares one RecordDict between all messages of a round (flower.md §3), so copy before editing.
-    """
-    content = RecordDict(dict(msg.content.items()))
-    configs = content.config_records
-    name = key if key in configs or len(configs) != 1 else next(iter(configs))
-    content[name] = ConfigRecord({**dict(configs.get(name, {})), **extra})
-    msg.content = content
-    return msg
-
-
-def reset_optimiser_state(strategy: Strategy) -> list[str]:
-    """Drop server-optimiser state (FedAdam/FedYogi moments, FedAvgM momentum) after unlearning.
-
-    That state was built from updates that saw the forgotten data (flower.md §3). Wrappers are followed
-    through their ``strategy`` attribute. Returns the attributes reset.
-    """
-    done, seen = [], set()
-    current: Any = strategy
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        for name in OPTIMISER_STATE:
-            if getattr(current, name, None) is not None:
-                setattr(current, name, None)
-                done.append(f"{type(current).__name__}.{name}")
-        current = getattr(current, "strategy", None)
-    return done
-
-
-# ------------------------------------------------------------------------------------------------------
-# The delegating base
-# ------------------------------------------------------------------------------------------------------
-
-
-class _Delegating(Strategy):
-    """Delegates the five methods to ``self.strategy``; seeded, partition-sorted sampling; strips our records."""
-
-    def __init__(self, strategy: Strategy, *, num_nodes: int = 0, seed: int = 0, node_timeout: float = 120.0) -> None:
-        if not isinstance(strategy, Strategy):
-            raise ConfigError(
-                f"expected a flwr.serverapp.strategy.Strategy, got {type(strategy).__name__}; legacy "
-                "flwr.server.strategy strategies cannot drive Message-API clients"
-            )
-        self.strategy = strategy
-        self.nodes = NodeDirectory(num_nodes, timeout=node_timeout)
-        self.seed = seed
-        self._rng = random.Random(seed)
-
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        self.strategy.summary()
-
-    def _excluded_partitions(self) -> set[int]:
-        return set()
-
-    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
-        return {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Sample (seeded, by partition id) through the inner strategy; add our keys to each message."""
-        self.nodes.refresh(grid)
-        view = _GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
-        with seeded_random(self._rng):
-            messages = list(self.strategy.configure_train(server_round, arrays, config, view))
-        extra = self._extra_train_config(server_round)
-        return [with_config(m, extra) for m in messages]
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure the next round of federated evaluation (seeded sampling)."""
-        self.nodes.refresh(grid)
-        view = _GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
-        with seeded_random(self._rng):
-            return list(self.strategy.configure_evaluate(server_round, arrays, config, view))
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Aggregate evaluation metrics (unchanged)."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    @staticmethod
-    def _strip(reply: Message) -> tuple[ArrayRecord | None, ConfigRecord | None]:
-        """Remove our Fisher and lineage records from a train reply; return them."""
-        if reply.has_error():
-            return None, None
-        content = reply.content
-        fisher = content.array_records.get(R.FISHER_KEY)
-        lineage = content.config_records.get(R.LINEAGE_KEY)
-        reply.content = RecordDict({k: v for k, v in content.items() if k not in (R.FISHER_KEY, R.LINEAGE_KEY)})
-        return fisher, lineage
-
-    def _in_partition_order(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies sorted by partition id: aggregation sums in a fixed order, so runs repeat bit for bit."""
-        return sorted(replies, key=lambda r: self.nodes.partition.get(r.metadata.src_node_id, -1))
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Strip our records, then aggregate with the inner strategy (replies in partition order)."""
-        replies = self._in_partition_order(replies)
-        for reply in replies:
-            self._strip(reply)
-        return self.strategy.aggregate_train(server_round, replies)
-
-
-# ------------------------------------------------------------------------------------------------------
-# The unlearning strategy
-# ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -311,7 +87,7 @@ class UnlearnOutcome:
     optimiser_reset: list[str] = field(default_factory=list)
 
 
-class UnlearningStrategy(_Delegating):
+class UnlearningStrategy(DelegatingStrategy):
     """Wrap a strategy: record lineage, checkpoint every model, unlearn on request.
 
     Parameters
@@ -328,21 +104,22 @@ class UnlearningStrategy(_Delegating):
         Seeds node sampling (a private ``random.Random``; clients sorted by partition id).
     num_classes : int | None (default: None)
         Number of classes, to reject requests for unknown classes by id.
-    fisher_layers : str (default: "last")
-        Parameters the Fishers cover (``fl_unlearn.fisher.select_parameters`` spec); sent to clients.
+    fisher_layers : str (default: "all")
+        Parameters the Fishers cover (``fl_unlearn.fisher.select_parameters`` spec); sent to clients. ``last``
+        (the classifier, the paper's choice) did not forget MNIST class 3: 27-94 % held-out accuracy was left.
     fisher_estimator : str (default: "batch")
         ``batch`` or ``per_sample``; the same for retain- and forget-Fishers.
-    mfim_mode : str (default: "max")
+    mfim_mode : str (default: "weighted_mean")
         How several data holders' forget-Fishers merge (``fl_unlearn.mfim.merge_fishers``).
     retain_fisher : str (default: "fresh")
-        ``fresh``: every client also computes the Fisher of its kept data (at most ``retain_samples``) on the
+        ``fresh``: every client also computes the Fisher of its kept data (at most ``fisher_samples``) on the
         model the forget-Fisher is computed on, in the same round trip; the sample-weighted mean is every
         server-held model's retain-Fisher, and clients do the same for the models they hold. ``accumulated``:
         the Fishers clients accumulated while training, corrected for the forgotten share
         (:func:`~strategies.forget.retain_from_whole`); free, but measured to under-select on MNIST (the
         training-time Fisher is much larger than the post-training forget-Fisher).
-    retain_samples : int (default: 1024)
-        Cap per client on a fresh retain-Fisher pass (0: all kept samples).
+    fisher_samples : int (default: 1024)
+        Cap per client on each Fisher pass at unlearning time, forget and retain (0: all samples).
     fiun : FIUnConfig | None (default: None)
         Selection/dampening settings; ``FIUnConfig()`` when ``None``.
     keep_local_weights : bool (default: True)
@@ -368,11 +145,11 @@ class UnlearningStrategy(_Delegating):
         num_nodes: int = 0,
         seed: int = 0,
         num_classes: int | None = None,
-        fisher_layers: str = "last",
+        fisher_layers: str = "all",
         fisher_estimator: str = "batch",
-        mfim_mode: str = "max",
+        mfim_mode: str = "weighted_mean",
         retain_fisher: str = "fresh",
-        retain_samples: int = 1024,
+        fisher_samples: int = 1024,
         fiun: Any = None,
         keep_local_weights: bool = True,
         node_timeout: float = 120.0,
@@ -383,7 +160,7 @@ class UnlearningStrategy(_Delegating):
         self.store, self.graph = store, graph
         self.num_classes = num_classes
         self.fisher_layers, self.fisher_estimator, self.mfim_mode = fisher_layers, fisher_estimator, mfim_mode
-        self.retain_fisher, self.retain_samples = retain_fisher, retain_samples
+        self.retain_fisher, self.fisher_samples = retain_fisher, fisher_samples
         self._round_offset = 0
         self._dtypes: dict[str, torch.dtype] | None = None
         self.fiun = fiun
@@ -528,7 +305,8 @@ class UnlearningStrategy(_Delegating):
             msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_DERIVE))
         new: list[str] = []
-        for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.derive"):
+        replies = checked_replies(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.derive")
+        for reply in self._in_partition_order(replies):
             pid = self.nodes.partition[reply.metadata.src_node_id]
             for key in sorted(k for k in reply.content.config_records if k.startswith(R.NODE_KEY_PREFIX)):
                 cfg = reply.content.config_records[key]
@@ -622,7 +400,7 @@ class UnlearningStrategy(_Delegating):
         forget: dict[int, tuple[Tensors, int]] = {}
         retain: dict[int, tuple[Tensors, int]] = {}
         seconds = []
-        for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "query.fisher"):
+        for reply in checked_replies(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "query.fisher"):
             pid = self.nodes.partition[reply.metadata.src_node_id]
             metrics, records = reply.content.metric_records[R.METRICS_KEY], reply.content.array_records
             seconds.append(float(metrics.get(R.SECONDS, 0.0)))
@@ -639,10 +417,8 @@ class UnlearningStrategy(_Delegating):
         return forget, retain
 
     def _fisher_config(self) -> dict[str, Any]:
-        cfg = {R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator}
-        if self.retain_fisher == "fresh":
-            cfg.update({R.WANT_RETAIN: True, R.RETAIN_SAMPLES: int(self.retain_samples)})
-        return cfg
+        return {R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator,
+                R.FISHER_SAMPLES: int(self.fisher_samples), R.WANT_RETAIN: self.retain_fisher == "fresh"}
 
     def _merged_forget_fishers(
         self, affected: list[str], roots: list[str], holder_fishers: dict[int, tuple[Tensors, int]]
@@ -734,7 +510,7 @@ class UnlearningStrategy(_Delegating):
             msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))
         versions: dict[str, str] = {}
-        for reply in _checked(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.unlearn"):
+        for reply in checked_replies(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.unlearn"):
             for key, cfg in reply.content.config_records.items():
                 if key.startswith(R.NODE_KEY_PREFIX):
                     old = str(cfg[R.PARENT_ID])
@@ -791,69 +567,3 @@ def _as_dict(stats: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(stats):
         return dataclasses.asdict(stats)
     return dict(stats) if isinstance(stats, Mapping) else {"value": stats}
-
-
-def _checked(replies: Iterable[Message], what: str) -> list[Message]:
-    """All replies, or an ``UnlearnError`` listing every error reply."""
-    replies = list(replies)
-    errors = [error_reason(r) for r in replies if r.has_error()]
-    if errors:
-        raise UnlearnError(f"{what} failed on {len(errors)} node(s): " + "; ".join(errors))
-    return replies
-
-
-# ------------------------------------------------------------------------------------------------------
-# The gold standard
-# ------------------------------------------------------------------------------------------------------
-
-
-class RetrainStrategy(_Delegating):
-    """The same federation without the forgotten data: the retrain baseline (gold standard).
-
-    Clients drop the request's classes or samples before training (keys in the train config); a client
-    request leaves the forgotten clients out of sampling. Use a fresh inner strategy, the same initial
-    weights and the same ``seed`` as the original run. Nothing is recorded.
-    """
-
-    def __init__(self, strategy: Strategy, request: UnlearningRequest, *, num_nodes: int = 0, seed: int = 0,
-                 node_timeout: float = 120.0) -> None:
-        super().__init__(strategy, num_nodes=num_nodes, seed=seed, node_timeout=node_timeout)
-        self.request = request
-
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> Retrain baseline without: %s", self.request.describe())
-        super().summary()
-
-    def _excluded_partitions(self) -> set[int]:
-        return set(self.request.clients) if self.request.kind == "client" else set()
-
-    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
-        if self.request.kind == "classes":
-            return {R.EXCLUDE_CLASSES: list(self.request.classes)}
-        return {}
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure as the inner strategy does, telling each client what to leave out."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.request.kind == "samples":
-            for m in messages:
-                pid = self.nodes.partition[m.metadata.dst_node_id]
-                with_config(m, {R.EXCLUDE_SAMPLES: list(self.request.samples.get(pid, ()))})
-        if self.request.kind == "client" and len(messages) == 0:
-            log(WARNING, "retrain: no node left to train after excluding clients %s", list(self.request.clients))
-        return messages
-
-
-def build_evaluate_fn(
-    evaluate: Callable[[Tensors], Mapping[str, float]],
-) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    """Adapt ``weights -> metrics`` to ``Strategy.start``'s ``evaluate_fn(round, arrays)``."""
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        metrics = evaluate(R.record_to_tensors(arrays))
-        return MetricRecord({k: float(v) for k, v in metrics.items() if v == v})  # drop NaN parts
-
-    return evaluate_fn

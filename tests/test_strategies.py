@@ -35,16 +35,12 @@ from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything, train_local
 from strategies import records as R
 from strategies.app import app_model, app_partition, app_test, make_client_app, make_server_app, with_run_config
-from strategies.client import ClientSpec, unlearning_mod
+from strategies.client import ClientSpec
+from strategies.mod import unlearning_mod
 from strategies.config import DEFAULTS, AppConfig
 from strategies.experiment import run_experiment
-from strategies.server import (
-    OPTIMISER_STATE,
-    UnlearningStrategy,
-    reset_optimiser_state,
-    seeded_random,
-    with_config,
-)
+from strategies.server import UnlearningStrategy
+from strategies.strategy_utils import OPTIMISER_STATE, reset_optimiser_state, seeded_random, with_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "simulations" / "cifar100_fedavg"
@@ -207,6 +203,34 @@ def test_client_request_is_served_and_reported(tmp_path):
         assert res["final_global"][part]["forget_acc"] is not None  # measured on client 1, where the data is
 
 
+def test_sample_request_on_a_stored_training(trained, tmp_path):
+    from strategies.app import app_partition as partition_of
+
+    ctx = Context(0, 0, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {**DEFAULTS, **BASE})
+    ids = [int(i) for i in partition_of(ctx)["id"][:20]]
+    forget = tmp_path / "forget.json"
+    forget.write_text(json.dumps({"0": ids}))
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), request_kind="samples",
+                  forget_samples=str(forget), derive="finetune", derive_depth=2)
+    assert res["holders"] == {"0": 20}
+    assert res["roots"] and all("-p0" in r for r in res["roots"])  # only client 0's models trained on them
+    assert res["final_global"]["after"]["forget_acc"] is not None  # measured by client 0 on its 20 samples
+
+
+def test_dp_training_and_derived_chains_unlearn(tmp_path):
+    # Opacus DP-SGD on the clients (per-sample gradients feed the Fisher accumulator), then incremental
+    # derived chains that the clients unlearn themselves.
+    res = run_app(out_dir=str(tmp_path), num_server_rounds=1, dp_noise_multiplier=0.5, dp_max_grad_norm=1.0,
+                  derive="incremental", derive_depth=2, retain_fisher="accumulated")
+    derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
+    assert derived and all(m["version"] and m["after"]["retain_acc"] is not None for m in derived)
+    graph = LineageGraph.load(Path(res["store_dir"]) / "lineage")
+    chain = [n for n in graph.nodes() if n.kind == "derived" and n.owner == "client:0" and n.request_id is None]
+    assert len(chain) == 2 and chain[1].parents == (chain[0].id,) and chain[0].parents == ("global-r1",)
+
+
 # ------------------------------------------------------------------------------------------------------
 # the wrapper around FedAvg, FedProx and FedAdam
 # ------------------------------------------------------------------------------------------------------
@@ -244,7 +268,7 @@ def wrapper_app(make_inner, out: dict, store_dir: Path) -> ServerApp:
 
 
 @pytest.mark.parametrize("make_inner", [
-    lambda: FedAvg(fraction_evaluate=0.0),
+    lambda: FedAvg(),  # federated evaluation on: exercises the clients' evaluate handler
     lambda: FedProx(fraction_evaluate=0.0, proximal_mu=0.5),
     lambda: FedAdam(fraction_evaluate=0.0, eta=0.01, eta_l=0.05),
 ], ids=["fedavg", "fedprox", "fedadam"])
@@ -260,6 +284,8 @@ def test_wrapper_keeps_inner_strategy_working(make_inner, tmp_path):
         assert out["state_after"] == set()
         assert "FedAdam.m_t" in out["outcome"].optimiser_reset
     assert list(out["result"].train_metrics_clientapp) == [1, 2]
+    if type(inner) is FedAvg:
+        assert 0.0 <= out["result"].evaluate_metrics_clientapp[2]["accuracy"] <= 1.0
     assert out["outcome"].affected[-1] == "global-r2" and out["outcome"].versions["global-r2"] in out["graph"]
     assert out["again"].arrays is not None
 

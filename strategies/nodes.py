@@ -1,0 +1,117 @@
+"""Nodes of a run: waiting out the registration race, node id -> partition id, checked replies.
+
+Node ids are random per run (``reference/flower.md`` §3), so the wrapper learns which node holds which
+partition with ``query.info``, and orders nodes by partition id wherever order matters (sampling,
+aggregation), so runs repeat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fl_unlearn.errors import UnlearnError
+from strategies import records as R
+
+
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0) -> list[int]:
+    """Block until ``num_nodes`` nodes are connected; return their ids.
+
+    ``get_node_ids()`` can return 0 nodes right after start (flower.md §3, registration race).
+
+    Raises
+    ------
+    UnlearnError
+        Fewer nodes after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while len(ids := list(grid.get_node_ids())) < num_nodes:
+        if time.monotonic() > deadline:
+            raise UnlearnError(
+                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s; pass num-clients equal "
+                "to num-supernodes"
+            )
+        time.sleep(0.1)
+    return ids
+
+
+def error_reason(reply: Message) -> str:
+    """A one-line description of an error reply."""
+    return f"node {reply.metadata.src_node_id}: {reply.error.reason}"
+
+
+class NodeDirectory:
+    """Which node holds which partition, learned with ``query.info`` (node ids are random per run).
+
+    Attributes
+    ----------
+    partition : dict[int, int]
+        Node id -> partition id.
+    info : dict[int, dict]
+        Partition id -> ``{"num-examples": int, "histogram": {class: count}}``.
+    """
+
+    def __init__(self, num_nodes: int = 0, *, timeout: float = 120.0) -> None:
+        self.num_nodes, self.timeout = num_nodes, timeout
+        self.partition: dict[int, int] = {}
+        self.info: dict[int, dict[str, Any]] = {}
+
+    def refresh(self, grid: Grid) -> None:
+        """Wait for the expected nodes, then ask every node not seen yet for its partition (one round trip)."""
+        ids = wait_for_nodes(grid, self.num_nodes, self.timeout)
+        self.partition = {n: p for n, p in self.partition.items() if n in set(ids)}
+        new = [n for n in ids if n not in self.partition]
+        if not new:
+            return
+        msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=R.MSG_INFO) for n in new]
+        for reply in grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                raise UnlearnError(
+                    f"query.info failed ({error_reason(reply)}); register the unlearning handlers on the ClientApp "
+                    "(strategies.client.register_unlearning_handlers) or add strategies.client.unlearning_mod"
+                )
+            cfg = reply.content.config_records[R.INFO_KEY]
+            pid = int(cfg[R.PARTITION_ID])
+            self.partition[reply.metadata.src_node_id] = pid
+            self.info[pid] = {"num-examples": int(cfg[R.NUM_EXAMPLES]), "histogram": R.histogram_from_config(cfg)}
+        log(INFO, "query.info: %d nodes, partitions %s", len(self.partition), sorted(self.partition.values()))
+
+    def node_of(self, pid: int) -> int:
+        """The node id holding partition ``pid``."""
+        for node, p in self.partition.items():
+            if p == pid:
+                return node
+        raise UnlearnError(f"no connected node holds partition {pid}; known: {sorted(self.partition.values())}")
+
+    def sorted_nodes(self, exclude: Iterable[int] = ()) -> list[int]:
+        """Node ids ordered by partition id, without the partitions in ``exclude``."""
+        skip = set(exclude)
+        return [n for n, p in sorted(self.partition.items(), key=lambda kv: kv[1]) if p not in skip]
+
+
+class GridView:
+    """What the inner strategy sees: a Grid whose nodes are sorted by partition id (some maybe hidden)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def checked_replies(replies: Iterable[Message], what: str) -> list[Message]:
+    """All replies, or an ``UnlearnError`` listing every error reply."""
+    replies = list(replies)
+    errors = [error_reason(r) for r in replies if r.has_error()]
+    if errors:
+        raise UnlearnError(f"{what} failed on {len(errors)} node(s): " + "; ".join(errors))
+    return replies

@@ -1,0 +1,57 @@
+"""The gold standard: the same federation retrained without the forgotten data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_unlearn.requests import UnlearningRequest
+from strategies import records as R
+from strategies.base import DelegatingStrategy
+from strategies.strategy_utils import with_config
+
+
+class RetrainStrategy(DelegatingStrategy):
+    """The same federation without the forgotten data: the retrain baseline (gold standard).
+
+    Clients drop the request's classes or samples before training (keys in the train config); a client
+    request leaves the forgotten clients out of sampling. Use a fresh inner strategy, the same initial
+    weights and the same ``seed`` as the original run. Nothing is recorded.
+    """
+
+    def __init__(self, strategy: Strategy, request: UnlearningRequest, *, num_nodes: int = 0, seed: int = 0,
+                 node_timeout: float = 120.0) -> None:
+        super().__init__(strategy, num_nodes=num_nodes, seed=seed, node_timeout=node_timeout)
+        self.request = request
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Retrain baseline without: %s", self.request.describe())
+        super().summary()
+
+    def _excluded_partitions(self) -> set[int]:
+        return set(self.request.clients) if self.request.kind == "client" else set()
+
+    def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        if self.request.kind == "classes":
+            return {R.EXCLUDE_CLASSES: list(self.request.classes)}
+        return {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure as the inner strategy does, telling each client what to leave out."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.request.kind == "samples":
+            for m in messages:
+                pid = self.nodes.partition[m.metadata.dst_node_id]
+                with_config(m, {R.EXCLUDE_SAMPLES: list(self.request.samples.get(pid, ()))})
+        if self.request.kind == "client" and len(messages) == 0:
+            log(WARNING, "retrain: no node left to train after excluding clients %s", list(self.request.clients))
+        return messages
