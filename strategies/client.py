@@ -172,30 +172,36 @@ def _strip_prefix(fisher: Mapping[str, torch.Tensor], prefix: str = "_module.") 
 
 def train_with_fisher(
     model: nn.Module, ds: Dataset, context: Context, *, seed: int, layers: str, estimator: str = "batch",
-    proximal_mu: float = 0.0, epochs: int | None = None,
-) -> tuple[dict[str, float], Tensors]:
-    """Train ``model`` in place on ``ds``; return the training stats and the Fisher accumulated meanwhile.
+    proximal_mu: float = 0.0, accumulate: bool = True,
+) -> tuple[dict[str, float], Tensors | None]:
+    """Train ``model`` in place on ``ds``; return the training stats and the Fisher accumulated meanwhile
+    (``None`` without ``accumulate``).
 
     With ``dp-noise-multiplier`` and ``dp-max-grad-norm`` > 0 the model trains with Opacus DP-SGD and the
     accumulator reads Opacus' per-sample gradients; otherwise it squares each batch gradient.
     """
     seed_everything(seed)
     loader = make_loader(ds, setting(context, "batch-size"), shuffle=True, seed=seed)
-    epochs = setting(context, "local-epochs") if epochs is None else epochs
+    epochs = setting(context, "local-epochs")
     if setting(context, "dp-noise-multiplier") > 0 and setting(context, "dp-max-grad-norm") > 0:
-        return _train_dp(model, loader, context, layers=layers, epochs=epochs)
-    with FisherAccumulator(model, select_parameters(model, layers), estimator="batch") as acc:
+        return _train_dp(model, loader, context, layers=layers if accumulate else None, epochs=epochs)
+    acc = FisherAccumulator(model, select_parameters(model, layers)) if accumulate else None
+    try:
         stats = train_local(model, loader, epochs=epochs, lr=setting(context, "lr"),
                             momentum=setting(context, "momentum"), proximal_mu=proximal_mu)
-        fisher = dict(acc.result())
-    if estimator != "batch":  # the accumulator's per-sample mode needs Opacus: a post-hoc pass instead
+        fisher = dict(acc.result()) if acc is not None else None
+    finally:
+        if acc is not None:
+            acc.close()
+    if accumulate and estimator != "batch":  # the accumulator's per-sample mode needs Opacus: a pass instead
         fisher = dict(compute_fisher(model, make_loader(ds, setting(context, "batch-size")),
                                      select_parameters(model, layers), estimator=estimator))
     return stats, fisher
 
 
-def _train_dp(model: nn.Module, loader: Any, context: Context, *, layers: str, epochs: int) -> tuple[dict, Tensors]:
-    """DP-SGD with Opacus; the Fisher comes from the per-sample gradients Opacus computes anyway."""
+def _train_dp(model: nn.Module, loader: Any, context: Context, *, layers: str | None,
+              epochs: int) -> tuple[dict, Tensors | None]:
+    """DP-SGD with Opacus; the Fisher (when ``layers``) comes from the per-sample gradients Opacus computes."""
     from opacus import PrivacyEngine
 
     model.train()
@@ -205,9 +211,9 @@ def _train_dp(model: nn.Module, loader: Any, context: Context, *, layers: str, e
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=setting(context, "dp-noise-multiplier"), max_grad_norm=setting(context, "dp-max-grad-norm"),
     )
-    names = select_parameters(dp_model, layers)
+    acc = FisherAccumulator(dp_model, select_parameters(dp_model, layers), estimator="per_sample") if layers else None
     loss_sum, seen = 0.0, 0
-    with FisherAccumulator(dp_model, names, estimator="per_sample") as acc:
+    try:
         for _ in range(epochs):
             for x, y in dp_loader:
                 if len(y) == 0:
@@ -217,10 +223,14 @@ def _train_dp(model: nn.Module, loader: Any, context: Context, *, layers: str, e
                 loss.backward()
                 dp_opt.step()
                 loss_sum, seen = loss_sum + float(loss) * len(y), seen + len(y)
-        fisher = _strip_prefix(acc.result())
-    eps = engine.get_epsilon(delta=1e-5)
-    dp_model.remove_hooks() if hasattr(dp_model, "remove_hooks") else None
-    return {"loss": loss_sum / max(seen, 1), "num_examples": len(loader.dataset), "dp_epsilon": eps}, fisher
+        fisher = _strip_prefix(acc.result()) if acc is not None else None
+    finally:
+        if acc is not None:
+            acc.close()
+        dp_model.remove_hooks()
+    stats = {"loss": loss_sum / max(seen, 1), "num_examples": len(loader.dataset),
+             "dp_epsilon": engine.get_epsilon(delta=1e-5)}
+    return stats, fisher
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -236,7 +246,8 @@ def handle_info(spec: ClientSpec, msg: Message, context: Context) -> Message:
 
 
 def handle_train(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``train``: FedAvg's reply plus the accumulated Fisher and a lineage record.
+    """``train``: FedAvg's reply plus a lineage record, and the Fisher accumulated while training (unless the
+    server sends ``accumulate-fisher=False``: it computes fresh Fishers when unlearning).
 
     Honours ``proximal-mu`` (FedProx) and the retrain baseline's ``exclude-classes`` / ``exclude-samples``.
     """
@@ -254,15 +265,14 @@ def handle_train(spec: ClientSpec, msg: Message, context: Context) -> Message:
         model, ds, context, seed=_seed(context, pid, int(config.get("server-round", 0))),
         layers=str(config.get(R.FISHER_LAYERS, setting(context, "fisher-layers"))),
         estimator=str(config.get(R.FISHER_ESTIMATOR, setting(context, "fisher-estimator"))),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), accumulate=bool(config.get(R.ACCUMULATE, True)),
     )
     metrics = {R.NUM_EXAMPLES: len(ds), "train-loss": float(stats["loss"])}
-    return Message(RecordDict({
-        R.ARRAYS_KEY: R.tensors_to_record(_state(model)),
-        R.METRICS_KEY: MetricRecord(metrics),
-        R.FISHER_KEY: R.tensors_to_record(fisher),
-        R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, pid)),
-    }), reply_to=msg)
+    content = {R.ARRAYS_KEY: R.tensors_to_record(_state(model)), R.METRICS_KEY: MetricRecord(metrics),
+               R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, pid))}
+    if fisher is not None:
+        content[R.FISHER_KEY] = R.tensors_to_record(fisher)
+    return Message(RecordDict(content), reply_to=msg)
 
 
 def capped(ds: Dataset, cap: int, seed: int) -> Dataset:
@@ -355,11 +365,12 @@ def handle_derive(spec: ClientSpec, msg: Message, context: Context) -> Message:
             keep = set(select_parameters(model, "last"))
             for name, p in model.named_parameters():
                 p.requires_grad_(name in keep)
-        _, fisher = train_with_fisher(model, ds, context, seed=_seed(context, pid, 10_000 + step), layers=layers)
+        _, fisher = train_with_fisher(model, ds, context, seed=_seed(context, pid, 10_000 + step), layers=layers,
+                                      accumulate=bool(config.get(R.ACCUMULATE, True)))
         lineage = lineage_config(ds, pid)
         weights = store.put(_state(model), {"node": node_id, "kind": "derived"})
-        index[node_id] = {"weights": weights, "retain-fisher": store.put(fisher, {"node": node_id}),
-                          "parent": parent, "lineage": lineage}
+        index[node_id] = {"weights": weights, "parent": parent, "lineage": lineage,
+                          "retain-fisher": store.put(fisher, {"node": node_id}) if fisher is not None else None}
         out[f"{R.NODE_KEY_PREFIX}{step}"] = ConfigRecord(
             {R.NODE_ID: node_id, R.PARENT_ID: parent, R.WEIGHTS_DIGEST: weights, **lineage})
         parent = node_id
@@ -399,6 +410,9 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
         retain = [fisher_of(load_model(spec, context, w), retain_ds, context, config, seed=_seed(context, -1))
                   for w in weights]
     else:  # the Fisher accumulated while deriving, corrected for the forgotten share of its data
+        missing = [i for i in ids if not index[i].get("retain-fisher")]
+        if missing:
+            raise UnlearnError(f"models {missing} were derived without accumulating a Fisher; use retain-fisher=fresh")
         retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
                                     _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
     cfg = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
@@ -501,7 +515,9 @@ def with_fisher(spec: ClientSpec, *, layers: str = "last") -> Callable[[Handler]
             reply = train_fn(msg, context)
             if reply.has_error():
                 return reply
-            return attach_fisher(spec, reply, context, layers=str(R.first_config(msg).get(R.FISHER_LAYERS, layers)))
+            config = R.first_config(msg)
+            return attach_fisher(spec, reply, context, layers=str(config.get(R.FISHER_LAYERS, layers)),
+                                 fisher=bool(config.get(R.ACCUMULATE, True)))
 
         return train
 
@@ -509,11 +525,14 @@ def with_fisher(spec: ClientSpec, *, layers: str = "last") -> Callable[[Handler]
 
 
 def attach_fisher(spec: ClientSpec, reply: Message, context: Context, *, layers: str = "last",
-                  weights: Tensors | None = None) -> Message:
-    """Add the Fisher (post-hoc, on the reply's weights) and the lineage record to a train reply."""
+                  weights: Tensors | None = None, fisher: bool = True) -> Message:
+    """Add the lineage record, and with ``fisher`` the Fisher (post-hoc, on the reply's weights), to a train
+    reply."""
     ds = spec.data_fn(context)
-    model = load_model(spec, context, weights if weights is not None else R.record_to_tensors(only_arrays(reply)))
-    fisher = compute_fisher(model, make_loader(ds, setting(context, "batch-size")), select_parameters(model, layers))
-    reply.content = RecordDict({**dict(reply.content.items()), R.FISHER_KEY: R.tensors_to_record(fisher),
-                                R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, partition_id(context)))})
+    extra: dict[str, Any] = {R.LINEAGE_KEY: ConfigRecord(lineage_config(ds, partition_id(context)))}
+    if fisher:
+        model = load_model(spec, context, weights if weights is not None else R.record_to_tensors(only_arrays(reply)))
+        loader = make_loader(ds, setting(context, "batch-size"))
+        extra[R.FISHER_KEY] = R.tensors_to_record(compute_fisher(model, loader, select_parameters(model, layers)))
+    reply.content = RecordDict({**dict(reply.content.items()), **extra})
     return reply

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "forget-clients": "0",
     "forget-samples": "",
     "fiun-alpha": 1.0,
+    "calibration-samples": 500,
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
     "fisher-estimator": "batch",
@@ -116,7 +117,8 @@ class AppConfig:
     forget_classes: tuple[int, ...]
     forget_clients: tuple[int, ...]
     forget_samples: str
-    fiun_alpha: float
+    fiun_alpha: float | str
+    calibration_samples: int
     fiun_lambda: float
     fisher_layers: str
     fisher_estimator: str
@@ -156,6 +158,11 @@ class AppConfig:
         for key in ("num_clients", "num_server_rounds", "local_epochs", "batch_size", "derive_depth"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.fiun_alpha == "auto" and self.request_kind != "classes":
+            raise ConfigError(
+                "fiun-alpha='auto' calibrates on held-out samples of the forgotten classes, which the server holds "
+                "only for request-kind=classes; give a number for client and sample requests"
+            )
         for key in ("out_dir", "store_dir", "forget_samples", "dataset_cache_dir"):
             value = getattr(self, key)
             if value and not os.path.isabs(value):
@@ -213,6 +220,8 @@ def _default_run_dir() -> Path:
 
 def _coerce(default: Any, value: Any, key: str) -> Any:
     """Coerce ``value`` to the type of ``default`` (TOML gives ints for floats like ``lr=1``)."""
+    if key == "fiun-alpha" and str(value).strip().lower() == "auto":
+        return "auto"
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

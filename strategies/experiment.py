@@ -13,14 +13,16 @@ from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 import torch
+from datasets import Dataset
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from torch import nn
 
-from fl_unlearn.data import FederatedData, load_with_fallback
+from fl_unlearn.data import FederatedData, load_with_fallback, make_loader
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.evaluate import forget_retain_accuracy
 from fl_unlearn.fiun import FIUnConfig
@@ -35,7 +37,7 @@ from strategies.forget import request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies
 from strategies.retrain import RetrainStrategy
-from strategies.server import UnlearningStrategy, UnlearnOutcome
+from strategies.server import Calibration, UnlearningStrategy, UnlearnOutcome
 
 Tensors = dict[str, torch.Tensor]
 #: Run-config keys that must match between a training run and a later ``mode=unlearn`` run on its store.
@@ -71,15 +73,35 @@ def build_request(cfg: AppConfig) -> UnlearningRequest:
     return UnlearningRequest(request.kind, request.classes, request.clients, request.samples, id=rid, created=0.0)
 
 
+def split_test(cfg: AppConfig, test: Dataset) -> tuple[Dataset, Dataset | None]:
+    """``(evaluation, calibration)`` rows of the test split; calibration only for ``fiun-alpha='auto'``.
+
+    The calibration rows choose alpha and are never used to report, so reported accuracy stays held-out.
+    """
+    if cfg.fiun_alpha != "auto" or cfg.calibration_samples <= 0:
+        return test, None
+    n = min(cfg.calibration_samples, len(test) // 2)
+    order = np.random.default_rng(cfg.seed).permutation(len(test))
+    return test.select(np.sort(order[n:])), test.select(np.sort(order[:n]))
+
+
+def calibration_of(cfg: AppConfig, rows: Dataset, new_model: Callable[[], nn.Module]) -> Calibration:
+    """Calibration tensors (forget classes / the rest) from the calibration rows."""
+    loader = make_loader(rows, len(rows))
+    x, y = next(iter(loader))
+    is_forget = torch.isin(y, torch.tensor(cfg.forget_classes))
+    return Calibration(new_model(), (x[is_forget], y[is_forget]), (x[~is_forget], y[~is_forget]))
+
+
 class Evaluator:
     """Held-out evaluation of server-side models: forget / retain accuracy on the test split.
 
     For client and sample requests the forget accuracy is measured by the clients holding that data.
     """
 
-    def __init__(self, new_model: Callable[[], nn.Module], data: FederatedData, request: UnlearningRequest | None,
+    def __init__(self, new_model: Callable[[], nn.Module], test: Dataset, request: UnlearningRequest | None,
                  grid: Grid | None = None, strategy: UnlearningStrategy | None = None) -> None:
-        self.new_model, self.test, self.request = new_model, data.test, request
+        self.new_model, self.test, self.request = new_model, test, request
         self.grid, self.strategy = grid, strategy
 
     def _model(self, weights: Tensors) -> nn.Module:
@@ -157,10 +179,12 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     model_name, new_model = _model_factory(cfg, data)
     store = Store(store_dir)
     graph = LineageGraph.open(store_dir / "lineage")
+    test, calibration_rows = split_test(cfg, data.test)
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
         fisher_layers=cfg.fisher_layers, fisher_estimator=cfg.fisher_estimator, mfim_mode=cfg.mfim_mode,
         retain_fisher=cfg.retain_fisher, fisher_samples=cfg.fisher_samples, fiun=_fiun_config(cfg),
+        calibration=calibration_of(cfg, calibration_rows, new_model) if calibration_rows is not None else None,
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
                                "strategy": cfg.strategy, "config": cfg.to_run_config(), "warnings": warnings,
@@ -184,7 +208,9 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     final_before = graph.node(strategy.current)
     outcome = strategy.unlearn(grid, request)
     results["timing"].update(outcome.timing)
-    evaluator = Evaluator(new_model, data, request, grid, strategy)
+    if outcome.alphas:
+        results["alpha_auto"] = {"calibration_rows": len(calibration_rows), "alphas": outcome.alphas}
+    evaluator = Evaluator(new_model, test, request, grid, strategy)
     results.update(_describe(outcome, graph, store, evaluator, final_before.id))
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
@@ -198,7 +224,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
 
 def _fiun_config(cfg: AppConfig) -> FIUnConfig:
-    return FIUnConfig(alpha=cfg.fiun_alpha, lam=cfg.fiun_lambda)
+    alpha = 1.0 if cfg.fiun_alpha == "auto" else float(cfg.fiun_alpha)  # auto: chosen per model later
+    return FIUnConfig(alpha=alpha, lam=cfg.fiun_lambda)
 
 
 def _train(grid: Grid, cfg: AppConfig, strategy: UnlearningStrategy, new_model: Callable[[], nn.Module],

@@ -60,9 +60,12 @@ def unlearning_mod(spec: ClientSpec) -> Callable[[Message, Context, Handler], Me
 
 def _legacy_round_trip(spec: ClientSpec, msg: Message, context: Context, call_next: Handler) -> Message:
     arrays = only_arrays(msg)
-    names = list(arrays.keys())
+    # Legacy parameters are a list in the model's state_dict order (the NumPyClient convention); records
+    # read back from the store are ordered by name, so reorder by the model's keys.
+    model_keys = list(spec.model_fn(context).state_dict())
+    names = model_keys if set(model_keys) == set(arrays.keys()) else list(arrays.keys())
     config = {k: v for k, v in R.first_config(msg).items() if not isinstance(v, list)}
-    params = ndarrays_to_parameters(arrays.to_numpy_ndarrays())
+    params = ndarrays_to_parameters([arrays[n].numpy() for n in names])
     is_train = msg.metadata.message_type == "train"
     legacy = fitins_to_recorddict(FitIns(params, config), True) if is_train else evaluateins_to_recorddict(
         EvaluateIns(params, config), True)
@@ -89,5 +92,6 @@ def _legacy_round_trip(spec: ClientSpec, msg: Message, context: Context, call_ne
                **{k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}}
     reply = Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.METRICS_KEY: MetricRecord(metrics)}),
                     reply_to=msg)
-    return attach_fisher(spec, reply, context, layers=str(R.first_config(msg).get(R.FISHER_LAYERS, "last")),
-                         weights=weights)
+    config = R.first_config(msg)
+    return attach_fisher(spec, reply, context, layers=str(config.get(R.FISHER_LAYERS, "last")), weights=weights,
+                         fisher=bool(config.get(R.ACCUMULATE, True)))

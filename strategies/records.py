@@ -61,6 +61,7 @@ FORGET_ALL = "forget-all"  # the whole partition is to be forgotten (client requ
 EXCLUDE_CLASSES = "exclude-classes"  # retrain baseline: drop these classes before training
 EXCLUDE_SAMPLES = "exclude-samples"  # retrain baseline: drop these sample ids before training
 WANT_RETAIN = "want-retain"  # also send the retain-Fisher (retain-fisher=fresh)
+ACCUMULATE = "accumulate-fisher"  # train / derive: accumulate and send the Fisher (retain-fisher=accumulated)
 FISHER_SAMPLES = "fisher-samples"  # cap on the samples of each Fisher pass (0: all)
 SECONDS = "seconds"
 FIUN_ALPHA = "fiun-alpha"

@@ -23,6 +23,7 @@ The delegation itself lives in :class:`~strategies.base.DelegatingStrategy`; the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,26 @@ from strategies.nodes import checked_replies
 from strategies.strategy_utils import reset_optimiser_state
 
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Held-out calibration data for ``alpha="auto"`` (``fl_unlearn.calibrate``), kept by the server.
+
+    Attributes
+    ----------
+    model : nn.Module
+        Any instance of the architecture (candidates run through it with ``functional_call``).
+    forget, retain : tuple[Tensor, Tensor]
+        ``(x, y)`` of held-out samples of the forgotten classes and of the kept classes.
+    target : float (default: 0.0)
+        Highest accepted accuracy on ``forget``.
+    """
+
+    model: torch.nn.Module
+    forget: tuple[torch.Tensor, torch.Tensor]
+    retain: tuple[torch.Tensor, torch.Tensor]
+    target: float = 0.0
 
 
 @dataclass
@@ -85,6 +106,7 @@ class UnlearnOutcome:
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     optimiser_reset: list[str] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=list)
 
 
 class UnlearningStrategy(DelegatingStrategy):
@@ -122,6 +144,10 @@ class UnlearningStrategy(DelegatingStrategy):
         Cap per client on each Fisher pass at unlearning time, forget and retain (0: all samples).
     fiun : FIUnConfig | None (default: None)
         Selection/dampening settings; ``FIUnConfig()`` when ``None``.
+    calibration : Calibration | None (default: None)
+        Choose alpha per affected model on these held-out samples (``fl_unlearn.calibrate.calibrate_alpha``:
+        the mildest alpha that meets the forget target); ``fiun.alpha`` is then ignored. Client-held models
+        use the alpha chosen for the newest affected global model.
     keep_local_weights : bool (default: True)
         Store every client update, so local models can be unlearned too (costs a model per client and round).
     node_timeout : float (default: 120.0)
@@ -150,7 +176,8 @@ class UnlearningStrategy(DelegatingStrategy):
         mfim_mode: str = "weighted_mean",
         retain_fisher: str = "fresh",
         fisher_samples: int = 1024,
-        fiun: Any = None,
+        fiun: FIUnConfig | None = None,
+        calibration: Calibration | None = None,
         keep_local_weights: bool = True,
         node_timeout: float = 120.0,
     ) -> None:
@@ -164,6 +191,7 @@ class UnlearningStrategy(DelegatingStrategy):
         self._round_offset = 0
         self._dtypes: dict[str, torch.dtype] | None = None
         self.fiun = fiun
+        self.calibration = calibration
         self.keep_local_weights = keep_local_weights
         self.current: str | None = self._newest_global()
 
@@ -187,7 +215,7 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _extra_train_config(self, server_round: int) -> dict[str, Any]:
         return {R.PARENT_ID: self.current or "", R.FISHER_LAYERS: self.fisher_layers,
-                R.FISHER_ESTIMATOR: self.fisher_estimator}
+                R.FISHER_ESTIMATOR: self.fisher_estimator, R.ACCUMULATE: self.retain_fisher == "accumulated"}
 
     def _lineage_round(self, server_round: int) -> int:
         """The round as the lineage counts it: ``start()`` numbers rounds from 1 each time it is called, so a
@@ -301,7 +329,7 @@ class UnlearningStrategy(DelegatingStrategy):
             ids = [f"derived-{kind}-p{pid}-{base.id}-{d}" for d in range(1, depth + 1)]
             cfg = ConfigRecord({R.KIND: kind, R.DEPTH: depth, R.PARENT_ID: base.id, R.MODEL_IDS: ids,
                                 R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator,
-                                R.STORE_DIR: str(self.store.root)})
+                                R.ACCUMULATE: self.retain_fisher == "accumulated", R.STORE_DIR: str(self.store.root)})
             msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_DERIVE))
         new: list[str] = []
@@ -481,13 +509,34 @@ class UnlearningStrategy(DelegatingStrategy):
             retain = [retain_from_whole(self.store.get(n.retain_fisher), forget_of[n.id],
                                         self._forget_fraction(n, request)) for n in nodes]
         weights = [self.store.get(n.weights) for n in nodes]
-        new_weights, stats = unlearn_many(weights, retain, [forget_of[n.id] for n in nodes], self.fiun or FIUnConfig())
+        forgets = [forget_of[n.id] for n in nodes]
+        cfg = self.fiun or FIUnConfig()
+        if self.calibration is None:
+            new_weights, stats = unlearn_many(weights, retain, forgets, cfg)
+        else:
+            new_weights, stats = self._calibrated(weights, retain, forgets, cfg, outcome)
         outcome.server_models = ids
         versions = {}
         for node, w, s in zip(nodes, new_weights, stats):
             versions[node.id] = self.store.put(w, {"kind": node.kind, "unlearned-from": node.id, "request": request.id})
             outcome.stats[node.id] = _as_dict(s)
         return versions
+
+    def _calibrated(self, weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
+                    outcome: UnlearnOutcome) -> tuple[list[Tensors], list[Any]]:
+        """``alpha="auto"``: per model, the mildest alpha meeting the forget target on the calibration split."""
+        from fl_unlearn.calibrate import accuracy_scorer, calibrate_alpha
+
+        cal = self.calibration
+        n = len(weights)
+        score = accuracy_scorer(cal.model, [cal.forget] * n, [cal.retain] * n)
+        result = calibrate_alpha(weights, retain, forgets, score, base=cfg, forget_target=cal.target)
+        outcome.alphas = list(result.alphas)
+        outcome.timing["calibrate_s"] = result.seconds
+        log(INFO, "unlearn: alpha=auto chose %s (target met on %d of %d models)",
+            sorted(set(result.alphas)), sum(result.target_met), n)
+        return result.weights, [{**_as_dict(st), "alpha": a, "target_met": ok}
+                                for st, a, ok in zip(result.stats, result.alphas, result.target_met)]
 
     def _unlearn_client_models(
         self, grid: Grid, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
@@ -506,7 +555,7 @@ class UnlearningStrategy(DelegatingStrategy):
             forget = forget_of[ids[-1]]  # the newest of a client's models inherits from every relevant root
             cfg = ConfigRecord({R.MODEL_IDS: ids, R.NODE_ID: [version_id(i, request) for i in ids],
                                 R.STORE_DIR: str(self.store.root), **self._fisher_config(),
-                                **fiun_config(self.fiun), **request_config(request, pid)})
+                                **fiun_config(self._client_fiun(outcome)), **request_config(request, pid)})
             msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))
         versions: dict[str, str] = {}
@@ -518,6 +567,15 @@ class UnlearningStrategy(DelegatingStrategy):
                     outcome.client_results[old] = {k: cfg[k] for k in cfg}
         log(INFO, "unlearn: %d client-held models unlearned on %d clients", len(versions), len(by_client))
         return versions
+
+    def _client_fiun(self, outcome: UnlearnOutcome) -> FIUnConfig:
+        """FIUn settings for client-held models: with alpha=auto, the alpha of the newest affected global."""
+        cfg = self.fiun or FIUnConfig()
+        if not outcome.alphas:
+            return cfg
+        newest = self._newest_affected_global(outcome.affected).id
+        alpha = outcome.stats.get(newest, {}).get("alpha", outcome.alphas[-1])
+        return dataclasses.replace(cfg, alpha=float(alpha))
 
     def _record_versions(self, request: UnlearningRequest, digests: dict[str, str], outcome: UnlearnOutcome) -> None:
         """Record every unlearned model as a new node (the lineage is append-only)."""

@@ -203,6 +203,18 @@ def test_client_request_is_served_and_reported(tmp_path):
         assert res["final_global"][part]["forget_acc"] is not None  # measured on client 1, where the data is
 
 
+def test_alpha_auto_calibrates_on_a_held_out_split(trained, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), fiun_alpha="auto",
+                  calibration_samples=100, derive="finetune", derive_depth=2)
+    auto = res["alpha_auto"]
+    assert auto["calibration_rows"] == 100 and len(auto["alphas"]) == len(
+        [m for m in res["affected_models"] if m["kind"] != "derived"])
+    server_models = [m for m in res["affected_models"] if m["kind"] != "derived"]
+    assert all("alpha" in m["dampening"] for m in server_models)
+
+
 def test_sample_request_on_a_stored_training(trained, tmp_path):
     from strategies.app import app_partition as partition_of
 
@@ -236,7 +248,7 @@ def test_dp_training_and_derived_chains_unlearn(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 
 
-def wrapper_app(make_inner, out: dict, store_dir: Path) -> ServerApp:
+def wrapper_app(make_inner, out: dict, store_dir: Path, **wrapper_options) -> ServerApp:
     app = ServerApp()
 
     @app.main()
@@ -244,7 +256,7 @@ def wrapper_app(make_inner, out: dict, store_dir: Path) -> ServerApp:
         seed_everything(7)
         model = app_model(Context(0, 0, {}, RecordDict(), {**DEFAULTS, **BASE}))
         wrapper = UnlearningStrategy(make_inner(), Store(store_dir), LineageGraph(), num_nodes=2, seed=7,
-                                     num_classes=10, fisher_layers="all", mfim_mode="weighted_mean")
+                                     num_classes=10, **wrapper_options)
         sent = []
         configure = wrapper.configure_train
 
@@ -328,7 +340,8 @@ def test_legacy_numpyclient_app_with_mod(tmp_path):
     spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
     client_app = ClientApp(client_fn=legacy_client_fn, mods=[with_run_config(BASE), unlearning_mod(spec)])
     out: dict = {}
-    simulate(wrapper_app(lambda: FedAvg(fraction_evaluate=0.0), out, tmp_path / "store"), client_app)
+    simulate(wrapper_app(lambda: FedAvg(fraction_evaluate=0.0), out, tmp_path / "store", retain_fisher="accumulated"),
+             client_app)
     assert out["result"].train_metrics_clientapp[1]["legacy"] == 1.0  # trained by the legacy fit
     graph = out["graph"]
     assert graph.node("global-r2").retain_fisher is not None  # the mod attached a Fisher to each update
@@ -381,6 +394,9 @@ def test_app_config_refuses_relative_paths_and_unknown_keys():
     with pytest.raises(ConfigError, match="unknown run-config keys"):
         AppConfig.from_run_config({"num-clientz": 3})
     assert AppConfig.from_run_config({"forget-classes": "3, 7"}).forget_classes == (3, 7)
+    assert AppConfig.from_run_config({"fiun-alpha": "auto"}).fiun_alpha == "auto"
+    with pytest.raises(ConfigError, match="request-kind=classes"):
+        AppConfig.from_run_config({"fiun-alpha": "auto", "request-kind": "client"})
 
 
 def test_records_round_trip():
