@@ -296,10 +296,14 @@ class InheritedNetwork:
 
         Held-out data stays for the final evaluation.
         """
+        by_roots: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
         forget_sets, retain_sets = [], []
         for name in affected:
-            forget_ds = concatenate_datasets([samples_of_classes(self.node_data(r), forget) for r in sources[name]])
-            forget_sets.append(_head_tensors(forget_ds, forget_size, self.settings.seed))
+            roots = tuple(sources[name])
+            if roots not in by_roots:  # models downstream of the same roots share one forget sample
+                forget_ds = concatenate_datasets([samples_of_classes(self.node_data(r), forget) for r in roots])
+                by_roots[roots] = _head_tensors(forget_ds, forget_size, self.settings.seed)
+            forget_sets.append(by_roots[roots])
             retain_sets.append(_head_tensors(self.node_data(name, forget), retain_size, self.settings.seed))
         return accuracy_scorer(self.new_model(), forget_sets, retain_sets)
 
