@@ -277,7 +277,8 @@ class UnlearningStrategy(DelegatingStrategy):
             if fisher_t is not None:
                 fishers.append(fisher_t)
                 counts.append(n)
-        retain = _weighted_mean(fishers, counts) if fishers and len(fishers) == len(locals_) else None
+        complete = fishers and len(fishers) == len(locals_)
+        retain = merge_fishers(fishers, num_samples=counts, mode="weighted_mean") if complete else None
         digest = self.store.put(self._model_tensors(arrays), {"kind": "global", "round": server_round})
         self.graph.add_node(
             f"global-r{server_round}", "global", round=server_round, parents=tuple(locals_), weights=digest,
@@ -612,11 +613,6 @@ def fiun_config(cfg: Any) -> dict[str, Any]:
     import dataclasses
 
     return {f"fiun-{k}": v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, bool))}
-
-
-def _weighted_mean(tensors: list[Tensors], weights: list[int]) -> Tensors:
-    total = float(sum(weights)) or 1.0
-    return {k: sum(t[k] * (w / total) for t, w in zip(tensors, weights)) for k in tensors[0]}
 
 
 def _as_dict(stats: Any) -> dict[str, Any]:
