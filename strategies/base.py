@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -57,14 +57,18 @@ class DelegatingStrategy(Strategy):
     def _extra_train_config(self, server_round: int) -> dict[str, Any]:
         return {}
 
+    def _sampled(self, grid: Grid, configure: Callable[[GridView], Iterable[Message]]) -> list[Message]:
+        """Run an inner ``configure_*`` on nodes sorted by partition id, with our seeded generator."""
+        self.nodes.refresh(grid)
+        view = GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
+        with seeded_random(self._rng):
+            return list(configure(view))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample (seeded, by partition id) through the inner strategy; add our keys to each message."""
-        self.nodes.refresh(grid)
-        view = GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
-        with seeded_random(self._rng):
-            messages = list(self.strategy.configure_train(server_round, arrays, config, view))
+        messages = self._sampled(grid, lambda view: self.strategy.configure_train(server_round, arrays, config, view))
         extra = self._extra_train_config(server_round)
         return [with_config(m, extra) for m in messages]
 
@@ -72,10 +76,7 @@ class DelegatingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Configure the next round of federated evaluation (seeded sampling)."""
-        self.nodes.refresh(grid)
-        view = GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
-        with seeded_random(self._rng):
-            return list(self.strategy.configure_evaluate(server_round, arrays, config, view))
+        return self._sampled(grid, lambda view: self.strategy.configure_evaluate(server_round, arrays, config, view))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate evaluation metrics (unchanged)."""
