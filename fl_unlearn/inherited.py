@@ -310,7 +310,8 @@ class InheritedNetwork:
     def _roots_of(self, name: str, roots: Sequence[str]) -> list[str]:
         # A model gets the merge over the roots that are itself or its ancestors (fiun.md §4: the
         # reference code missed roots that descend from other roots).
-        return [r for r in roots if r == name or name in self.graph.descendants(r)]
+        lineage = set(self.graph.ancestors(name)) | {name}
+        return [r for r in roots if r in lineage]
 
     def retrain(self, names: Sequence[str], forget_classes: Sequence[int]) -> tuple[dict[str, Weights], float]:
         """Retrain ``names`` in DAG order without ``forget_classes``; other parents keep their weights."""

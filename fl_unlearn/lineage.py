@@ -398,6 +398,11 @@ class LineageGraph:
         self.node(node_id)
         return self._by_seq(nx.descendants(self._g, node_id))
 
+    def ancestors(self, node_id: str) -> list[str]:
+        """Every node ``node_id`` is reachable from (excluding it), chronologically."""
+        self.node(node_id)
+        return self._by_seq(nx.ancestors(self._g, node_id))
+
     def with_descendants(self, node_ids: Iterable[str]) -> list[str]:
         """``node_ids`` and all their descendants, chronologically (each node once)."""
         out: set[str] = set()

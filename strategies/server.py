@@ -461,7 +461,7 @@ class UnlearningStrategy(DelegatingStrategy):
         cache: dict[tuple[int, ...], Tensors] = {}
         out: dict[str, Tensors] = {}
         for node_id in affected:
-            lineage = set(self._ancestors(node_id)) | {node_id}
+            lineage = set(self.graph.ancestors(node_id)) | {node_id}
             key = tuple(sorted({c for r, c in root_clients.items() if r in lineage and c in holder_fishers}))
             if not key:  # roots of holders that reported no forget sample now: use every holder
                 key = tuple(sorted(holder_fishers))
@@ -471,15 +471,6 @@ class UnlearningStrategy(DelegatingStrategy):
                 cache[key] = merge_fishers(fishers, num_samples=counts, mode=self.mfim_mode)
             out[node_id] = cache[key]
         return out
-
-    def _ancestors(self, node_id: str) -> list[str]:
-        seen, stack = set(), list(self.graph.parents(node_id))
-        while stack:
-            p = stack.pop()
-            if p not in seen:
-                seen.add(p)
-                stack.extend(self.graph.parents(p))
-        return list(seen)
 
     def _forget_fraction(self, node: ModelNode, request: UnlearningRequest) -> float:
         """Share of a model's direct training data that the request forgets (0 for aggregates)."""

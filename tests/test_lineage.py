@@ -400,3 +400,16 @@ def test_failed_journal_write_changes_nothing(tmp_path, monkeypatch):
     assert g.to_json() == before and (tmp_path / JOURNAL).read_bytes() == journal
     g.add_node("x", "global", parents=["g1"])
     assert LineageGraph.load(tmp_path) == g
+
+
+def test_ancestors_mirror_descendants():
+    from fl_unlearn.lineage import LineageGraph
+
+    g = LineageGraph()
+    g.add_node("a", "local")
+    g.add_node("b", "local")
+    g.add_node("c", "global", parents=("a", "b"))
+    g.add_node("d", "derived", parents=("c",))
+    assert g.ancestors("d") == ["a", "b", "c"]
+    assert g.ancestors("a") == []
+    assert all(n in g.descendants(a) for n in ("d",) for a in g.ancestors("d"))
