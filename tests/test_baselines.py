@@ -1,0 +1,160 @@
+"""fl_unlearn.baselines: fine-tuning, bounded gradient ascent, SISA's exact path as a baseline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fl_unlearn.baselines import (
+    AscentConfig,
+    FinetuneConfig,
+    finetune,
+    gradient_ascent,
+    sisa_exact,
+)
+from fl_unlearn.data import DataConfig, load_federated, sample_ids
+from fl_unlearn.errors import ConfigError
+from fl_unlearn.sisa import SisaConfig, SisaFederation
+from fl_unlearn.store import Store
+from fl_unlearn.train import train_local
+
+FORGET = 2
+
+
+def blobs(classes: list[int], n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable 3-class Gaussian blobs in 4-D: class c sits at 1.5 * e_c."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(classes).repeat_interleave(n)
+    x = torch.randn(len(y), 4, generator=g) * 0.5
+    x[torch.arange(len(y)), y] += 1.5
+    return x, y
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int = 20) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
+
+
+def acc(model: nn.Module, weights: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((torch.func.functional_call(model, weights, (x,)).argmax(1) == y).float().mean())
+
+
+def prob_of(model: nn.Module, weights: dict, x: torch.Tensor, cls: int) -> float:
+    with torch.no_grad():
+        return float(torch.func.functional_call(model, weights, (x,)).softmax(1)[:, cls].mean())
+
+
+def loss(model: nn.Module, weights: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(torch.func.functional_call(model, weights, (x,)), y))
+
+
+@pytest.fixture(scope="module")
+def network() -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """Two trained linear models on all three classes (a tiny 'affected network')."""
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Linear(4, 3)
+        train_local(model, batches(*blobs([0, 1, 2], seed=seed)), epochs=2, lr=0.02)
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return nn.Linear(4, 3), out
+
+
+def test_finetune_on_kept_data_fades_the_forgotten_class_and_changes_no_input(network) -> None:
+    template, weights = network
+    originals = [{k: v.clone() for k, v in w.items()} for w in weights]
+    template_before = {k: v.clone() for k, v in template.state_dict().items()}
+    kept = [batches(*blobs([0, 1], seed=10 + i)) for i in range(2)]
+    xf, yf = blobs([FORGET], seed=5)
+    assert all(acc(template, w, xf, yf) > 0.8 for w in weights)
+    result = finetune(template, weights, kept, FinetuneConfig(epochs=20, lr=0.1))
+    assert result.steps == [20 * len(kept[0])] * 2 and result.stop_reasons == ["budget"] * 2
+    # the forgotten class fades (its probability on its own samples falls) while kept classes stay right
+    for before, after in zip(weights, result.weights):
+        assert prob_of(template, after, xf, FORGET) < prob_of(template, before, xf, FORGET)
+    assert all(acc(template, w, *blobs([0, 1], seed=7)) > 0.9 for w in result.weights)
+    for w, o in zip(weights, originals):
+        assert all(torch.equal(w[k], o[k]) for k in o)
+    assert all(torch.equal(template.state_dict()[k], v) for k, v in template_before.items())
+
+
+def test_finetune_step_cap_spans_epochs_and_empty_data_leaves_the_model(network) -> None:
+    template, weights = network
+    kept = [batches(*blobs([0, 1])), []]
+    result = finetune(template, weights, kept, FinetuneConfig(epochs=5, max_steps=7))
+    assert result.steps == [7, 0] and result.stop_reasons == ["budget", "no_data"]
+    assert all(torch.equal(result.weights[1][k], weights[1][k]) for k in weights[1])
+    assert result.seconds > 0
+
+
+def test_gradient_ascent_stops_at_the_loss_ceiling_before_diverging(network) -> None:
+    template, weights = network
+    xf, yf = blobs([FORGET], n=40, seed=5)
+    cfg = AscentConfig(lr=0.5, max_steps=500, loss_ceiling=3.0, max_grad_norm=1.0)
+    result = gradient_ascent(template, weights, [[(xf, yf)]] * 2, cfg)
+    assert result.stop_reasons == ["loss_ceiling"] * 2
+    for w, new, steps in zip(weights, result.weights, result.steps):
+        assert 0 < steps < cfg.max_steps
+        after = loss(template, new, xf, yf)
+        # it reached the ceiling, and stopped within one bounded step of it: no runaway
+        assert cfg.loss_ceiling <= after < cfg.loss_ceiling + 5.0
+        assert acc(template, new, xf, yf) == 0.0
+        moved = math.sqrt(sum(float(((new[k] - w[k]) ** 2).sum()) for k in w))
+        assert moved <= steps * cfg.lr * cfg.max_grad_norm + 1e-5  # every step clipped
+
+
+def test_gradient_ascent_step_budget_and_no_data(network) -> None:
+    template, weights = network
+    xf, yf = blobs([FORGET], seed=5)
+    result = gradient_ascent(template, weights, [batches(xf, yf), []], AscentConfig(lr=0.1, max_steps=4))
+    assert result.steps == [4, 0] and result.stop_reasons == ["budget", "no_data"]
+    assert loss(template, result.weights[0], xf, yf) > loss(template, weights[0], xf, yf)
+    assert all(torch.equal(result.weights[1][k], weights[1][k]) for k in weights[1])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FinetuneConfig(epochs=0),
+        lambda: FinetuneConfig(lr=0.0),
+        lambda: FinetuneConfig(max_steps=0),
+        lambda: AscentConfig(lr=-1.0),
+        lambda: AscentConfig(loss_ceiling=float("inf")),
+        lambda: AscentConfig(max_steps=0),
+        lambda: AscentConfig(max_grad_norm=0.0),
+    ],
+)
+def test_bad_configs_are_refused(make) -> None:
+    with pytest.raises(ConfigError, match="Invalid"):
+        make()
+
+
+def test_a_batch_source_per_model_is_required(network) -> None:
+    template, weights = network
+    with pytest.raises(ConfigError, match="1 retain_batches for 2 models"):
+        finetune(template, weights, [[]])
+    with pytest.raises(ConfigError, match="no models"):
+        gradient_ascent(template, [], [])
+
+
+def test_sisa_exact_baseline_equals_the_federation_trained_without_the_samples(tmp_path) -> None:
+    data = load_federated(DataConfig(source="digits", num_partitions=2, seed=0, max_train=300))
+    cfg = SisaConfig(num_shards=2, num_slices=2, batch_size=32)
+    fed = SisaFederation(data, cfg, Store(tmp_path / "a"))
+    fed.train()
+    revoked = {0: sample_ids(data.partition(0))[:3].tolist()}
+    result = sisa_exact(fed, revoked)
+    gold = SisaFederation(data, cfg, Store(tmp_path / "gold"), exclude=revoked)
+    gold.train()
+    touched = sorted(int(s) for s in result.details["report"]["shards"])
+    assert touched and result.stop_reasons == ["exact" if s in touched else "untouched" for s in range(2)]
+    assert all((result.steps[s] > 0) == (s in touched) for s in range(2))
+    for s in range(2):
+        expected = gold.shard_weights(s)
+        assert all(torch.equal(result.weights[s][k], expected[k]) for k in expected)
+    assert np.isfinite(result.seconds)
