@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,8 +33,10 @@ Weights = Mapping[str, Tensor]
 #: ``score(model_index, candidate_weights) -> (forget_acc, retain_acc)`` on the caller's calibration sets.
 Scorer = Callable[[int, Weights], tuple[float, float]]
 
-#: Alphas tried, from the strongest dampening to the mildest (on mean-normalised Fishers).
-DEFAULT_ALPHAS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+#: Alphas tried, from the strongest dampening to the mildest (on mean-normalised Fishers): 0.5 .. 512 in steps
+#: of sqrt(2). Steps of 2 were too coarse: on digits, class 0 went from 0 % forgotten / 92.1 % kept at alpha 2 to
+#: 3.4 % / 95.8 % at alpha 4, while alpha 2.8 gives 0 % / 95.2 %.
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(2.0 ** (k / 2), 4) for k in range(-2, 19))
 
 
 def scale_free(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -222,3 +225,232 @@ def _acc(model: torch.nn.Module, weights: Weights, x: Tensor, y: Tensor) -> floa
         return float("nan")
     logits = torch.func.functional_call(model, dict(weights), (x,))
     return float((logits.argmax(1) == y).float().mean())
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """A short, capped repair after dampening (OHS-style): FedAvg rounds on kept data only.
+
+    Parameters
+    ----------
+    max_rounds : int (default: 5)
+        Cap on repair rounds.
+    lr : float (default: 0.01)
+        SGD learning rate (no momentum: a few small steps, not a re-training).
+    batch_size : int (default: 32)
+        Rows per step.
+    validation_fraction : float (default: 0.25)
+        Share of each client's kept sample held back to decide when to stop.
+    patience : int (default: 1)
+        Rounds without a validation-loss improvement before stopping.
+    """
+
+    max_rounds: int = 5
+    lr: float = 0.01
+    batch_size: int = 32
+    validation_fraction: float = 0.25
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_rounds < 0:
+            problems.append(f"max_rounds must be >= 0, got {self.max_rounds}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.validation_fraction < 1:
+            problems.append(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.patience < 1:
+            problems.append(f"patience must be >= 1, got {self.patience}")
+        if problems:
+            raise ConfigError("RepairConfig: " + "; ".join(problems))
+
+
+def repair(
+    model: torch.nn.Module,
+    weights: Weights,
+    retain_sets: Sequence[tuple[Tensor, Tensor]],
+    forget_set: tuple[Tensor, Tensor] | None = None,
+    cfg: RepairConfig = RepairConfig(),
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """FedAvg rounds on each client's kept sample until the held-back validation loss stops improving.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any instance of the architecture; it is loaded with ``weights`` per client and left changed.
+    weights : dict
+        The dampened model (not modified).
+    retain_sets : sequence of (x, y)
+        One kept-data sample per client (the calibration retain samples).
+    forget_set : (x, y) | None
+        When given, accuracy on it is reported after each round (repair must not bring the data back).
+    cfg : RepairConfig
+
+    Returns
+    -------
+    (weights, info)
+        The best weights by validation loss (the input when no round helped) and ``rounds``,
+        ``val_loss`` per round (index 0: before), ``forget_acc`` per round when ``forget_set`` was given.
+    """
+    splits = [_split(x, y, cfg.validation_fraction) for x, y in retain_sets if len(y)]
+    if not splits:
+        raise ConfigError("repair needs at least one non-empty kept-data sample")
+    best = {k: v.clone() for k, v in weights.items()}
+    losses = [_val_loss(model, best, splits)]
+    forget_acc = [_acc(model, best, *forget_set)] if forget_set is not None else []
+    current, stale, rounds = best, 0, 0
+    while rounds < cfg.max_rounds and stale < cfg.patience:
+        rounds += 1
+        updates = [_local_steps(model, current, train, cfg) for train, _ in splits]
+        sizes = [len(train[1]) for train, _ in splits]
+        current = _weighted_average(updates, sizes)
+        losses.append(_val_loss(model, current, splits))
+        if forget_set is not None:
+            forget_acc.append(_acc(model, current, *forget_set))
+        if losses[-1] < min(losses[:-1]):
+            best, stale = current, 0
+        else:
+            stale += 1
+    info: dict[str, Any] = {"repair_rounds": rounds, "val_loss": losses}
+    if forget_set is not None:
+        info["repair_forget_acc"] = forget_acc
+    return best, info
+
+
+def _split(x: Tensor, y: Tensor, fraction: float) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    n_val = max(1, int(round(len(y) * fraction))) if len(y) > 1 else 0
+    return (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
+
+
+def _local_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor],
+                 cfg: RepairConfig) -> dict[str, Tensor]:
+    model.load_state_dict(weights)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    x, y = data
+    for start in range(0, len(y), cfg.batch_size):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[start:start + cfg.batch_size]), y[start:start + cfg.batch_size])
+        loss.backward()
+        opt.step()
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _weighted_average(updates: Sequence[Mapping[str, Tensor]], sizes: Sequence[int]) -> dict[str, Tensor]:
+    total = float(sum(sizes))
+    return {k: sum(u[k].double() * (n / total) for u, n in zip(updates, sizes)).to(updates[0][k].dtype)
+            for k in updates[0]}
+
+
+@torch.no_grad()
+def _val_loss(model: torch.nn.Module, weights: Weights, splits) -> float:
+    total, count = 0.0, 0
+    for _, (x, y) in splits:
+        if len(y):
+            logits = torch.func.functional_call(model, dict(weights), (x,))
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            count += len(y)
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Calibration where the data lives: every client scores the whole alpha grid once, the server sums counts
+# ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridCounts:
+    """Correct predictions per candidate alpha on one client's calibration samples (or summed over clients).
+
+    Counts, not accuracies, so clients' replies add up exactly: the server's choice is the one a single party
+    holding all calibration samples would make.
+
+    Attributes
+    ----------
+    alphas : tuple[float, ...]
+        The candidates, ascending (strongest dampening first).
+    forget_correct, retain_correct : list[int]
+        Per alpha: correct predictions on the forget / kept calibration samples.
+    forget_num, retain_num : int
+        Calibration samples of each kind.
+    """
+
+    alphas: tuple[float, ...]
+    forget_correct: list[int]
+    retain_correct: list[int]
+    forget_num: int = 0
+    retain_num: int = 0
+
+    def __add__(self, other: GridCounts) -> GridCounts:
+        if tuple(other.alphas) != tuple(self.alphas):
+            raise ConfigError("calibration counts over different alpha grids cannot be added")
+        return GridCounts(self.alphas, [a + b for a, b in zip(self.forget_correct, other.forget_correct)],
+                          [a + b for a, b in zip(self.retain_correct, other.retain_correct)],
+                          self.forget_num + other.forget_num, self.retain_num + other.retain_num)
+
+    def accuracies(self) -> tuple[list[float], list[float]]:
+        """Per alpha: (forget accuracy, kept accuracy); NaN where there were no samples of that kind."""
+        def acc(correct: list[int], n: int) -> list[float]:
+            return [c / n if n else float("nan") for c in correct]
+
+        return acc(self.forget_correct, self.forget_num), acc(self.retain_correct, self.retain_num)
+
+
+def score_alpha_grid(
+    model: torch.nn.Module,
+    weights: Weights,
+    retain_fisher: Mapping[str, Tensor],
+    forget_fisher: Mapping[str, Tensor],
+    forget_set: tuple[Tensor, Tensor] | None,
+    retain_set: tuple[Tensor, Tensor] | None,
+    *,
+    base: FIUnConfig = FIUnConfig(),
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> GridCounts:
+    """Dampen ``weights`` at every alpha (scale-free Fishers) and count correct predictions on the two sets.
+
+    What a client runs for ``query.calibrate``: a handful of forward passes per alpha on its own samples.
+    ``forget_set`` is ``None`` (or empty) at clients that hold no data to forget; ``retain_set`` likewise.
+    """
+    grid = tuple(sorted(float(a) for a in alphas))
+    retain, forget = scale_free(retain_fisher), scale_free(forget_fisher)
+    f_correct, r_correct = [], []
+    model = model.eval()
+    for alpha in grid:
+        (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha))
+        f_correct.append(count_correct(model, candidate, forget_set))
+        r_correct.append(count_correct(model, candidate, retain_set))
+    return GridCounts(grid, f_correct, r_correct, _size(forget_set), _size(retain_set))
+
+
+def choose_alpha(counts: GridCounts, forget_target: float) -> tuple[float, bool]:
+    """The alpha with the best kept accuracy among those whose forget accuracy is at most ``forget_target``.
+
+    Ties go to the milder (larger) alpha. When no alpha meets the target, the one that forgets most (then keeps
+    most) is returned with ``False``. The same rule as :func:`calibrate_alpha`, over a full grid.
+    """
+    f_acc, r_acc = counts.accuracies()
+    best: Candidate | None = None
+    for alpha, f, r in zip(counts.alphas, f_acc, r_acc):
+        cand = Candidate(alpha, 0.0 if f != f else f, 0.0 if r != r else r, {}, DampenStats())
+        if cand.beats(best, forget_target):
+            best = cand
+    if best is None:
+        raise ConfigError("choose_alpha needs a non-empty alpha grid")
+    return best.alpha, best.forget_acc <= forget_target
+
+
+def _size(data: tuple[Tensor, Tensor] | None) -> int:
+    return 0 if data is None else int(len(data[1]))
+
+
+@torch.no_grad()
+def count_correct(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor] | None) -> int:
+    """Correct predictions of ``model`` with ``weights`` on ``(x, y)`` (0 for ``None`` or no rows)."""
+    if data is None or len(data[1]) == 0:
+        return 0
+    logits = torch.func.functional_call(model, dict(weights), (data[0],))
+    return int((logits.argmax(1) == data[1]).sum())

@@ -91,3 +91,100 @@ def test_bisection_finds_the_last_index_meeting_a_monotone_predicate():
                 probes += 1
                 b.record(b.probe <= answer)
             assert b.hi == answer and probes <= size.bit_length() + 1
+
+
+# --- calibration at the clients: per-alpha counts, summed, then one choice ------------------------------------
+
+from fl_unlearn.calibrate import GridCounts, RepairConfig, choose_alpha, repair, score_alpha_grid  # noqa: E402
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_choose_alpha_keeps_most_among_alphas_that_forget_enough():
+    counts = GridCounts((1.0, 2.0, 4.0, 8.0), forget_correct=[0, 0, 1, 9], retain_correct=[50, 70, 90, 99],
+                        forget_num=10, retain_num=100)
+    assert choose_alpha(counts, 0.0) == (2.0, True)
+    assert choose_alpha(counts, 0.1) == (4.0, True)
+    # ties in kept accuracy go to the milder alpha
+    tie = GridCounts((1.0, 2.0), [0, 0], [80, 80], 10, 100)
+    assert choose_alpha(tie, 0.0) == (2.0, True)
+
+
+def test_choose_alpha_reports_an_unmet_target_and_forgets_most():
+    counts = GridCounts((1.0, 2.0, 4.0), [3, 5, 9], [10, 60, 99], 10, 100)
+    assert choose_alpha(counts, 0.0) == (1.0, False)
+
+
+def test_counts_add_up_like_one_party_holding_all_samples():
+    a = GridCounts((1.0, 2.0), [1, 2], [3, 4], 5, 6)
+    b = GridCounts((1.0, 2.0), [10, 20], [30, 40], 50, 60)
+    total = a + b
+    assert (total.forget_correct, total.retain_correct, total.forget_num, total.retain_num) == ([11, 22], [33, 44], 55, 66)
+    with pytest.raises(ConfigError):
+        a + GridCounts((1.0, 3.0), [0, 0], [0, 0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(c_forget=st.floats(1e-6, 1e6), c_retain=st.floats(1e-6, 1e6))
+def test_client_grid_counts_do_not_change_when_either_fisher_is_rescaled(c_forget, c_retain):
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _, retain, forget = _models(1)
+    retain = retain[0]
+    forget_set, retain_set = _data(40, 1), _data(60, 2)
+    ref = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set)
+    scaled = score_alpha_grid(model, weights, {k: v * c_retain for k, v in retain.items()},
+                              {k: v * c_forget for k, v in forget.items()}, forget_set, retain_set)
+    assert ref == scaled
+
+
+def test_client_grid_counts_match_dampening_each_alpha_by_hand():
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _, retain, forget = _models(1)
+    retain = retain[0]
+    x, y = _data(50, 3)
+    counts = score_alpha_grid(model, weights, retain, forget, (x, y), None, alphas=(0.5, 2.0, 8.0))
+    assert counts.forget_num == 50 and counts.retain_num == 0 and counts.retain_correct == [0, 0, 0]
+    for alpha, got in zip((0.5, 2.0, 8.0), counts.forget_correct):
+        (w,), _ = unlearn_many([weights], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha))
+        logits = torch.func.functional_call(model, w, (x,))
+        assert got == int((logits.argmax(1) == y).sum())
+
+
+def test_repair_keeps_the_best_validation_loss_and_never_mutates_its_input():
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    original = {k: v.clone() for k, v in weights.items()}
+    sets = [_data(64, 10 + i) for i in range(3)]
+    new, info = repair(model, weights, sets, forget_set=_data(20, 9), cfg=RepairConfig(max_rounds=4, lr=0.1))
+    assert all(torch.equal(weights[k], original[k]) for k in weights)
+    losses = info["val_loss"]
+    assert 1 <= info["repair_rounds"] <= 4 and len(losses) == info["repair_rounds"] + 1
+    assert len(info["repair_forget_acc"]) == len(losses)
+    # the returned weights are those of the lowest validation loss seen (the input when no round helped)
+    from fl_unlearn.calibrate import _split, _val_loss
+    splits = [_split(x, y, 0.25) for x, y in sets]
+    assert _val_loss(model, new, splits) == pytest.approx(min(losses))
+    unchanged, info0 = repair(model, weights, sets, cfg=RepairConfig(max_rounds=0))
+    assert info0["repair_rounds"] == 0 and all(torch.equal(unchanged[k], original[k]) for k in weights)
+
+
+def test_repair_config_lists_every_bad_value():
+    with pytest.raises(ConfigError, match="max_rounds.*lr.*patience"):
+        RepairConfig(max_rounds=-1, lr=0.0, patience=0)

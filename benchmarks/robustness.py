@@ -1,0 +1,334 @@
+"""Robust FIUn: forget every class in turn, fixed alphas against ``alpha="auto"``, against retraining.
+
+For one data source (``digits`` or ``mnist``) a federation of IID clients is trained with FedAvg (in process, the
+same ``fl_unlearn.train.train_local`` the Flower clients use). Then each class is forgotten in turn from the final
+global model, by every method, and scored on the held-out test split against a federation retrained from
+scratch without that class (same seed, same schedule):
+
+===============  ===========================================================================================
+``alpha=1``      FIUn with the paper's threshold (raw Fishers)
+``alpha=10``     SSD's threshold
+``assd``         ASSD's percentile rule: alpha = the ``--assd-percentile`` percentile of ``F_f / F_D``
+``auto``         ``fl_unlearn.calibrate.calibrate_alpha`` (the project default)
+``auto+repair``  ``auto``, then a short capped repair on kept data (``fl_unlearn.calibrate.repair``)
+``retrain``      FedAvg from scratch without the class (the gold standard)
+===============  ===========================================================================================
+
+Fishers (forget: the class's training samples at every client; retain: each client's kept samples) are taken
+on the final global model and merged over clients with MFIM's sample-weighted mean. Calibration uses
+training-side data the clients hold: a sample of the forget class and a small validation sample of kept data
+per client; the test split is only used for the reported figures.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/robustness.py --source digits
+    .venv/bin/python benchmarks/robustness.py --source mnist --out /tmp/robustness_mnist.json --plot /tmp/r.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fl_unlearn.calibrate import accuracy_scorer, calibrate_alpha, repair  # noqa: E402
+from fl_unlearn.data import (  # noqa: E402
+    DataConfig,
+    load_federated,
+    make_loader,
+    samples_of_classes,
+    without_classes,
+)
+from fl_unlearn.evaluate import forget_retain_accuracy  # noqa: E402
+from fl_unlearn.fisher import compute_fisher, select_parameters  # noqa: E402
+from fl_unlearn.fiun import FIUnConfig, unlearn_many  # noqa: E402
+from fl_unlearn.mfim import merge_fishers  # noqa: E402
+from fl_unlearn.models import build_model  # noqa: E402
+from fl_unlearn.train import seed_everything, train_local  # noqa: E402
+
+logger = logging.getLogger("robustness")
+Weights = dict[str, Tensor]
+METHODS = ("alpha=1", "alpha=10", "assd", "auto", "auto+repair", "retrain")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The federation every method unlearns (and ``retrain`` rebuilds without the class)."""
+
+    source: str = "digits"
+    num_clients: int = 4
+    rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    seed: int = 42
+    fisher_layers: str = "all"
+    fisher_estimator: str = "batch"
+    fisher_samples: int = 1024
+    calibration_forget: int = 256
+    calibration_retain: int = 64
+    assd_percentile: float = 99.0
+    max_train: int | None = None
+
+
+@dataclass
+class Row:
+    """One method on one forgotten class (held-out accuracies)."""
+
+    forget_class: int
+    method: str
+    forget_acc: float
+    retain_acc: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+class Federation:
+    """An in-process FedAvg federation over ``load_federated``'s partitions."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.data = load_federated(DataConfig(source=setup.source, num_partitions=setup.num_clients,
+                                              seed=setup.seed, max_train=setup.max_train))
+        self.parts = [self.data.partition(i) for i in range(setup.num_clients)]
+        channels, size = self.data.image_shape[0], self.data.image_shape[-1]
+        self._spec = (self.data.num_classes, channels, size)
+
+    def new_model(self) -> nn.Module:
+        num_classes, channels, size = self._spec
+        torch.manual_seed(self.setup.seed)
+        return build_model("cnn", num_classes, channels, size)
+
+    def train(self, drop: Sequence[int] = ()) -> tuple[Weights, float]:
+        """FedAvg from the seeded initial model; ``drop`` classes are left out of every client's data."""
+        s = self.setup
+        start = time.perf_counter()
+        global_w = {k: v.clone() for k, v in self.new_model().state_dict().items()}
+        for rnd in range(s.rounds):
+            updates, counts = [], []
+            for cid, part in enumerate(self.parts):
+                ds = without_classes(part, drop) if drop else part
+                model = self.new_model()
+                model.load_state_dict(global_w)
+                seed_everything(s.seed + 1000 * rnd + cid)
+                loader = make_loader(ds, s.batch_size, shuffle=True, seed=s.seed + 1000 * rnd + cid)
+                train_local(model, loader, epochs=s.local_epochs, lr=s.lr)
+                updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                counts.append(len(ds))
+            total = float(sum(counts))
+            global_w = {k: sum(u[k].double() * (n / total) for u, n in zip(updates, counts)).to(updates[0][k].dtype)
+                        for k in global_w}
+        return global_w, time.perf_counter() - start
+
+    def model_with(self, weights: Mapping[str, Tensor]) -> nn.Module:
+        model = self.new_model()
+        model.load_state_dict(weights)
+        return model.eval()
+
+    def evaluate(self, weights: Mapping[str, Tensor], forget_class: int) -> tuple[float, float]:
+        acc = forget_retain_accuracy(self.model_with(weights), self.data.test, [forget_class])
+        return acc["forget_acc"], acc["retain_acc"]
+
+
+def _tensors(ds, limit: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The first ``limit`` rows of a seeded shuffle, as normalised tensors."""
+    rows = np.random.default_rng(seed).permutation(len(ds))[:limit]
+    xs, ys = zip(*make_loader(ds.select(rows.tolist()), 512))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _fisher(fed: Federation, weights: Weights, datasets: Sequence, params: list[str]) -> Weights:
+    """MFIM weighted mean over clients of each client's Fisher on its ``datasets`` entry."""
+    s = fed.setup
+    model = fed.model_with(weights)
+    fishers, counts = [], []
+    for ds in datasets:
+        if len(ds) == 0:
+            continue
+        f = compute_fisher(model, make_loader(ds, s.batch_size), params, estimator=s.fisher_estimator,
+                           max_samples=s.fisher_samples)
+        fishers.append(dict(f))
+        counts.append(f.info.num_samples)
+    return merge_fishers(fishers, num_samples=counts, mode="weighted_mean")
+
+
+def assd_alpha(forget: Mapping[str, Tensor], retain: Mapping[str, Tensor], percentile: float) -> float:
+    """ASSD's percentile rule: the ``percentile`` of ``F_f / F_D`` over entries where both are positive."""
+    ratios = torch.cat([(forget[k].double() / retain[k].double())[(retain[k] > 0) & (forget[k] > 0)].flatten()
+                        for k in forget])
+    return float(np.percentile(ratios.numpy(), percentile)) if len(ratios) else 1.0
+
+
+def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods: Sequence[str]) -> list[Row]:
+    """Every method on one class; the retrained federation is trained here too."""
+    s = fed.setup
+    params = select_parameters(fed.new_model(), s.fisher_layers)
+    start = time.perf_counter()
+    forget_f = _fisher(fed, weights, [samples_of_classes(p, [forget_class]) for p in fed.parts], params)
+    retain_f = _fisher(fed, weights, [without_classes(p, [forget_class]) for p in fed.parts], params)
+    fisher_s = time.perf_counter() - start
+    rows: list[Row] = []
+
+    def fixed(alpha: float) -> tuple[Weights, float]:
+        t0 = time.perf_counter()
+        (new,), _ = unlearn_many([weights], [retain_f], forget_f, FIUnConfig(alpha=alpha))
+        return new, time.perf_counter() - t0
+
+    forget_x = [samples_of_classes(p, [forget_class]) for p in fed.parts]
+    cal_forget = _tensors(concat(forget_x), s.calibration_forget, s.seed)
+    cal_retain = [_tensors(without_classes(p, [forget_class]), s.calibration_retain, s.seed + i)
+                  for i, p in enumerate(fed.parts)]
+    cal_retain_all = (torch.cat([x for x, _ in cal_retain]), torch.cat([y for _, y in cal_retain]))
+    auto = None
+    for method in methods:
+        extra: dict = {}
+        if method == "alpha=1":
+            new, sec = fixed(1.0)
+        elif method == "alpha=10":
+            new, sec = fixed(10.0)
+        elif method == "assd":
+            alpha = assd_alpha(forget_f, retain_f, s.assd_percentile)
+            new, sec = fixed(alpha)
+            extra["alpha"] = alpha
+        elif method in ("auto", "auto+repair"):
+            if auto is None:
+                score = accuracy_scorer(fed.new_model(), [cal_forget], [cal_retain_all])
+                auto = calibrate_alpha([weights], [retain_f], forget_f, score)
+            new, sec = auto.weights[0], auto.seconds
+            extra.update(alpha=auto.alphas[0], target_met=auto.target_met[0], calibration_forget_acc=auto.forget_acc[0])
+            if method == "auto+repair":
+                t0 = time.perf_counter()
+                new, info = repair(fed.new_model(), new, cal_retain, cal_forget)
+                extra.update(repair_s=time.perf_counter() - t0, **info)
+                sec += extra["repair_s"]
+        elif method == "retrain":
+            new, sec = fed.train(drop=[forget_class])
+        else:
+            raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        f_acc, r_acc = fed.evaluate(new, forget_class)
+        rows.append(Row(forget_class, method, f_acc, r_acc, sec, extra))
+        logger.info("class %d %-12s forget %.3f kept %.3f (%.2f s) %s", forget_class, method, f_acc, r_acc, sec,
+                    {k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()})
+    for r in rows:
+        r.extra.setdefault("fisher_s", fisher_s)
+    return rows
+
+
+def concat(datasets):
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([d for d in datasets if len(d)])
+
+
+def summarise(rows: Sequence[Row]) -> list[dict]:
+    """Per method: worst forgotten accuracy, worst kept gap to retrain (points), and the classes they happen on."""
+    retrained = {r.forget_class: r.retain_acc for r in rows if r.method == "retrain"}
+    out = []
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        worst_f = max(mine, key=lambda r: r.forget_acc)
+        gaps = [(100 * (retrained[r.forget_class] - r.retain_acc), r.forget_class) for r in mine
+                if r.forget_class in retrained]
+        worst_gap = max(gaps) if gaps else (float("nan"), -1)
+        out.append({"method": method, "worst_forget_acc": worst_f.forget_acc, "worst_forget_class": worst_f.forget_class,
+                    "worst_kept_gap_pts": worst_gap[0], "worst_kept_gap_class": worst_gap[1],
+                    "mean_forget_acc": float(np.mean([r.forget_acc for r in mine])),
+                    "mean_kept_acc": float(np.mean([r.retain_acc for r in mine])),
+                    "mean_seconds": float(np.mean([r.seconds for r in mine]))})
+    return out
+
+
+def print_tables(rows: Sequence[Row], summary: Sequence[dict], setup: Setup) -> None:
+    methods = list(dict.fromkeys(r.method for r in rows))
+    classes = sorted({r.forget_class for r in rows})
+    print(f"\n{setup.source}: {setup.num_clients} IID clients, {setup.rounds} FedAvg rounds, Fishers on "
+          f"{setup.fisher_layers} layers ({setup.fisher_estimator}); held-out accuracy forgotten/kept (%)")
+    print("class | " + " | ".join(f"{m:>13}" for m in methods))
+    for c in classes:
+        cells = []
+        for m in methods:
+            r = next((r for r in rows if r.forget_class == c and r.method == m), None)
+            cells.append(f"{100 * r.forget_acc:5.1f}/{100 * r.retain_acc:5.1f}" if r else " " * 11)
+        print(f"{c:5d} | " + " | ".join(f"{c_:>13}" for c_ in cells))
+    print("\nmethod       | worst forgotten % (class) | worst kept gap to retrain, pts (class) | mean s")
+    for s in summary:
+        print(f"{s['method']:<12} | {100 * s['worst_forget_acc']:8.1f} ({s['worst_forget_class']})"
+              f"             | {s['worst_kept_gap_pts']:8.1f} ({s['worst_kept_gap_class']})"
+              f"                         | {s['mean_seconds']:.2f}")
+
+
+def plot(rows: Sequence[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in methods:
+        mine = sorted((r for r in rows if r.method == m), key=lambda r: r.forget_class)
+        xs = [r.forget_class for r in mine]
+        axes[0].plot(xs, [100 * r.forget_acc for r in mine], marker="o", label=m)
+        axes[1].plot(xs, [100 * r.retain_acc for r in mine], marker="o", label=m)
+    axes[0].set(xlabel="forgotten class", ylabel="held-out accuracy on it (%)", title="forgotten")
+    axes[1].set(xlabel="forgotten class", ylabel="held-out accuracy on the rest (%)", title="kept")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="digits", choices=["digits", "mnist", "synthetic"])
+    parser.add_argument("--classes", default="all", help="comma list of classes, or 'all'")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--fisher-layers", default="all")
+    parser.add_argument("--fisher-estimator", default="batch")
+    parser.add_argument("--assd-percentile", type=float, default=99.0)
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", help="write rows and summary as JSON")
+    parser.add_argument("--plot", help="write a PNG plot")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    setup = Setup(source=args.source, num_clients=args.clients, rounds=args.rounds, local_epochs=args.epochs,
+                  seed=args.seed, fisher_layers=args.fisher_layers, fisher_estimator=args.fisher_estimator,
+                  assd_percentile=args.assd_percentile, max_train=args.max_train)
+    fed = Federation(setup)
+    weights, train_s = fed.train()
+    classes = range(fed.data.num_classes) if args.classes == "all" else [int(c) for c in args.classes.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    logger.info("trained %s federation in %.1f s", setup.source, train_s)
+    rows: list[Row] = []
+    for c in classes:
+        before = fed.evaluate(weights, c)
+        logger.info("class %d before: forget %.3f kept %.3f", c, *before)
+        rows += unlearn_class(fed, weights, c, methods)
+    summary = summarise(rows)
+    print_tables(rows, summary, setup)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"setup": asdict(setup), "train_s": train_s,
+                                              "rows": [asdict(r) for r in rows], "summary": summary}, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
