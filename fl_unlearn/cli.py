@@ -340,7 +340,7 @@ def run_subprocess(argv: Sequence[str], log_path: Path, stream: bool) -> int:
     """Run ``argv`` with the venv's bin/ first on PATH, its output into ``log_path`` (and echoed if ``stream``)."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("FLWR_HOME", None)  # the runner makes its own
-    with log_path.open("w") as sink, subprocess.Popen(
+    with log_path.open("w", buffering=1) as sink, subprocess.Popen(
         list(argv), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     ) as proc:
         assert proc.stdout is not None
@@ -414,8 +414,9 @@ def run_job(config: Mapping[str, Any], job_dir: Path, *, overrides: Sequence[str
         record["reason"] = f"{type(err).__name__}: {err}"
     record["seconds"] = round(time.perf_counter() - start, 1)
     (job_dir / JOB_RECORD).write_text(json.dumps(record, indent=2))
-    log.info("fl-unlearn: job %s in %.0f s%s", record["status"], record["seconds"],
-             f": {record['reason']}" if record["reason"] else f"; results in {record.get('out_dir')}")
+    log.log(logging.INFO if record["status"] == "ok" else logging.ERROR, "fl-unlearn: job %s in %.0f s%s",
+            record["status"], record["seconds"],
+            f": {record['reason']}" if record["reason"] else f"; results in {record.get('out_dir')}")
     return record
 
 
@@ -452,6 +453,9 @@ def _hydra_main() -> Callable[[], Any]:
 
 def main() -> None:
     """Console script ``fl-unlearn``: Hydra parses ``sys.argv`` (``--help``, ``-m``, overrides)."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise SystemExit(f"fl-unlearn: no conf/config.yaml at {CONF_DIR}; the launcher runs from the repository "
+                         "(install the project editable: pip install -e .)")
     _hydra_main()()
 
 

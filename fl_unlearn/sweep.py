@@ -178,18 +178,41 @@ _PANELS = (
 
 
 def _series(rows: Sequence[Mapping[str, Any]], x_key: str, column: str, label: str,
-            group_key: str | None) -> dict[str, list[tuple[float, float]]]:
-    """Points ``(x, y)`` per line: one per method, split by the other axis' value when it varies."""
-    lines: dict[str, list[tuple[float, float]]] = {}
+            group_key: str | None) -> dict[tuple[str, str | None], list[tuple[float, float]]]:
+    """Points ``(x, mean y)`` per line ``(method, value of the other axis or None)``.
+
+    Jobs that differ only in a third swept key (e.g. seeds) share a point: their mean.
+    """
+    sums: dict[tuple[str, str | None], dict[float, list[float]]] = {}
     for row in rows:
         x, y = _number(row.get(x_key)), _number(row.get(column))
         if math.isnan(x) or math.isnan(y):
             continue
-        name = label.format(method=row.get("unlearning.method") or "fiun")
-        if group_key is not None:
-            name += f" ({group_key.split('.')[-1]}={row.get(group_key)})"
-        lines.setdefault(name, []).append((x, y))
-    return {k: sorted(v) for k, v in lines.items()}
+        line = (label.format(method=row.get("unlearning.method") or "fiun"),
+                None if group_key is None else str(row.get(group_key)))
+        sums.setdefault(line, {}).setdefault(x, []).append(y)
+    return {line: sorted((x, sum(ys) / len(ys)) for x, ys in by_x.items()) for line, by_x in sums.items()}
+
+
+_LINE_STYLES = ("-", "--", ":", "-.")
+_FIXED_COLOURS = {"original": "C7", "retrain": "C2"}
+
+
+def _colour(method: str) -> str:
+    """The same colour for a method in every panel: grey original, green retrain, others from the cycle."""
+    others = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")
+    return _FIXED_COLOURS.get(method) or others[sum(map(ord, method)) % len(others)]
+
+
+def _plot_panel(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, columns: Sequence[tuple[str, str]],
+                group_key: str | None) -> None:
+    """One colour per method, one line style per value of the other axis."""
+    groups = sorted({str(r.get(group_key)) for r in rows}, key=_number) if group_key else [None]
+    for label, column in columns:
+        for (method, group), points in _series(rows, x_key, column, label, group_key).items():
+            name = method if group is None else f"{method} ({group_key.split('.')[-1]}={group})"
+            ax.plot(*zip(*points), marker="o", color=_colour(method), label=name,
+                    linestyle=_LINE_STYLES[groups.index(group) % len(_LINE_STYLES)])
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
@@ -202,12 +225,13 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
         fig = _figure(15, 4.2)
         for i, (title, y_label, columns, log_scale) in enumerate(_PANELS):
             ax = fig.add_subplot(1, len(_PANELS), i + 1)
-            for label, column in columns:
-                for name, points in _series(ok, x_key, column, label, group).items():
-                    ax.plot(*zip(*points), marker="o", label=name)
+            _plot_panel(ax, ok, x_key, columns, group)
             ax.set_title(title)
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)
+            ticks = sorted({x for x in (_number(r.get(x_key)) for r in ok) if not math.isnan(x)})
+            if ticks:
+                ax.set_xticks(ticks)
             if log_scale and ax.lines:
                 ax.set_yscale("log")
             elif not log_scale:
@@ -269,8 +293,9 @@ class SweepCallback(Callback):
         completed = job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, dict)
         record = job_return.return_value if completed else {"reason": "the job raised (see its log)"}
         status = record.get("status", "failed")
-        log.info("%s (%s): %s in %.0f s%s", self._label(config), " ".join(config.hydra.overrides.task), status,
-                 float(record.get("seconds") or 0), f": {record['reason']}" if record.get("reason") else "")
+        log.log(logging.INFO if status == "ok" else logging.WARNING, "%s (%s): %s in %.0f s%s", self._label(config),
+                " ".join(config.hydra.overrides.task), status, float(record.get("seconds") or 0),
+                f": {record['reason']}" if record.get("reason") else "")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
