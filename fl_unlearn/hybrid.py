@@ -73,8 +73,11 @@ __all__ = [
     "Plan",
     "ShardPlan",
     "Throughput",
+    "combine_plans",
     "exact_workload",
     "fit_throughput",
+    "mean_rank",
+    "mia_auc",
     "plan",
     "plan_shard",
 ]
@@ -385,22 +388,51 @@ def plan(
                    approx_evaluations=(approx_evaluations or {}).get(s, 0), revoked=by_client)
         for s, by_client in federation.locate(revoked).items()
     )
-    paths = {sp.path for sp in shards}
     request_id = request.id if isinstance(request, UnlearningRequest) else None
+    return combine_plans(shards, policy, budget_fraction, request_id=request_id, token=_state_token(federation))
+
+
+def combine_plans(shards: Sequence[ShardPlan], policy: str, budget_fraction: float, *,
+                  request_id: str | None = None, token: tuple = ()) -> Plan:
+    """One request's :class:`Plan` from its per-shard decisions (any driver: in-process or over Flower).
+
+    ``token`` identifies the federation state the plan was made on (``execute`` refuses a stale plan).
+    """
+    paths = {sp.path for sp in shards}
     result = Plan(
         path=paths.pop() if len(paths) == 1 else "mixed",
         estimated_evaluations=sum(sp.evaluations for sp in shards),
         estimated_seconds=sum(sp.seconds for sp in shards),
         budget=sum(sp.budget for sp in shards),
         reason="; ".join(sp.reason for sp in shards),
-        shards=shards,
+        shards=tuple(shards),
         exact_evaluations=sum(sp.exact_evaluations for sp in shards),
         exact_seconds=sum(sp.exact_seconds for sp in shards),
         policy=policy, budget_fraction=float(budget_fraction), request_id=request_id,
-        token=_state_token(federation),
+        token=token,
     )
     logger.info("plan: %s; %s", result.path, result.reason)
     return result
+
+
+def mia_auc(member_losses: Sequence[float] | np.ndarray, nonmember_losses: Sequence[float] | np.ndarray) -> float:
+    """Loss-threshold membership-inference AUC from per-sample losses (lower loss => "member").
+
+    The same statistic as :func:`fl_unlearn.evaluate.loss_threshold_mia_auc`, for a driver that only sees
+    losses (the members' losses are computed where the members live). ``nan`` when either side is empty.
+
+    Examples
+    --------
+    >>> mia_auc([0.1, 0.2], [1.0, 2.0]), mia_auc([1.0], [1.0])
+    (1.0, 0.5)
+    """
+    from sklearn.metrics import roc_auc_score
+
+    member, nonmember = np.asarray(member_losses, float), np.asarray(nonmember_losses, float)
+    if not len(member) or not len(nonmember):
+        return float("nan")
+    is_member = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
+    return float(roc_auc_score(is_member, -np.concatenate([member, nonmember])))
 
 
 def _state_token(federation: SisaFederation) -> tuple:
@@ -732,8 +764,24 @@ def _mean_rank(model: nn.Module, weights: Mapping[str, Tensor], forget: tuple[Te
     rank above as below unseen samples of its class (0.5 on average); a memorised one ranks high.
     """
     p_forget, p_val = _true_label_probs(model, weights, *forget), _true_label_probs(model, weights, *val)
+    return mean_rank(p_forget, forget[1], p_val, val[1])
+
+
+def mean_rank(p_forget: Tensor, forget_labels: Tensor, p_val: Tensor, val_labels: Tensor) -> float:
+    """Mean percentile of each forget sample's true-label probability among held-out samples of its class.
+
+    The forget metric of the approximate path (``forget_metric="rank"``), from probabilities: a driver whose
+    forget samples live elsewhere (the Flower clients) computes them there. Ties count one half; a class
+    without held-out samples counts 0.5.
+
+    Examples
+    --------
+    >>> import torch
+    >>> round(mean_rank(torch.tensor([0.9]), torch.tensor([1]), torch.tensor([0.1, 0.5, 0.95]), torch.tensor([1, 1, 1])), 4)
+    0.6667
+    """
     ranks = []
-    for p, c in zip(p_forget.tolist(), forget[1].tolist()):
-        same = p_val[val[1] == c]
+    for p, c in zip(p_forget.tolist(), forget_labels.tolist()):
+        same = p_val[val_labels == c]
         ranks.append(float((same < p).float().mean() + 0.5 * (same == p).float().mean()) if len(same) else 0.5)
-    return float(np.mean(ranks))
+    return float(np.mean(ranks)) if ranks else 0.5

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +68,7 @@ __all__ = [
     "derive_seed",
     "fedavg",
     "hash_order",
+    "initial_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -502,6 +503,16 @@ class HashOrderedBatches:
             yield self.client.tensors(order[i : i + self.batch_size])
 
 
+def initial_weights(new_model: Callable[[], nn.Module], seed: int, shard: int) -> Weights:
+    """``theta_{s,0}`` of shard ``shard``: ``new_model()`` built under a seed derived from ``(seed, shard)``.
+
+    Every driver of a SISA federation (in-process or over Flower) starts its shard-models from this, so
+    their runs can be compared bitwise.
+    """
+    torch.manual_seed(derive_seed(seed, "init", shard))
+    return _detach(new_model().state_dict())
+
+
 def fedavg(replies: Sequence[tuple[int, Weights]]) -> Weights:
     """Average state dicts weighted by example counts, in the given (client) order, in float64.
 
@@ -740,9 +751,8 @@ class SisaFederation:
         return build_model(self.cfg.model, self.data.num_classes, in_channels=c, image_size=size)
 
     def initial_weights(self, shard: int) -> Weights:
-        """``theta_{s,0}``: a pure function of ``(seed, shard)``."""
-        torch.manual_seed(derive_seed(self.cfg.seed, "init", shard))
-        return _detach(self.new_model().state_dict())
+        """``theta_{s,0}``: a pure function of ``(seed, shard)`` (:func:`initial_weights`)."""
+        return initial_weights(self.new_model, self.cfg.seed, shard)
 
     def train(self, shards: Iterable[int] | None = None) -> dict[str, float]:
         """Train every stage of every shard (or of ``shards``) from scratch; checkpoint and record each stage.

@@ -27,6 +27,7 @@ from fl_unlearn.data import FederatedData, load_with_fallback
 from strategies.client import ClientSpec, Handler, partition_id, register_unlearning_handlers
 from strategies.config import DEFAULTS, AppConfig
 from strategies.experiment import _model_factory, run_experiment
+from strategies.sisa_client import register_sisa_handlers, sisa_mod
 
 
 def _config(context: Context) -> AppConfig:
@@ -70,9 +71,11 @@ def with_run_config(overrides: Mapping[str, Any] | None) -> Any:
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """The App's ClientApp: fl_unlearn's handlers over the App's data and model."""
-    app = ClientApp(mods=[with_run_config(overrides)])
-    register_unlearning_handlers(app, ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test))
+    """The App's ClientApp: fl_unlearn's handlers (FIUn and SISA) over the App's data and model."""
+    spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
+    app = ClientApp(mods=[with_run_config(overrides), sisa_mod(spec)])  # sisa_mod: `train` rounds of a shard-model
+    register_unlearning_handlers(app, spec)
+    register_sisa_handlers(app, spec)
     return app
 
 

@@ -64,6 +64,12 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "store-dir": "",
     "dp-noise-multiplier": 0.0,
     "dp-max-grad-norm": 0.0,
+    "sisa-shards": 1,
+    "sisa-slices": 1,
+    "rounds-per-stage": 1,
+    "hybrid-budget": 0.6,
+    "hybrid-policy": "auto",
+    "ohs": False,
 }
 
 MODES = ("train", "unlearn", "train+unlearn")
@@ -71,6 +77,7 @@ REQUEST_KINDS = ("classes", "client", "samples")
 DERIVE_KINDS = ("none", "finetune", "incremental", "transfer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 RETAIN_SOURCES = ("fresh", "accumulated")
+HYBRID_POLICIES = ("auto", "exact", "approximate")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
@@ -132,6 +139,12 @@ class AppConfig:
     store_dir: str
     dp_noise_multiplier: float
     dp_max_grad_norm: float
+    sisa_shards: int
+    sisa_slices: int
+    rounds_per_stage: int
+    hybrid_budget: float
+    hybrid_policy: str
+    ohs: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any] | None = None, **overrides: Any) -> AppConfig:
@@ -155,10 +168,18 @@ class AppConfig:
         _choice(self.derive, DERIVE_KINDS, "derive")
         _choice(self.strategy, STRATEGIES, "strategy")
         _choice(self.retain_fisher, RETAIN_SOURCES, "retain-fisher")
-        for key in ("num_clients", "num_server_rounds", "local_epochs", "batch_size", "derive_depth"):
+        _choice(self.hybrid_policy, HYBRID_POLICIES, "hybrid-policy")
+        if self.hybrid_budget < 0:
+            raise ConfigError(f"hybrid-budget must be >= 0 (a fraction of a shard's full training cost), "
+                              f"got {self.hybrid_budget}")
+        if self.uses_sisa and self.request_kind == "classes" and "unlearn" in self.mode:
+            raise ConfigError("sisa-shards / sisa-slices serve sample and client requests (request-kind=samples or "
+                              "client); class requests take the FIUn path with sisa-shards=1 and sisa-slices=1")
+        for key in ("num_clients", "num_server_rounds", "local_epochs", "batch_size", "derive_depth", "sisa_shards",
+                    "sisa_slices", "rounds_per_stage"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if self.fiun_alpha == "auto" and self.request_kind != "classes":
+        if self.fiun_alpha == "auto" and self.request_kind != "classes" and not self.uses_sisa:
             raise ConfigError(
                 "fiun-alpha='auto' calibrates on held-out samples of the forgotten classes, which the server holds "
                 "only for request-kind=classes; give a number for client and sample requests"
@@ -170,6 +191,14 @@ class AppConfig:
                     f"{key.replace('_', '-')}={value!r} must be an absolute path: the ServerApp's working "
                     "directory is wherever the SuperLink started, not the App directory"
                 )
+
+    @property
+    def uses_sisa(self) -> bool:
+        """Whether the run takes the SISA / hybrid path (``strategies.sisa_server``): shards or slices > 1.
+
+        ``S = R = 1`` keeps the plain FedAvg + FIUn path for every request kind (samples included), as before
+        the SISA path existed: with one shard and one slice the exact path would be a full retraining."""
+        return self.sisa_shards > 1 or self.sisa_slices > 1
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Back to flat run-config values (lists as comma strings)."""

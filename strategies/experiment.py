@@ -179,6 +179,14 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     model_name, new_model = _model_factory(cfg, data)
     store = Store(store_dir)
     graph = LineageGraph.open(store_dir / "lineage")
+    if cfg.uses_sisa:  # SISA shards / slices and the hybrid exact path (DESIGN.md section 4)
+        from strategies.sisa_server import run_sisa_experiment
+
+        results = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name, "strategy": "sisa",
+                   "config": cfg.to_run_config(), "warnings": warnings, "out_dir": str(out_dir),
+                   "store_dir": str(store_dir), "timing": {}}
+        return run_sisa_experiment(grid, cfg, data=data, new_model=new_model, store=store, graph=graph,
+                                   out_dir=out_dir, results=results, request_fn=lambda: build_request(cfg))
     test, calibration_rows = split_test(cfg, data.test)
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,

@@ -29,6 +29,10 @@ MSG_FISHER = "query.fisher"
 MSG_EVAL_FORGET = "query.evalforget"
 MSG_UNLEARN = "train.unlearn"
 MSG_DERIVE = "train.derive"
+MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
+MSG_SISA_COUNTS = "query.sisacounts"  # kept samples per shard and slice; checks requested ids
+MSG_SISA_FISHER = "query.sisafisher"  # forget- / retain-Fisher of one shard's data at a served shard-model
+MSG_SISA_SCORES = "query.sisascores"  # per-sample loss, correctness and true-label probability of revoked ids
 
 # --- RecordDict keys --------------------------------------------------------------------------------
 ARRAYS_KEY = "arrays"  # FedAvg's default ArrayRecord key
@@ -74,6 +78,21 @@ FORGET_ACC = "forget-acc"
 RETAIN_ACC = "retain-acc"
 BEFORE = "before-"
 AFTER = "after-"
+# SISA (strategies.sisa_server / sisa_client): the layout, the round, and what a client reports
+SISA_SHARDS = "sisa-shards"
+SISA_SLICES = "sisa-slices"
+SISA_LAYOUT_SEED = "sisa-layout-seed"
+SISA_SHARD = "sisa-shard"  # present in a `train` message: train this shard-model (routed by sisa_client.sisa_mod)
+SISA_STAGE = "sisa-stage"  # train on slices 1..stage
+SISA_KEY = "sisa-key"  # seed tuple (strings) of the round: batch order and torch seed derive from it
+SISA_FRACTION = "sisa-fraction"  # share of each epoch's hash order to train on (OHS: 0.5)
+SISA_COUNTS = "sisa-counts"  # kept samples per shard and slice, row-major [S, R]
+MISSING_SAMPLES = "missing-samples"  # requested ids the client does not hold
+KEPT_SAMPLES = "kept-samples"  # every id the client still holds (client-level requests)
+LOSSES = "losses"
+CORRECT = "correct"
+TRUE_PROBS = "true-probs"
+LABELS = "labels"
 
 
 def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
