@@ -87,6 +87,9 @@ logger = logging.getLogger(__name__)
 Metric = Callable[[Mapping[str, Tensor]], float]
 """``metric(weights) -> float``: how well a candidate still fits the forget set (lower = more forgotten)."""
 FORGET_METRICS = ("rank", "soft_accuracy", "accuracy")
+#: OHS stopping rules: ``stall`` (validation loss stops improving) or ``restore`` (also: back at the level of
+#: the model before FIUn: repair what FIUn removed, never train further than the model it replaces).
+OHS_STOPS = ("stall", "restore")
 
 #: Default ``hybrid-budget``: the exact path may cost up to this fraction of training the shard from scratch.
 DEFAULT_BUDGET = 0.6
@@ -472,6 +475,10 @@ class ApproxConfig:
         Stop after this many stalled rounds in a row.
     ohs_fraction : float (default: 0.5)
         Share of an epoch each client trains per OHS round (FedEraser's halved epochs).
+    ohs_stop : str (default: "stall")
+        ``stall``: repair rounds until the validation loss stops improving (capped); ``restore``: also stop (or
+        never start) once the validation loss is at or below the served model's before FIUn, so OHS repairs
+        FIUn's damage without training the shard-model beyond the exact path's.
     forget_metric : str (default: "rank")
         What "forgotten" means to the alpha calibration, each against what unseen held-out samples of the
         same classes score: ``rank``: the forget samples' mean percentile rank of the true-label probability
@@ -490,8 +497,11 @@ class ApproxConfig:
     ohs_patience: int = 2
     ohs_fraction: float = 0.5
     forget_metric: str = "rank"
+    ohs_stop: str = "stall"
 
     def __post_init__(self) -> None:
+        if self.ohs_stop not in OHS_STOPS:
+            raise ConfigError(f"Unknown ohs_stop {self.ohs_stop!r}; expected one of {OHS_STOPS}.")
         if self.forget_metric not in FORGET_METRICS:
             raise ConfigError(f"Unknown forget_metric {self.forget_metric!r}; expected one of {FORGET_METRICS}.")
         if self.retain_samples < 1:
@@ -623,16 +633,18 @@ class HybridUnlearner:
         fiun_s = time.perf_counter() - t0
         out = {}
         for i, (s, by_client) in enumerate(zip(shards, revoked)):
-            out[s] = self._finish_shard(s, by_client, result, i, targets[i], len(forget_sets[i][1]), request_id)
+            restore_to = self._val_loss(models[i]) if self.approx.ohs else None  # the served model, before FIUn
+            out[s] = self._finish_shard(s, by_client, result, i, targets[i], len(forget_sets[i][1]), request_id,
+                                        restore_to)
             out[s]["fiun_seconds"] = fiun_s / len(shards)
         return out
 
     def _finish_shard(self, shard: int, by_client: dict[int, np.ndarray], result, i: int, target: float,
-                      n_forget: int, request_id: str | None) -> dict[str, object]:
+                      n_forget: int, request_id: str | None, restore_to: float | None) -> dict[str, object]:
         t0 = time.perf_counter()
         weights, ohs = result.weights[i], {"rounds": 0, "evaluations": 0, "val_loss": []}
         if self.approx.ohs:
-            weights, ohs = self._ohs(shard, weights, by_client, request_id)
+            weights, ohs = self._ohs(shard, weights, by_client, request_id, restore_to)
         record = {"alpha": result.alphas[i], "forget_target": target,
                   "forget_score": result.forget_acc[i] + target, "retain_acc": result.retain_acc[i],
                   "target_met": result.target_met[i], "selected": result.stats[i].selected,
@@ -691,12 +703,15 @@ class HybridUnlearner:
         return self.federation.cfg.rounds()[-1] if cap is None else cap
 
     def _ohs(self, shard: int, weights: dict[str, Tensor], extra: Mapping[int, np.ndarray],
-             request_id: str | None) -> tuple[dict[str, Tensor], dict[str, object]]:
-        """Calibration FedAvg rounds on kept data until the validation loss stops improving (capped)."""
+             request_id: str | None, restore_to: float | None = None) -> tuple[dict[str, Tensor], dict[str, object]]:
+        """Calibration FedAvg rounds on kept data until the validation loss stops improving (capped); with
+        ``ohs_stop="restore"`` also as soon as it is back at ``restore_to`` (the model's before FIUn)."""
         fed = self.federation
         losses, stall, evaluations, rounds = [self._val_loss(weights)], 0, 0, 0
         best = losses[0]
         for t in range(self._ohs_cap()):
+            if self.approx.ohs_stop == "restore" and restore_to is not None and losses[-1] <= restore_to:
+                break
             rows = {k: fed.kept_rows(k, shard, fed.num_slices, extra=extra) for k in fed.clients}
             key = (fed.cfg.seed, shard, "ohs", request_id or len(fed.graph), t)
             weights, g = fed.train_round(shard, weights, rows, key, fraction=self.approx.ohs_fraction)

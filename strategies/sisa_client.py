@@ -78,7 +78,8 @@ def _train_config(config: Mapping[str, Any], layout: SisaLayout) -> SisaConfig:
     missing = [k for k in TRAIN_KEYS if k not in config]
     if missing:
         raise ConfigError(f"SISA round without client settings {missing}; the server sends {list(TRAIN_KEYS)}")
-    return SisaConfig(num_shards=layout.num_shards, num_slices=layout.num_slices, local_epochs=int(config["local-epochs"]),
+    return SisaConfig(num_shards=layout.num_shards, num_slices=layout.num_slices,
+                      local_epochs=int(config["local-epochs"]),
                       batch_size=int(config["batch-size"]), lr=float(config["lr"]), momentum=float(config["momentum"]),
                       weight_decay=float(config["weight-decay"]), seed=layout.seed)
 

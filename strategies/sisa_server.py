@@ -46,8 +46,8 @@ from fl_unlearn.calibrate import calibrate_alpha
 from fl_unlearn.data import make_loader
 from fl_unlearn.errors import ConfigError, RequestError, StoreError
 from fl_unlearn.fiun import FIUnConfig, dampen
-from fl_unlearn.hybrid import (DEFAULT_BUDGET, Plan, ShardPlan, combine_plans, fit_throughput, mean_rank, mia_auc,
-                               plan_shard)
+from fl_unlearn.hybrid import (APPROX_COST_FACTOR, DEFAULT_BUDGET, Plan, ShardPlan, combine_plans, fit_throughput,
+                               mean_rank, mia_auc, plan_shard)
 from fl_unlearn.lineage import LineageGraph, TrainingData
 from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.requests import UnlearningRequest
@@ -79,6 +79,9 @@ class ApproxSettings:
         Share of an epoch per repair round; stall threshold (relative validation-loss gain); stalls to stop.
     ohs_max_rounds : int | None (default: None)
         Cap on repair rounds; ``None``: one stage's rounds (``rounds-per-stage`` of the last stage).
+    ohs_stop : str (default: "stall")
+        As ``fl_unlearn.hybrid.ApproxConfig.ohs_stop``: ``restore`` also stops once the validation loss is back
+        at the served model's before FIUn.
     """
 
     alpha: float | str = "auto"
@@ -89,6 +92,7 @@ class ApproxSettings:
     ohs_tol: float = 1e-3
     ohs_patience: int = 2
     ohs_max_rounds: int | None = None
+    ohs_stop: str = "stall"
 
 
 class FlowerSisaFederation:
@@ -395,19 +399,36 @@ class FlowerSisaFederation:
         return r_star if dirty is None else min(r_star, dirty)
 
     def plan(self, request: Revocation | UnlearningRequest, *, budget_fraction: float = DEFAULT_BUDGET,
-             policy: str = "auto", approx_evaluations: int = 0) -> Plan:
-        """Per touched shard, exact or approximate (``fl_unlearn.hybrid.plan_shard``); nothing changes."""
+             policy: str = "auto", approx: ApproxSettings | None = None) -> Plan:
+        """Per touched shard, exact or approximate (``fl_unlearn.hybrid.plan_shard``); nothing changes.
+
+        The approximate path's estimate (for the record only) follows ``approx`` (default settings if ``None``).
+        """
         if not self.trained:
             raise StoreError("plan needs a trained federation; train it first.")
         revoked = self.as_revocation(request)
         counts, _, _ = self.query_counts(revoked)
         throughput = fit_throughput(self.round_log)
+        approx = approx or ApproxSettings()
         shards = [plan_shard(s, counts[:, s, :], self.first_slice(by_client), self.ledgers[s].dirty_from,
                              self.cfg.rounds(), self.cfg.local_epochs, throughput, budget_fraction=budget_fraction,
-                             policy=policy, approx_evaluations=approx_evaluations, revoked=by_client)
+                             policy=policy, approx_evaluations=self._approx_evaluations(counts[:, s, :], approx),
+                             revoked=by_client)
                   for s, by_client in self.locate(revoked).items()]
         request_id = request.id if isinstance(request, UnlearningRequest) else None
         return combine_plans(shards, policy, budget_fraction, request_id=request_id, token=self._token())
+
+    def _approx_evaluations(self, counts: np.ndarray, approx: ApproxSettings) -> int:
+        """Estimated sample-gradient equivalents of the approximate path on one shard (``counts``: ``[K, R]`` kept).
+
+        FIUn: ``APPROX_COST_FACTOR`` per retain-Fisher sample (capped per client); OHS: its capped repair rounds.
+        """
+        kept = counts.sum(axis=1)
+        fiun = APPROX_COST_FACTOR * int(np.minimum(kept, approx.fisher_samples or kept.max(initial=0)).sum())
+        if not approx.ohs:
+            return fiun
+        cap = self.cfg.rounds()[-1] if approx.ohs_max_rounds is None else approx.ohs_max_rounds
+        return fiun + int(cap * self.cfg.local_epochs * np.ceil(approx.ohs_fraction * kept).sum())
 
     def _token(self) -> tuple:
         revoked = sum(len(ids) for led in self.ledgers for ids in led.revoked.values())
@@ -469,7 +490,8 @@ class FlowerSisaFederation:
             t1 = time.perf_counter()
             weights, ohs = new[i], {"rounds": 0, "evaluations": 0, "val_loss": []}
             if settings.ohs:
-                weights, ohs = self._ohs(s, weights, by_client, settings, validation, request_id)
+                restore_to = _loss(self.new_model(), models[i], validation)  # the served model, before FIUn
+                weights, ohs = self._ohs(s, weights, by_client, settings, validation, request_id, restore_to)
             self.record_approximate(s, by_client, weights, request_id=request_id,
                                     meta={"alpha": alphas[i], "ohs_rounds": ohs["rounds"]})
             out.append({"shard": s, "path": "approximate", "alpha": alphas[i], **extra[i],
@@ -502,8 +524,10 @@ class FlowerSisaFederation:
     def scores(self, weights: Sequence[Weights], revoked: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
         """Ensemble of ``weights`` on the revoked ids, computed by the clients that hold them (``query.sisascores``)."""
         models = {f"{R.MODEL_KEY_PREFIX}{i}": R.tensors_to_record(w) for i, w in enumerate(weights)}
-        contents = {pid: RecordDict({**models, R.CONFIG_KEY: ConfigRecord(
-            {**self._layout_config(), R.FORGET_SAMPLES: [int(i) for i in ids]})}) for pid, ids in sorted(revoked.items())}
+        contents = {}
+        for pid, ids in sorted(revoked.items()):
+            config = {**self._layout_config(), R.FORGET_SAMPLES: [int(i) for i in ids]}
+            contents[pid] = RecordDict({**models, R.CONFIG_KEY: ConfigRecord(config)})
         replies = self._ask(contents, R.MSG_SISA_SCORES)
         cols = {k: [] for k in (R.LOSSES, R.CORRECT, R.TRUE_PROBS, R.LABELS)}
         for pid in sorted(revoked):
@@ -513,12 +537,16 @@ class FlowerSisaFederation:
         return {k: np.asarray(v) for k, v in cols.items()}
 
     def _ohs(self, shard: int, weights: Weights, extra: Mapping[int, np.ndarray], settings: ApproxSettings,
-             validation: tuple[Tensor, Tensor], request_id: str | None) -> tuple[Weights, dict[str, Any]]:
-        """Repair rounds (``train.retrain`` on every kept slice, part epochs) until the validation loss stalls."""
+             validation: tuple[Tensor, Tensor], request_id: str | None,
+             restore_to: float) -> tuple[Weights, dict[str, Any]]:
+        """Repair rounds (``train.retrain`` on every kept slice, part epochs) until the validation loss stalls
+        (or, with ``ohs_stop="restore"``, is back at ``restore_to``)."""
         cap = self.cfg.rounds()[-1] if settings.ohs_max_rounds is None else settings.ohs_max_rounds
         losses, stall, evaluations, rounds = [_loss(self.new_model(), weights, validation)], 0, 0, 0
         best = losses[0]
         for t in range(cap):
+            if settings.ohs_stop == "restore" and losses[-1] <= restore_to:
+                break
             key = (self.cfg.seed, shard, "ohs", request_id or len(self.graph), t)
             weights, g, _ = self.round(shard, self.num_slices, weights, key, message_type=R.MSG_RETRAIN, extra=extra,
                                        fraction=settings.ohs_fraction)
@@ -667,7 +695,8 @@ def revoked_of(plan: Plan) -> dict[int, np.ndarray]:
 
 def evaluate_request(fed: FlowerSisaFederation, weights: Sequence[Weights], held_out: tuple[Tensor, Tensor],
                      revoked: Mapping[int, np.ndarray]) -> dict[str, float]:
-    """Ensemble figures: held-out accuracy, accuracy on the revoked ids, loss-threshold MIA AUC (revoked vs held-out)."""
+    """Ensemble figures: held-out accuracy, accuracy on the revoked ids, loss-threshold MIA AUC (revoked ids
+    against every held-out sample)."""
     with torch.no_grad():
         logp = fed.ensemble(weights)(held_out[0])
     held_loss = -logp.gather(1, held_out[1][:, None])[:, 0].double().numpy()
@@ -711,17 +740,18 @@ def run_sisa_experiment(grid: Grid, cfg: Any, *, data: Any, new_model: Callable[
         return results
 
     request = request_fn()
-    plan = fed.plan(request, budget_fraction=cfg.hybrid_budget, policy=cfg.hybrid_policy)
+    plan = fed.plan(request, budget_fraction=cfg.hybrid_budget, policy=cfg.hybrid_policy, approx=approx_settings(cfg))
     revoked = revoked_of(plan)
     before_w = [fed.shard_weights(s) for s in range(fed.num_shards)]
     before = evaluate_request(fed, before_w, held_out, revoked)
     log(INFO, "hybrid: %s", plan.reason)
-    done = fed.execute(plan, approx_settings(cfg), validation)
+    done = fed.execute(plan, approx_settings(cfg), validation)  # the settings planned with
     after_w = [fed.shard_weights(s) for s in range(fed.num_shards)]
     record: dict[str, Any] = {"request_id": request.id, "kind": request.kind, "description": request.describe(),
                               "num_revoked": int(sum(len(v) for v in revoked.values())), "path": done["path"],
                               "policy": cfg.hybrid_policy, "budget_fraction": cfg.hybrid_budget,
-                              "estimated": {"seconds": plan.estimated_seconds, "evaluations": plan.estimated_evaluations,
+                              "estimated": {"seconds": plan.estimated_seconds,
+                                            "evaluations": plan.estimated_evaluations,
                                             "exact_seconds": plan.exact_seconds,
                                             "exact_evaluations": plan.exact_evaluations, "budget": plan.budget},
                               "measured": {"seconds": done["seconds"], "evaluations": done["evaluations"]},

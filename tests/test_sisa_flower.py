@@ -33,8 +33,8 @@ from strategies.experiment import _model_factory
 from strategies.sisa_server import ApproxSettings, FlowerSisaFederation, sisa_config, split_validation
 
 #: digits, 2 clients, 2 shards x 2 slices, one round per stage.
-BASE = {"dataset": "digits", "num-clients": 2, "seed": 7, "max-train-samples": 800, "max-test-samples": 300, "sisa-shards": 2,
-        "sisa-slices": 2, "request-kind": "samples", "calibration-samples": 100}
+BASE = {"dataset": "digits", "num-clients": 2, "seed": 7, "max-train-samples": 800, "max-test-samples": 300,
+        "sisa-shards": 2, "sisa-slices": 2, "request-kind": "samples", "calibration-samples": 100}
 
 
 @pytest.fixture(autouse=True)
