@@ -99,7 +99,8 @@ def handle_sisa_round(spec: ClientSpec, msg: Message, context: Context) -> Messa
     """``train`` with SISA keys, or ``train.retrain``: one local training call of one shard-model.
 
     Replies FedAvg's contract (the trained weights; ``num-examples`` = kept rows trained on, 0 when this
-    client has none: the server then leaves it out, as the in-process federation does) plus a lineage record.
+    client has none: the server then leaves it out, as the in-process federation does) plus a lineage record;
+    the metrics echo ``sisa-shard``, so the server can tell a SISA round from plain training.
     """
     start = time.perf_counter()
     config = R.first_config(msg)
@@ -118,7 +119,7 @@ def handle_sisa_round(spec: ClientSpec, msg: Message, context: Context) -> Messa
     lineage = {R.PARTITION_ID: client.client_id, R.NUM_EXAMPLES: int(len(rows)),
                **R.histogram_to_config({int(c): int((labels == c).sum()) for c in np.unique(labels)}),
                R.SAMPLE_DIGEST: sample_digest(client.ids[rows].tolist())}
-    metrics = {R.NUM_EXAMPLES: int(n), R.SECONDS: time.perf_counter() - start}
+    metrics = {R.NUM_EXAMPLES: int(n), R.SECONDS: time.perf_counter() - start, R.SISA_SHARD: shard}
     return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.METRICS_KEY: MetricRecord(metrics),
                                R.LINEAGE_KEY: ConfigRecord(lineage)}), reply_to=msg)
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from fl_unlearn.calibrate import calibrate_alpha
 from fl_unlearn.data import make_loader
-from fl_unlearn.errors import ConfigError, RequestError, StoreError
+from fl_unlearn.errors import ConfigError, RequestError, StoreError, UnlearnError
 from fl_unlearn.fiun import FIUnConfig, dampen
 from fl_unlearn.hybrid import (APPROX_COST_FACTOR, DEFAULT_BUDGET, Plan, ShardPlan, combine_plans, fit_throughput,
                                mean_rank, mia_auc, plan_shard)
@@ -266,7 +266,11 @@ class FlowerSisaFederation:
         trained, lineages = [], []
         for pid in self.clients:  # aggregate in partition order: float sums depend on it (P4)
             content = replies[pid].content
-            n = int(content.metric_records[R.METRICS_KEY][R.NUM_EXAMPLES])
+            metrics = content.metric_records[R.METRICS_KEY]
+            if metrics.get(R.SISA_SHARD) != shard:  # plain `train` answered: the client lacks sisa_mod
+                raise UnlearnError(f"partition {pid} answered a SISA round without training shard {shard}; build "
+                                   "its ClientApp with strategies.sisa_client.sisa_mod and register_sisa_handlers")
+            n = int(metrics[R.NUM_EXAMPLES])
             if n > 0:
                 trained.append((n, R.record_to_tensors(content.array_records[R.ARRAYS_KEY])))
                 lineages.append((pid, dict(content.config_records[R.LINEAGE_KEY])))

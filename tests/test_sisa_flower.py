@@ -22,7 +22,7 @@ from flwr.simulation import run_simulation
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_unlearn.data import load_federated, sample_ids
-from fl_unlearn.errors import ConfigError, RequestError
+from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.sisa import SisaFederation, SisaLayout
@@ -189,3 +189,20 @@ def test_approximate_removal_is_recorded_and_a_later_exact_rerun_starts_early_en
     trained.execute(plan, ApproxSettings(), validation)
     assert trained.ledgers[0].dirty_from is None
     assert set(trained.revoked_ids(0, 0).tolist()) == set(first)
+
+
+def test_a_client_app_without_sisa_mod_is_named_not_averaged(tmp_path, one_thread):
+    from flwr.clientapp import ClientApp
+
+    from strategies.app import app_model, app_partition, app_test, with_run_config
+    from strategies.client import ClientSpec, register_unlearning_handlers
+    from strategies.sisa_client import register_sisa_handlers
+
+    fed = _federation(SMALL, tmp_path / "store")
+    spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
+    app = ClientApp(mods=[with_run_config(SMALL)])  # the SISA handlers, but `train` rounds go to plain FedAvg
+    register_unlearning_handlers(app, spec)
+    fed.grid.app = register_sisa_handlers(app, spec)
+    with pytest.raises(UnlearnError, match="answered a SISA round without training shard 0"):
+        fed.train()
+    assert fed.served == [None, None]
