@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +161,43 @@ def test_sisa_exact_baseline_equals_the_federation_trained_without_the_samples(t
         expected = gold.shard_weights(s)
         assert all(torch.equal(result.weights[s][k], expected[k]) for k in expected)
     assert np.isfinite(result.seconds)
+
+
+# ---- the benchmark's core (benchmarks/baselines.py) at a tiny size ------------------------------------
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+    spec = importlib.util.spec_from_file_location("benchmark_baselines", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
+    bench = _load_benchmark()
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_size=32,
+                        finetune_steps=2, ascent_steps=2, eval_size=100, mia_size=30, scaling=(2, 4), repeats=1)
+    result = bench.run(setup)
+    # rounds=1, 4 clients: g0, 4 locals, g1, 4 derived. The class is in every client's data: every local and
+    # derived model is a root, g1 is affected. Client 0 leaves with its local and derived model.
+    assert result["models"] == 10
+    assert (result["class"]["roots"], result["class"]["affected"]) == (8, 9)
+    assert (result["client"]["roots"], result["client"]["affected"]) == (2, 4)
+    for request, methods, keys in (("class", bench.CLASS_METHODS, ("forget_acc", "retain_acc")),
+                                   ("client", bench.CLIENT_METHODS, ("acc", "asr"))):
+        rows = {r["method"]: r for r in result[request]["rows"]}
+        assert list(rows) == ["original", *methods]
+        assert rows["retrain"]["ratio_to_retrain"] == 1.0 and rows["original"]["seconds"] is None
+        for row in rows.values():
+            assert all(0.0 <= row[part][k] <= 1.0 for part in ("final", "worst") for k in keys)
+            assert 0.0 <= row["mia_auc"] <= 1.0
+        for method in methods:
+            assert rows[method]["seconds"] > 0
+            assert rows[method]["ratio_to_retrain"] == pytest.approx(rows[method]["seconds"] / rows["retrain"]["seconds"])
+    # a model retrained without the class never predicts it
+    assert {r["method"]: r for r in result["class"]["rows"]}["retrain"]["final"]["forget_acc"] == 0.0
+    scaling = result["scaling"]["rows"]
+    assert [r["n"] for r in scaling] == [2, 4] and scaling[1]["elements"] == 2 * scaling[0]["elements"]
+    assert all(r["vectorised_s"] > 0 and r["per_model_s"] > 0 for r in scaling)

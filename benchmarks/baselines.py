@@ -1,0 +1,579 @@
+"""FIUn against the baselines on one trained federation, and FIUn's time as the affected network grows.
+
+One network is trained once, in process (the same ``train_local`` the Flower clients use): FedAvg over
+``--clients`` IID clients for ``--rounds`` rounds (a ``local`` model per client and round, a ``global`` model per
+round), then every client derives a personalised model from the final global model (``derived``). Client
+``--poisoned-client`` trains on data of which ``--poison-fraction`` carries a trigger patch and the label
+``--backdoor-target``. Every model is recorded in a ``LineageGraph``; a request's affected models are the
+graph's roots and their descendants, and every method changes all of them (the comparison is about the whole
+network, not one model). Each method works on its own copy of the trained weights.
+
+Requests and methods:
+
+- **class request** (forget ``--forget-class``): ``fiun`` (``alpha="auto"``, the project default), ``fiun a=1``
+  (the paper), ``finetune`` and ``gradient_ascent`` (``fl_unlearn.baselines``), and ``retrain`` (the gold standard:
+  the network trained again from the same seeds without the data).
+- **client request** (forget the poisoned client): ``fiun`` (``alpha="auto"``; forget target, as in the Flower
+  layer: the newest global model's accuracy on kept calibration samples before unlearning), ``fiun a=1``,
+  ``fiun a=10`` (SSD's threshold), ``finetune``, ``gradient_ascent``, ``retrain``, with the backdoor's attack
+  success rate (ASR). The client's own models (its local updates, its derived model) leave with it and are
+  not scored.
+
+FIUn follows the Flower layer's protocol: every client holding data to forget computes its forget-Fisher on the
+newest affected global model; each affected model gets the sample-weighted MFIM merge over the holders whose
+data reached it; each affected model's retain-Fisher is taken at its own weights on the data it keeps (the cache
+a federation keeps; its time is reported apart as ``cache s``, not in FIUn's time). Fishers cover every layer,
+batch estimator, at most ``--fisher-samples`` samples per pass (the App's defaults). ``alpha="auto"``
+calibrates on training-side samples only (forget: the holders' samples; kept: the model's own data); the
+test split is only used to report.
+
+Figures: held-out accuracy on the forgotten class and on the kept classes of the final global model (full test
+split) and the worst over all affected models (a seeded ``--eval-size`` subset of the test split);
+loss-threshold membership-inference AUC of the final global model, members = forgotten training samples,
+non-members = held-out samples (of the same class for a class request); wall time and its ratio to
+``retrain``'s, measured in the same run.
+
+The scaling run times FIUn's dampening step on N = 4..64 affected models (variants of the trained affected
+models: their weights with a little seeded noise), one vectorised ``unlearn_many`` call against ``dampen``
+applied model by model (best of ``--repeats``); the forget-Fisher passes, done once per holder whatever N is,
+are reported beside it.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/baselines.py --out /tmp/baselines.json      # MNIST (~8 min on 2 shared cores)
+    .venv/bin/python benchmarks/baselines.py --quick                        # digits smoke run (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, concatenate_datasets
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
+from fl_unlearn.calibrate import accuracy_scorer, calibrate_alpha  # noqa: E402
+from fl_unlearn.data import (  # noqa: E402
+    DataConfig,
+    class_histogram,
+    load_federated,
+    make_loader,
+    samples_of_classes,
+    sample_ids,
+    without_classes,
+    without_samples,
+)
+from fl_unlearn.evaluate import (  # noqa: E402
+    attack_success_rate,
+    forget_retain_accuracy,
+    loss_threshold_mia_auc,
+    poison_dataset,
+)
+from fl_unlearn.fisher import compute_fisher, select_parameters  # noqa: E402
+from fl_unlearn.fiun import FIUnConfig, dampen, unlearn_many  # noqa: E402
+from fl_unlearn.lineage import LineageGraph, TrainingData  # noqa: E402
+from fl_unlearn.mfim import merge_fishers  # noqa: E402
+from fl_unlearn.models import build_model  # noqa: E402
+from fl_unlearn.requests import UnlearningRequest  # noqa: E402
+from fl_unlearn.sisa import fedavg  # noqa: E402
+from fl_unlearn.train import seed_everything, train_local  # noqa: E402
+
+logger = logging.getLogger("baselines")
+Weights = dict[str, Tensor]
+
+CLASS_METHODS = ("fiun", "fiun a=1", "finetune", "gradient_ascent", "retrain")
+CLIENT_METHODS = ("fiun", "fiun a=1", "fiun a=10", "finetune", "gradient_ascent", "retrain")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The federation, the requests and every method's budget."""
+
+    source: str = "mnist"
+    max_train: int | None = 20_000
+    clients: int = 4
+    rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    derived_lr: float = 0.005
+    seed: int = 0
+    forget_class: int = 3
+    poisoned_client: int = 0
+    poison_fraction: float = 0.5
+    backdoor_target: int = 7
+    fisher_samples: int = 1024
+    calibration_size: int = 256
+    finetune_steps: int = 50
+    finetune_lr: float = 0.05
+    ascent_steps: int = 30
+    ascent_lr: float = 0.1
+    loss_ceiling: float = 5.0
+    eval_size: int = 1000
+    mia_size: int = 500
+    scaling: tuple[int, ...] = (4, 8, 16, 32, 64)
+    repeats: int = 3
+
+
+@dataclass
+class Forget:
+    """One request as data: per client, what it keeps and what it forgets."""
+
+    name: str
+    request: UnlearningRequest
+    kept: list[Dataset]
+    forgotten: list[Dataset]
+
+
+@dataclass
+class Row:
+    """One method on one request."""
+
+    method: str
+    seconds: float | None
+    ratio_to_retrain: float | None = None
+    final: dict[str, float] = field(default_factory=dict)
+    worst: dict[str, float] = field(default_factory=dict)
+    mia_auc: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---- the federation ------------------------------------------------------------------------------------
+
+
+class Network:
+    """FedAvg rounds plus derived models, in process, with a lineage graph."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.data = load_federated(DataConfig(source=setup.source, num_partitions=setup.clients, seed=setup.seed,
+                                              max_train=setup.max_train))
+        self.parts = [self.data.partition(k) for k in range(setup.clients)]
+        self.parts[setup.poisoned_client], self.poisoned_ids = poison_dataset(
+            self.parts[setup.poisoned_client], setup.poison_fraction, setup.backdoor_target, seed=setup.seed)
+        self.graph = LineageGraph()
+        self.client_of: dict[str, int | None] = {}
+        self.parents: dict[str, list[str]] = {}
+
+    def new_model(self) -> nn.Module:
+        channels, size = self.data.image_shape[0], self.data.image_shape[-1]
+        return build_model("cnn", self.data.num_classes, in_channels=channels, image_size=size)
+
+    def model_with(self, weights: Mapping[str, Tensor]) -> nn.Module:
+        model = self.new_model()
+        model.load_state_dict(weights)
+        return model.eval()
+
+    def final_global(self) -> str:
+        return f"g{self.setup.rounds}"
+
+    def train(self, forget: Forget | None = None) -> tuple[dict[str, Weights], float]:
+        """Train the whole network (without ``forget``'s data when given: the retrain); same seeds either way."""
+        s, record = self.setup, forget is None
+        data = forget.kept if forget else self.parts
+        start = time.perf_counter()
+        seed_everything(s.seed)
+        weights = {"g0": _detached(self.new_model())}
+        self._record("g0", "global", [], None, None, record, round=0)
+        for t in range(1, s.rounds + 1):
+            replies = []
+            for k, ds in enumerate(data):
+                if len(ds) == 0:
+                    continue  # a client that leaves trains nothing
+                name = f"r{t}/c{k}"
+                weights[name] = self._local(weights[f"g{t - 1}"], ds, s.lr, (t, k))
+                replies.append((len(ds), name))
+                self._record(name, "local", [f"g{t - 1}"], k, ds, record, round=t)
+            weights[f"g{t}"] = fedavg([(n, weights[name]) for n, name in replies])
+            self._record(f"g{t}", "global", [name for _, name in replies], None, None, record, round=t)
+        for k, ds in enumerate(data):
+            if len(ds):
+                weights[f"ft{k}"] = self._local(weights[self.final_global()], ds, s.derived_lr, (s.rounds + 1, k))
+                self._record(f"ft{k}", "derived", [self.final_global()], k, ds, record)
+        return weights, time.perf_counter() - start
+
+    def _local(self, start: Weights, ds: Dataset, lr: float, key: tuple[int, int]) -> Weights:
+        seed = self.setup.seed + 1000 * key[0] + key[1]
+        seed_everything(seed)
+        model = self.model_with(start)
+        train_local(model, make_loader(ds, self.setup.batch_size, shuffle=True, seed=seed),
+                    epochs=self.setup.local_epochs, lr=lr)
+        return _detached(model)
+
+    def _record(self, name: str, kind: str, parents: list[str], client: int | None, ds: Dataset | None,
+                record: bool, round: int | None = None) -> None:  # noqa: A002
+        if not record:
+            return
+        data = TrainingData(client, class_histogram(ds)) if ds is not None else None
+        owner = "server" if client is None else f"client:{client}"
+        self.graph.add_node(name, kind, parents=parents, round=round, owner=owner, data=data)
+        self.client_of[name], self.parents[name] = client, parents
+
+    # -- per model, for a request --------------------------------------------------------------------
+
+    def clients_behind(self, name: str) -> list[int]:
+        """Clients whose data a model trained on directly (a global: the clients of its round)."""
+        client = self.client_of[name]
+        return [client] if client is not None else sorted({self.client_of[p] for p in self.parents[name]})
+
+    def kept_of(self, name: str, forget: Forget) -> Dataset:
+        return _union([forget.kept[k] for k in self.clients_behind(name)])
+
+    def holders_of(self, name: str, forget: Forget, roots: Sequence[str]) -> tuple[int, ...]:
+        """Clients holding forgotten data whose roots are ``name`` or its ancestors."""
+        lineage = set(self.graph.ancestors(name)) | {name}
+        return tuple(sorted({self.client_of[r] for r in roots if r in lineage}))
+
+    def forgotten_of(self, holders: Sequence[int], forget: Forget) -> Dataset:
+        return _union([forget.forgotten[k] for k in holders])
+
+
+def class_request(net: Network, forget_class: int) -> Forget:
+    return Forget("class", UnlearningRequest.for_classes([forget_class]),
+                  [without_classes(p, [forget_class]) for p in net.parts],
+                  [samples_of_classes(p, [forget_class]) for p in net.parts])
+
+
+def client_request(net: Network, client: int) -> Forget:
+    empty = net.parts[client].select([])
+    return Forget("client", UnlearningRequest.for_clients([client]),
+                  [empty if k == client else p for k, p in enumerate(net.parts)],
+                  [p if k == client else empty for k, p in enumerate(net.parts)])
+
+
+# ---- methods -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """A request on the trained network: its targets (affected models that stay) and their data."""
+
+    net: Network
+    forget: Forget
+    weights: dict[str, Weights]
+    targets: list[str]
+    holders: dict[str, tuple[int, ...]]
+
+
+def make_context(net: Network, weights: dict[str, Weights], forget: Forget) -> Context:
+    roots = net.graph.roots(forget.request)
+    affected = net.graph.affected(forget.request)
+    leaving = set(forget.request.clients) if forget.request.kind == "client" else set()
+    targets = [n for n in affected if net.client_of[n] not in leaving]
+    return Context(net, forget, weights, targets, {n: net.holders_of(n, forget, roots) for n in targets})
+
+
+def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], float, dict]:
+    """FIUn on every target at once; returns (weights, seconds without the retain-Fisher cache, details)."""
+    net, s = ctx.net, ctx.net.setup
+    model = net.new_model()
+    params = select_parameters(model, "all")
+    t0 = time.perf_counter()
+    retain = [_fisher(net, ctx.weights[n], net.kept_of(n, ctx.forget), params) for n in ctx.targets]
+    t1 = time.perf_counter()
+    newest = [n for n in ctx.targets if n.startswith("g")][-1]
+    holders = sorted({k for hs in ctx.holders.values() for k in hs})
+    per_holder = {k: _fisher(net, ctx.weights[newest], ctx.forget.forgotten[k], params) for k in holders}
+    t2 = time.perf_counter()
+    merged_by: dict[tuple[int, ...], Weights] = {}
+    for hs in set(ctx.holders.values()):
+        merged_by[hs] = merge_fishers([dict(per_holder[k]) for k in hs], mode="weighted_mean",
+                                      num_samples=[per_holder[k].info.num_samples for k in hs])
+    forgets = [merged_by[ctx.holders[n]] for n in ctx.targets]
+    models = [ctx.weights[n] for n in ctx.targets]
+    target = None
+    if alpha == "auto":
+        score = _scorer(ctx, model)
+        target = _forget_target(ctx, score, newest)
+        result = calibrate_alpha(models, retain, forgets, score, base=FIUnConfig(), forget_target=target)
+        new, alphas, met = result.weights, result.alphas, result.target_met
+    else:
+        new, _ = unlearn_many(models, retain, forgets, FIUnConfig(alpha=float(alpha)))
+        alphas, met = [float(alpha)] * len(models), []
+    t3 = time.perf_counter()
+    details = {"cache_s": t1 - t0, "forget_fisher_s": t2 - t1, "merge_dampen_s": t3 - t2,
+               "alphas": dict(zip(ctx.targets, alphas)),
+               "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
+    return dict(zip(ctx.targets, new)), t3 - t1, details
+
+
+def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str]):
+    loader = make_loader(ds, net.setup.batch_size, shuffle=True, seed=net.setup.seed)  # capped: sample every client
+    return compute_fisher(net.model_with(weights), loader, params, estimator="batch",
+                          max_samples=net.setup.fisher_samples)
+
+
+def _scorer(ctx: Context, model: nn.Module):
+    """alpha=auto's calibration sets: the holders' forget samples and the model's own kept samples."""
+    net, size = ctx.net, ctx.net.setup.calibration_size
+    forget_sets = {hs: _head(net.forgotten_of(hs, ctx.forget), size, net.setup.seed) for hs in set(ctx.holders.values())}
+    retain_sets = [_head(net.kept_of(n, ctx.forget), size, net.setup.seed) for n in ctx.targets]
+    return accuracy_scorer(model, [forget_sets[ctx.holders[n]] for n in ctx.targets], retain_sets)
+
+
+def _forget_target(ctx: Context, score, newest: str) -> float:
+    """alpha=auto's forget target, as the Flower layer sets it: 0 for a class (a model that never saw it gets none
+    right); for a client, the newest global model's accuracy on kept calibration samples before unlearning (the
+    forgotten data should look no better known than data the model keeps)."""
+    if ctx.forget.request.kind == "classes":
+        return 0.0
+    return score(ctx.targets.index(newest), ctx.weights[newest])[1]
+
+
+def run_finetune(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
+    net, s = ctx.net, ctx.net.setup
+    loaders = [make_loader(net.kept_of(n, ctx.forget), s.batch_size, shuffle=True, seed=s.seed) for n in ctx.targets]
+    cfg = FinetuneConfig(epochs=1, lr=s.finetune_lr, max_steps=s.finetune_steps)
+    result = finetune(net.new_model(), [ctx.weights[n] for n in ctx.targets], loaders, cfg)
+    return dict(zip(ctx.targets, result.weights)), result.seconds, {"steps": sum(result.steps)}
+
+
+def run_ascent(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
+    net, s = ctx.net, ctx.net.setup
+    loaders = [make_loader(net.forgotten_of(ctx.holders[n], ctx.forget), s.batch_size, shuffle=True, seed=s.seed)
+               for n in ctx.targets]
+    cfg = AscentConfig(lr=s.ascent_lr, max_steps=s.ascent_steps, loss_ceiling=s.loss_ceiling)
+    result = gradient_ascent(net.new_model(), [ctx.weights[n] for n in ctx.targets], loaders, cfg)
+    stops = {r: result.stop_reasons.count(r) for r in sorted(set(result.stop_reasons))}
+    return dict(zip(ctx.targets, result.weights)), result.seconds, {"steps": sum(result.steps), "stops": stops}
+
+
+def run_retrain(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
+    weights, seconds = ctx.net.train(ctx.forget)
+    return {n: weights[n] for n in ctx.targets}, seconds, {"models_retrained": len(weights) - 1}
+
+
+def method_runner(method: str) -> Callable[[Context], tuple[dict[str, Weights], float, dict]]:
+    if method.startswith("fiun"):
+        alpha: float | str = "auto" if method == "fiun" else float(method.split("=")[1])
+        return lambda ctx: run_fiun(ctx, alpha)
+    return {"finetune": run_finetune, "gradient_ascent": run_ascent, "retrain": run_retrain}[method]
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Probes:
+    """Held-out and membership data, fixed for the whole run."""
+
+    test: Dataset
+    subset: Dataset
+    members: Dataset
+    nonmembers: Dataset
+
+
+def make_probes(net: Network, forget: Forget) -> Probes:
+    s, test = net.setup, net.data.test
+    rng = np.random.default_rng(s.seed)
+    subset = test.select(np.sort(rng.permutation(len(test))[: s.eval_size]))
+    if forget.request.kind == "classes":
+        members = net.forgotten_of(range(s.clients), forget)
+        nonmembers = samples_of_classes(test, forget.request.classes)
+    else:  # the client's clean samples (the triggered ones are a different distribution) vs held-out samples
+        client = forget.request.clients[0]
+        members, nonmembers = without_samples(forget.forgotten[client], net.poisoned_ids), test
+    return Probes(test, subset, _sample(members, s.mia_size, s.seed), _sample(nonmembers, s.mia_size, s.seed + 1))
+
+
+def evaluate(ctx: Context, weights: dict[str, Weights], probes: Probes) -> tuple[dict, dict, float]:
+    """(final global model's figures, worst over the targets, MIA AUC of the final global model)."""
+    net, s = ctx.net, ctx.net.setup
+    final_model = net.model_with(weights[net.final_global()])
+    mia = loss_threshold_mia_auc(final_model, probes.members, probes.nonmembers)
+    if ctx.forget.request.kind == "classes":
+        forget_classes = list(ctx.forget.request.classes)
+        final = forget_retain_accuracy(final_model, probes.test, forget_classes)
+        each = {n: forget_retain_accuracy(net.model_with(weights[n]), probes.subset, forget_classes)
+                for n in ctx.targets}
+        worst = {"forget_acc": max(e["forget_acc"] for e in each.values()),
+                 "retain_acc": min(e["retain_acc"] for e in each.values()), "per_model": each}
+        return {k: final[k] for k in ("forget_acc", "retain_acc")}, worst, mia
+    target = s.backdoor_target
+    final = {"acc": forget_retain_accuracy(final_model, probes.test, [])["acc"],
+             "asr": attack_success_rate(final_model, probes.test, target)}
+    each = {}
+    for n in ctx.targets:
+        model = net.model_with(weights[n])
+        each[n] = {"acc": forget_retain_accuracy(model, probes.subset, [])["acc"],
+                   "asr": attack_success_rate(model, probes.subset, target)}
+    worst = {"acc": min(e["acc"] for e in each.values()), "asr": max(e["asr"] for e in each.values()),
+             "per_model": each}
+    return final, worst, mia
+
+
+def run_request(net: Network, weights: dict[str, Weights], forget: Forget, methods: Sequence[str]) -> dict:
+    """Every method on copies of the trained network; the table's rows, retrain measured in the same run."""
+    ctx = make_context(net, weights, forget)
+    probes = make_probes(net, forget)
+    rows = []
+    final, worst, mia = evaluate(ctx, weights, probes)
+    rows.append(Row("original", None, final=final, worst=worst, mia_auc=mia))
+    for method in methods:
+        copy = replace(ctx, weights={n: {k: v.clone() for k, v in w.items()} for n, w in weights.items()})
+        new, seconds, extra = method_runner(method)(copy)
+        final, worst, mia = evaluate(ctx, {**weights, **new}, probes)
+        rows.append(Row(method, seconds, final=final, worst=worst, mia_auc=mia, extra=extra))
+        logger.warning("%s request: %s done in %.1f s", forget.name, method, seconds)
+    retrain_s = next(r.seconds for r in rows if r.method == "retrain")
+    for r in rows:
+        r.ratio_to_retrain = r.seconds / retrain_s if r.seconds is not None and retrain_s else None
+    return {"request": forget.request.describe(), "roots": len(net.graph.roots(forget.request)),
+            "affected": len(ctx.targets), "rows": [asdict(r) for r in rows]}
+
+
+# ---- scaling -------------------------------------------------------------------------------------------
+
+
+def scaling_run(net: Network, weights: dict[str, Weights], forget: Forget) -> dict:
+    """Dampening time for N variants of the affected models: one vectorised step vs model by model."""
+    s = net.setup
+    ctx = make_context(net, weights, forget)
+    params = select_parameters(net.new_model(), "all")
+    t0 = time.perf_counter()
+    newest = [n for n in ctx.targets if n.startswith("g")][-1]
+    per_holder = [_fisher(net, weights[newest], forget.forgotten[k], params) for k in range(s.clients)
+                  if len(forget.forgotten[k])]
+    merged = merge_fishers([dict(f) for f in per_holder], mode="weighted_mean",
+                           num_samples=[f.info.num_samples for f in per_holder])
+    forget_fisher_s = time.perf_counter() - t0
+    base = ctx.targets[: min(4, len(ctx.targets))]
+    retain = [_fisher(net, weights[n], net.kept_of(n, forget), params) for n in base]
+    gen = torch.Generator().manual_seed(s.seed)
+    per_model = sum(weights[base[0]][p].numel() for p in params)
+    cfg, rows = FIUnConfig(alpha=1.0), []
+    for n in s.scaling:
+        models = [_variant(weights[base[i % len(base)]], gen) for i in range(n)]
+        retains = [retain[i % len(base)] for i in range(n)]
+        vec = _best_of(s.repeats, lambda: unlearn_many(models, retains, merged, cfg))
+        loop = _best_of(s.repeats, lambda: [dampen(m, r, merged, cfg) for m, r in zip(models, retains)])
+        rows.append({"n": n, "elements": n * per_model, "vectorised_s": vec, "per_model_s": loop,
+                     "ratio": vec / loop if loop else None})
+    return {"forget_fisher_s": forget_fisher_s, "rows": rows}
+
+
+def _variant(weights: Weights, gen: torch.Generator) -> Weights:
+    """The weights plus seeded noise of 0.1 % of each tensor's spread (distinct models, same Fisher scale)."""
+    return {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+
+
+def _best_of(repeats: int, fn: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ---- the whole run -------------------------------------------------------------------------------------
+
+
+def run(setup: Setup) -> dict:
+    """Train once, run both requests and the scaling run; a JSON-ready result."""
+    net = Network(setup)
+    weights, train_s = net.train()
+    logger.warning("trained %d models in %.1f s", len(weights), train_s)
+    class_fg, client_fg = class_request(net, setup.forget_class), client_request(net, setup.poisoned_client)
+    return {
+        "setup": asdict(setup),
+        "train_s": train_s,
+        "models": len(weights),
+        "class": run_request(net, weights, class_fg, CLASS_METHODS),
+        "client": run_request(net, weights, client_fg, CLIENT_METHODS),
+        "scaling": scaling_run(net, weights, class_fg),
+    }
+
+
+def print_tables(result: dict) -> None:
+    c = result["class"]
+    print(f"\n== class request: {c['request']}; {c['roots']} roots, {c['affected']} affected models "
+          f"(trained {result['models']} models in {result['train_s']:.1f} s)")
+    print(f"{'method':<17}{'final forget':>13}{'final kept':>11}{'worst forget':>13}{'worst kept':>11}"
+          f"{'MIA AUC':>9}{'time s':>9}{'vs retrain':>11}{'cache s':>9}")
+    for r in c["rows"]:
+        print(f"{r['method']:<17}{r['final']['forget_acc']:>13.3f}{r['final']['retain_acc']:>11.3f}"
+              f"{r['worst']['forget_acc']:>13.3f}{r['worst']['retain_acc']:>11.3f}{r['mia_auc']:>9.3f}"
+              f"{_num(r['seconds'], '.2f'):>9}{_num(r['ratio_to_retrain'], '.2%'):>11}"
+              f"{_num(r['extra'].get('cache_s'), '.2f'):>9}")
+    k = result["client"]
+    print(f"\n== client request: {k['request']} (poisoned: {result['setup']['poison_fraction']:.0%} of its samples "
+          f"carry the trigger, target {result['setup']['backdoor_target']}); {k['affected']} affected models stay")
+    print(f"{'method':<17}{'final acc':>10}{'final ASR':>10}{'worst acc':>10}{'worst ASR':>10}"
+          f"{'MIA AUC':>9}{'time s':>9}{'vs retrain':>11}{'cache s':>9}")
+    for r in k["rows"]:
+        print(f"{r['method']:<17}{r['final']['acc']:>10.3f}{r['final']['asr']:>10.3f}{r['worst']['acc']:>10.3f}"
+              f"{r['worst']['asr']:>10.3f}{r['mia_auc']:>9.3f}{_num(r['seconds'], '.2f'):>9}"
+              f"{_num(r['ratio_to_retrain'], '.2%'):>11}{_num(r['extra'].get('cache_s'), '.2f'):>9}")
+    sc = result["scaling"]
+    print(f"\n== scaling: FIUn dampening (alpha=1) of N models; forget-Fisher passes once: "
+          f"{sc['forget_fisher_s']:.2f} s whatever N")
+    print(f"{'N':>4}{'elements':>12}{'vectorised s':>14}{'per model s':>13}{'ratio':>8}")
+    for r in sc["rows"]:
+        print(f"{r['n']:>4}{r['elements']:>12}{r['vectorised_s']:>14.4f}{r['per_model_s']:>13.4f}{r['ratio']:>8.2f}")
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _detached(model: nn.Module) -> Weights:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _union(parts: Sequence[Dataset]) -> Dataset:
+    parts = [p for p in parts if len(p)] or list(parts[:1])
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _sample(ds: Dataset, size: int, seed: int) -> Dataset:
+    rows = np.random.default_rng(seed).permutation(len(ds))[:size]
+    return ds.select(np.sort(rows))
+
+
+def _head(ds: Dataset, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random sample of up to ``size`` rows as one normalised ``(x, y)`` batch."""
+    return next(iter(make_loader(ds, max(1, min(size, len(ds))), shuffle=True, seed=seed)))
+
+
+QUICK = Setup(source="digits", max_train=None, rounds=2, local_epochs=3, lr=0.05, fisher_samples=512,
+              calibration_size=128, finetune_steps=20, eval_size=360, mia_size=100, repeats=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits, 2 rounds: a 1-2 minute smoke run")
+    parser.add_argument("--source", choices=["mnist", "digits", "synthetic"])
+    parser.add_argument("--max-train", type=int, help="subsample the training split (0: all of it)")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--forget-class", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    setup = QUICK if args.quick else Setup()
+    overrides = {k: v for k, v in vars(args).items() if k not in ("quick", "out") and v is not None}
+    if overrides.get("max_train") == 0:
+        overrides["max_train"] = None
+    setup = replace(setup, **overrides)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    result = run(setup)
+    print_tables(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
