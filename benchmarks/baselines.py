@@ -70,7 +70,6 @@ from fl_unlearn.data import (  # noqa: E402
     load_federated,
     make_loader,
     samples_of_classes,
-    sample_ids,
     without_classes,
     without_samples,
 )
@@ -230,7 +229,7 @@ class Network:
     def kept_of(self, name: str, forget: Forget) -> Dataset:
         return _union([forget.kept[k] for k in self.clients_behind(name)])
 
-    def holders_of(self, name: str, forget: Forget, roots: Sequence[str]) -> tuple[int, ...]:
+    def holders_of(self, name: str, roots: Sequence[str]) -> tuple[int, ...]:
         """Clients holding forgotten data whose roots are ``name`` or its ancestors."""
         lineage = set(self.graph.ancestors(name)) | {name}
         return tuple(sorted({self.client_of[r] for r in roots if r in lineage}))
@@ -271,12 +270,12 @@ def make_context(net: Network, weights: dict[str, Weights], forget: Forget) -> C
     affected = net.graph.affected(forget.request)
     leaving = set(forget.request.clients) if forget.request.kind == "client" else set()
     targets = [n for n in affected if net.client_of[n] not in leaving]
-    return Context(net, forget, weights, targets, {n: net.holders_of(n, forget, roots) for n in targets})
+    return Context(net, forget, weights, targets, {n: net.holders_of(n, roots) for n in targets})
 
 
 def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], float, dict]:
     """FIUn on every target at once; returns (weights, seconds without the retain-Fisher cache, details)."""
-    net, s = ctx.net, ctx.net.setup
+    net = ctx.net
     model = net.new_model()
     params = select_parameters(model, "all")
     t0 = time.perf_counter()
