@@ -33,3 +33,7 @@ class DataSourceError(UnlearnError):
 
 class ConfigError(UnlearnError, ValueError):
     """An invalid configuration value (unknown model, partitioner, estimator, ...)."""
+
+
+class RecordError(UnlearnError, ValueError):
+    """A malformed message record from the network: undecodable array, wrong type or value in a config."""

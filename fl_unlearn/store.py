@@ -4,7 +4,9 @@ Layout under ``root``::
 
     objects/<d[:2]>/<d>.safetensors   tensors; d = sha256 hex of the file bytes (metadata included)
     refs/<name>.json                  named pointers to objects ("latest-global"): {"digest": d}
-    docs/<name>.json                  small JSON documents (results, state, request journals)
+    docs/<name>.json                  small JSON documents (results, state)
+    journal/requests.jsonl            the request journal (``fl_unlearn.journal``)
+    lock                              the writers' lock (:meth:`Store.lock`)
 
 Guarantees:
 
@@ -17,8 +19,12 @@ Guarantees:
 - **Immutable objects.** Metadata lives inside the safetensors header (as one JSON string), so it is
   covered by the digest: the same tensors with different metadata are different objects.
 
-Not guarded against: several processes writing the same ref or document at once (last writer wins), and
-objects deleted or edited behind the store's back other than what the checksum catches.
+- **One writer at a time, readers never wait.** Writers that change refs, documents or the lineage together
+  (serving an unlearning request) hold :meth:`Store.lock`, an exclusive ``fcntl.flock`` on ``<root>/lock``;
+  readers take no lock and, thanks to atomic writes, see each file either before or after a change.
+
+Not guarded against: writers that do not take the lock (last writer wins), and objects deleted or edited
+behind the store's back other than what the checksum catches.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +139,22 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _acquire(fd: int, fcntl: Any, timeout: float | None, path: Path) -> None:
+    if timeout is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise StoreError(f"the store lock {str(path)!r} was not free within {timeout:.1f} s; another "
+                                 "request is being applied") from None
+            time.sleep(0.05)
+
+
 class Store:
     """Content-addressed safetensors objects, named refs and JSON documents under one directory.
 
@@ -204,6 +228,46 @@ class Store:
             return path.read_bytes() == data
         except OSError:
             return False
+
+    def verify(self, digest: str) -> None:
+        """Check that object ``digest`` exists and its bytes hash to ``digest`` (no decoding).
+
+        Raises
+        ------
+        StoreError
+            Malformed digest, missing object, checksum mismatch ("corrupt").
+        """
+        self._read_verified(digest)
+
+    @contextmanager
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the store's writer lock (exclusive ``fcntl.flock`` on ``<root>/lock``) for a ``with`` block.
+
+        Serialises writers across threads and processes (each call opens its own file description). Not
+        re-entrant: do not take it again inside the block. Readers need no lock.
+
+        Parameters
+        ----------
+        timeout : float | None (default: None)
+            Seconds to wait for the lock; ``None`` waits as long as it takes.
+
+        Raises
+        ------
+        StoreError
+            The lock file cannot be opened, or the lock was not free within ``timeout``.
+        """
+        import fcntl  # POSIX only; imported here so reading a store works everywhere
+
+        path = self.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreError(f"cannot open the store lock {str(path)!r}: {err}") from err
+        try:
+            _acquire(fd, fcntl, timeout, path)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def has(self, digest: str) -> bool:
         """Whether object ``digest`` exists (not verified; ``get`` verifies)."""

@@ -1,4 +1,4 @@
-"""Nodes of a run: waiting out the registration race, node id -> partition id, checked replies.
+"""Nodes of a run: waiting out the registration race, node id -> partition id, checked and retried replies.
 
 Node ids are random per run (``reference/flower.md`` §3), so the wrapper learns which node holds which
 partition with ``query.info``, and orders nodes by partition id wherever order matters (sampling,
@@ -8,8 +8,8 @@ aggregation), so runs repeat.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from logging import INFO
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -115,3 +115,60 @@ def checked_replies(replies: Iterable[Message], what: str) -> list[Message]:
     if errors:
         raise UnlearnError(f"{what} failed on {len(errors)} node(s): " + "; ".join(errors))
     return replies
+
+
+def send_with_retries(
+    grid: Grid, messages: Iterable[Message], what: str, *, timeout: float | None, retries: int = 2,
+    check: Callable[[Message], None] | None = None,
+) -> tuple[list[Message], dict[int, str]]:
+    """Send, then resend (at most ``retries`` times) to every node that answered with an error or not at all.
+
+    Unlike :func:`checked_replies` this never raises for a failing node: the caller decides what a missing
+    reply means (``train.unlearn``: the request stays incomplete for that client's models).
+
+    Parameters
+    ----------
+    grid : Grid
+    messages : Iterable[Message]
+        At most one per destination node.
+    what : str
+        The message type, for logs and reasons.
+    timeout : float | None
+        Seconds to wait for the replies of each attempt.
+    retries : int (default: 2)
+        Extra attempts after the first.
+    check : callable | None (default: None)
+        Called on each reply; an exception raised there propagates (hostile content is an error, not a fault
+        to retry).
+
+    Returns
+    -------
+    tuple[list[Message], dict[int, str]]
+        The good replies, and destination node id -> the last reason for every node that never answered well.
+    """
+    pending = {m.metadata.dst_node_id: m for m in messages}
+    good: list[Message] = []
+    reasons: dict[int, str] = {}
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        if attempt:
+            log(WARNING, "%s: retry %d of %d for %d node(s): %s", what, attempt, retries, len(pending),
+                "; ".join(reasons[n] for n in pending))
+        batch = [Message(m.content, dst_node_id=n, message_type=m.metadata.message_type) for n, m in pending.items()]
+        answered: set[int] = set()
+        for reply in grid.send_and_receive(batch, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if node not in pending or node in answered:
+                continue  # a stray or duplicate reply
+            answered.add(node)
+            if reply.has_error():
+                reasons[node] = error_reason(reply)
+                continue
+            if check is not None:
+                check(reply)
+            good.append(reply)
+            del pending[node]
+        for node in set(pending) - answered:
+            reasons[node] = f"node {node}: no reply within {timeout} s"
+    return good, {n: reasons[n] for n in pending}

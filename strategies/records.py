@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from fl_unlearn.errors import RecordError
+
 # --- message types ------------------------------------------------------------------------------------
 MSG_INFO = "query.info"
 MSG_FISHER = "query.fisher"
@@ -101,8 +103,33 @@ def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Unpack an ArrayRecord into a ``{name: tensor}`` dict of writable CPU tensors."""
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+    """Unpack an ArrayRecord into a ``{name: tensor}`` dict of writable CPU tensors.
+
+    Records come from the network, so decoding is checked: numpy's loader runs with ``allow_pickle=False``
+    (Flower's ``Array.numpy``), and anything that is not a numeric array becomes a ``RecordError``.
+
+    Raises
+    ------
+    RecordError
+        Not an ArrayRecord, undecodable bytes, a non-numeric dtype (strings, objects, structured).
+    """
+    if not isinstance(record, ArrayRecord):
+        raise RecordError(f"expected an ArrayRecord, got {type(record).__name__}")
+    return {str(k): _array_to_tensor(str(k), v) for k, v in record.items()}
+
+
+def _array_to_tensor(name: str, array: Array) -> torch.Tensor:
+    try:
+        value = array.numpy()
+    except Exception as err:  # noqa: BLE001  (untrusted bytes: every decoding failure is the sender's fault)
+        raise RecordError(f"array {name!r:.80} cannot be decoded: {type(err).__name__}: {err!s:.200}") from err
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise RecordError(f"array {name!r:.80} has dtype {kind}; expected a numeric (bool, int, float) array")
+    try:
+        return torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("="), copy=True))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RecordError(f"array {name!r:.80} ({value.dtype}) has no torch equivalent: {err}") from err
 
 
 def histogram_to_config(hist: Mapping[int, int]) -> dict[str, list[int]]:
@@ -112,11 +139,19 @@ def histogram_to_config(hist: Mapping[int, int]) -> dict[str, list[int]]:
 
 
 def histogram_from_config(config: Mapping) -> dict[int, int]:
-    """Inverse of :func:`histogram_to_config`; raises ``ValueError`` on ragged lists."""
-    classes, counts = list(config.get(HIST_CLASSES, [])), list(config.get(HIST_COUNTS, []))
+    """Inverse of :func:`histogram_to_config`.
+
+    Raises
+    ------
+    RecordError
+        (a ``ValueError``) ragged lists, repeated classes, values that are not non-negative ints.
+    """
+    classes, counts = int_list(config.get(HIST_CLASSES)), int_list(config.get(HIST_COUNTS))
     if len(classes) != len(counts):
-        raise ValueError(f"label histogram has {len(classes)} classes but {len(counts)} counts")
-    return {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
+        raise RecordError(f"label histogram has {len(classes)} classes but {len(counts)} counts")
+    if len(set(classes)) != len(classes):
+        raise RecordError(f"label histogram lists a class twice: {classes[:20]}")
+    return dict(zip(classes, counts, strict=True))
 
 
 def sample_digest(ids: Iterable[int]) -> str:
@@ -126,12 +161,20 @@ def sample_digest(ids: Iterable[int]) -> str:
 
 
 def int_list(value: object) -> list[int]:
-    """Read an int list from a ConfigRecord value (absent or empty -> [])."""
+    """Read a list of non-negative ints (ids, counts) from a ConfigRecord value (absent -> []).
+
+    Raises
+    ------
+    RecordError
+        (a ``ValueError``) a value that is not an int (bools, floats and strings are refused) or is negative.
+    """
     if value is None:
         return []
-    if isinstance(value, (list, tuple)):
-        return [int(v) for v in value]
-    return [int(value)]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0]
+    if bad:
+        raise RecordError(f"expected non-negative integer ids or counts, got {bad[:10]!r:.200}")
+    return [int(v) for v in values]
 
 
 def first_config(msg: Message, key: str = CONFIG_KEY) -> ConfigRecord:

@@ -1,0 +1,383 @@
+"""Reliability: the request journal, crash recovery (kill -9 at every state), client faults, tampering, locking.
+
+The crash tests run a small core-level unlearn (``fl_unlearn.recovery.serve_request`` with in-process steps:
+store-held models dampened with ``unlearn_many``, client-held models dampened in per-client stores) in a
+forked child that SIGKILLs itself right after a journal state is written; the parent then restarts the same
+request and compares every model with an uninterrupted run's (``torch.equal``). The client-fault test runs
+the real server wrapper and client handlers over an in-process fake Grid (four clients, one failing).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_unlearn.errors import LineageError, RequestError, StoreError
+from fl_unlearn.fiun import FIUnConfig, unlearn_many
+from fl_unlearn.journal import RequestJournal
+from fl_unlearn.lineage import LineageGraph, TrainingData
+from fl_unlearn.mfim import merge_fishers
+from fl_unlearn.recovery import ClientFailure, ClientsDone, Dampened, Fishers, plan_request, serve_request
+from fl_unlearn.requests import UnlearningRequest
+from fl_unlearn.store import Store
+
+REQUEST = UnlearningRequest.for_classes([3], id="req-crash", created=0.0)
+CLIENTS = (0, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# a small world: 3 clients, one round, one derived model per client (held by the client)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _tensors(gen: torch.Generator, positive: bool = False) -> dict[str, torch.Tensor]:
+    make = torch.rand if positive else torch.randn
+    return {"fc.weight": make(6, 4, generator=gen), "fc.bias": make(6, generator=gen)}
+
+
+def build_world(root: Path) -> Path:
+    """Store + lineage under ``root/store``; client stores under ``root/store/clients/<pid>``."""
+    gen = torch.Generator().manual_seed(0)
+    store = Store(root / "store")
+    graph = LineageGraph(root / "store" / "lineage")
+    graph.add_node("global-r0", "global", round=0, weights=store.put(_tensors(gen)))
+    for pid in CLIENTS:
+        hist = {3: 5, 1: 4} if pid != 2 else {1: 9}
+        graph.add_node(f"local-r1-p{pid}", "local", round=1, parents=("global-r0",), owner=f"client:{pid}",
+                       data=TrainingData(pid, hist), weights=store.put(_tensors(gen)),
+                       retain_fisher=store.put(_tensors(gen, True)), meta={"held-by": "server"})
+    graph.add_node("global-r1", "global", round=1, parents=tuple(f"local-r1-p{p}" for p in CLIENTS),
+                   weights=store.put(_tensors(gen)), retain_fisher=store.put(_tensors(gen, True)))
+    store.set_ref("latest-global", graph.node("global-r1").weights)
+    for pid in CLIENTS:
+        client = Store(root / "store" / "clients" / str(pid))
+        node_id = f"derived-p{pid}"
+        client.put_json("models", {node_id: {"weights": client.put(_tensors(gen)),
+                                             "retain-fisher": client.put(_tensors(gen, True))}})
+        graph.add_node(node_id, "derived", round=1, parents=("global-r1",), owner=f"client:{pid}",
+                       data=TrainingData(pid, {1: 3}), meta={"held-by": f"client:{pid}"})
+    return root / "store"
+
+
+class CoreSteps:
+    """In-process steps: deterministic forget-Fishers per holder, FIUn on stored weights, fake clients."""
+
+    def __init__(self, store_dir: Path, graph: LineageGraph, failing: set[int] = frozenset()) -> None:
+        self.store_dir, self.graph, self.failing = store_dir, graph, set(failing)
+        self.store = Store(store_dir)
+        self.calls: list[str] = []
+
+    def plan(self):
+        return plan_request(self.graph, self.store, self.graph.roots(REQUEST), self.graph.affected(REQUEST))
+
+    def gather(self, plan):
+        self.calls.append("gather")
+        holders = sorted({self.graph.node(r).data.client for r in plan.roots})
+        fishers = [_tensors(torch.Generator().manual_seed(100 + p), True) for p in holders]
+        merged = merge_fishers(fishers, num_samples=[5] * len(fishers), mode="weighted_mean")
+        return Fishers({m: merged for m in plan.targets}, None, {p: 5 for p in holders})
+
+    def dampen(self, plan, todo, fishers):
+        self.calls.append("dampen")
+        nodes = [self.graph.node(m) for m in todo]
+        new, _ = unlearn_many([self.store.get(n.weights) for n in nodes],
+                              [self.store.get(n.retain_fisher) for n in nodes], [fishers.forget[m] for m in todo],
+                              FIUnConfig())
+        return Dampened({m: self.store.put(w, {"unlearned-from": m}) for m, w in zip(todo, new)}, {}, [])
+
+    def unlearn_clients(self, plan, todo, fishers, done):
+        self.calls.append("clients")
+        out = ClientsDone()
+        for pid, ids in todo.items():
+            if pid in self.failing:
+                out.failures[pid] = "simulated crash of the client"
+                continue
+            client = Store(self.store_dir / "clients" / str(pid))
+            index = client.get_json("models")
+            new, _ = unlearn_many([client.get(index[m]["weights"]) for m in ids],
+                                  [client.get(index[m]["retain-fisher"]) for m in ids],
+                                  [fishers.forget[m] for m in ids], FIUnConfig())
+            out.digests.update({m: client.put(w, {"unlearned-from": m}) for m, w in zip(ids, new)})
+        return out
+
+
+def serve(store_dir: Path, *, failing: set[int] = frozenset(), hook=None):
+    graph = LineageGraph.load(store_dir / "lineage")
+    store = Store(store_dir)
+    steps = CoreSteps(store_dir, graph, failing)
+    with store.lock():
+        progress = serve_request(RequestJournal.for_store(store), REQUEST, graph, store, steps,
+                                 refs=("latest-global",), hook=hook)
+    return progress, steps
+
+
+def final_models(store_dir: Path) -> dict[str, torch.Tensor]:
+    """Every unlearned version's tensors (server- and client-held), keyed by lineage id and tensor name."""
+    graph = LineageGraph.load(store_dir / "lineage")
+    out = {}
+    for node in graph.nodes():
+        if node.request_id is None:
+            continue
+        if node.weights is not None:
+            tensors = Store(store_dir).get(node.weights)
+        else:
+            tensors = Store(store_dir / "clients" / str(node.client)).get(node.meta["client-weights"])
+        out.update({f"{node.id}/{k}": v for k, v in tensors.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A world, and its models after one uninterrupted run."""
+    root = tmp_path_factory.mktemp("world")
+    pristine = build_world(root)
+    done = tmp_path_factory.mktemp("reference") / "store"
+    shutil.copytree(pristine, done)
+    progress, _ = serve(done)
+    assert progress.state == "verified" and not progress.missing
+    return pristine, final_models(done)
+
+
+def _crash_at(point: str):
+    def hook(state: str) -> None:
+        if state == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _child(store_dir: str, point: str) -> None:
+    serve(Path(store_dir), hook=_crash_at(point))
+    os._exit(0)  # not killed: the crash point was never reached
+
+
+# ------------------------------------------------------------------------------------------------------
+# crash recovery
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("point", ["received", "fisher-collected", "dampened", "recorded", "applied", "verified"])
+def test_kill_at_each_state_then_restart_equals_an_uninterrupted_run(point, reference, tmp_path):
+    pristine, expected = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(str(store_dir), point))
+    child.start()
+    child.join(60)
+    if child.is_alive():  # hung (it should have killed itself): end it, and fail below
+        child.kill()
+        child.join()
+    assert child.exitcode == -signal.SIGKILL, f"the child was not killed at {point!r} (exit {child.exitcode})"
+    journaled = "dampened" if point == "recorded" else point  # "recorded": killed after the first lineage node
+    assert RequestJournal.for_store(Store(store_dir)).state(REQUEST.id) == journaled
+    if point == "verified":
+        with pytest.raises(RequestError, match="already applied"):
+            serve(store_dir)
+    else:
+        progress, steps = serve(store_dir)
+        assert progress.state == "verified" and progress.resumed_from is not None
+        # From "dampened" on, nothing is dampened again: the journaled digests are recorded.
+        assert ("dampen" in steps.calls) == (point in ("received", "fisher-collected"))
+    got = final_models(store_dir)
+    assert got.keys() == expected.keys()  # one version per model: none missing, none twice
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    graph = LineageGraph.load(store_dir / "lineage")
+    assert Store(store_dir).get_ref("latest-global") == graph.node("global-r1~ureq-cras").weights
+
+
+def test_a_served_request_is_refused_a_second_time(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    serve(store_dir)
+    with pytest.raises(RequestError, match="already applied"):
+        serve(store_dir)
+    other = UnlearningRequest.for_classes([1], id=REQUEST.id, created=0.0)  # same id, other content
+    graph, store = LineageGraph.load(store_dir / "lineage"), Store(store_dir)
+    with pytest.raises(RequestError, match="different content"):
+        serve_request(RequestJournal.for_store(store), other, graph, store, CoreSteps(store_dir, graph))
+
+
+def test_lineage_records_the_request_of_every_version(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    progress, _ = serve(store_dir)
+    graph = LineageGraph.load(store_dir / "lineage")
+    assert set(progress.versions) == set(progress.plan.targets)
+    for old, new in progress.versions.items():
+        assert graph.node(new).request_id == REQUEST.id and graph.node(new).parents == (old,)
+
+
+# ------------------------------------------------------------------------------------------------------
+# client faults (core): incomplete, then finished by a later run
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_client_leaves_the_request_incomplete_and_a_rerun_finishes_it(reference, tmp_path):
+    pristine, expected = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    progress, _ = serve(store_dir, failing={1})
+    assert progress.state == "incomplete" and progress.missing == ["derived-p1"]
+    assert "derived-p1" not in progress.versions and 1 in progress.failures
+    assert not any(k.startswith("derived-p1~") for k in final_models(store_dir))  # nothing claimed
+    progress, steps = serve(store_dir)
+    assert progress.state == "verified" and progress.missing == [] and progress.resumed_from == "incomplete"
+    assert steps.calls == ["clients"]  # only what was missing
+    got = final_models(store_dir)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_failed_fisher_round_trip_changes_no_model(reference, tmp_path):
+    pristine, expected = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+
+    class NoFishers(CoreSteps):
+        def gather(self, plan):
+            raise ClientFailure({0: "no reply within 1 s"})
+
+    graph, store = LineageGraph.load(store_dir / "lineage"), Store(store_dir)
+    progress = serve_request(RequestJournal.for_store(store), REQUEST, graph, store, NoFishers(store_dir, graph))
+    assert progress.state == "incomplete" and progress.missing == progress.plan.targets and progress.versions == {}
+    assert final_models(store_dir) == {}
+    progress, _ = serve(store_dir)
+    assert progress.state == "verified"
+    got = final_models(store_dir)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+# ------------------------------------------------------------------------------------------------------
+# tampering
+# ------------------------------------------------------------------------------------------------------
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_tampered_checkpoint_is_refused_before_anything_is_written(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    graph = LineageGraph.load(store_dir / "lineage")
+    path = Store(store_dir).path(graph.node("local-r1-p1").weights)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = _tree(store_dir)
+    with pytest.raises(StoreError, match="corrupt"):
+        serve(store_dir)
+    after = _tree(store_dir)
+    after.pop("lock", None)
+    before.pop("lock", None)
+    assert after == before
+
+
+@pytest.mark.parametrize("edit", ["flip", "drop-first", "swap"])
+def test_tampered_journal_is_a_clear_error(edit, reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    serve(store_dir, failing={1})  # leaves an incomplete request to resume
+    journal = RequestJournal.for_store(Store(store_dir))
+    lines = journal.path.read_bytes().splitlines(keepends=True)
+    if edit == "flip":
+        lines[1] = lines[1].replace(b'"fisher-collected"', b'"fisher-collectee"')
+    elif edit == "drop-first":
+        lines = lines[1:]
+    else:
+        lines[1], lines[2] = lines[2], lines[1]
+    journal.path.write_bytes(b"".join(lines))
+    with pytest.raises(StoreError, match="request journal"):
+        serve(store_dir)
+
+
+def test_torn_last_journal_line_is_dropped(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    journal = RequestJournal.for_store(Store(store_dir))
+    journal.append("other", "received", {"x": 1})
+    with open(journal.path, "ab") as f:
+        f.write(b'{"seq": 2, "request": "other", "sta')  # a crash mid-append
+    assert [e.state for e in journal.entries()] == ["received"]
+    with pytest.warns(RuntimeWarning, match="torn"):
+        journal.append("other", "incomplete", {"x": 2})
+    assert [e.state for e in journal.entries()] == ["received", "incomplete"]
+
+
+def test_journal_refuses_an_illegal_transition(tmp_path):
+    from fl_unlearn.errors import UnlearnError
+
+    journal = RequestJournal(tmp_path)
+    with pytest.raises(UnlearnError, match="cannot follow None"):
+        journal.append("r", "applied", {})
+    journal.append("r", "received", {})
+    with pytest.raises(UnlearnError, match="cannot follow 'received'"):
+        journal.append("r", "verified", {})
+
+
+def test_conflicting_recorded_version_is_refused(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    graph = LineageGraph.load(store_dir / "lineage")
+    graph.add_node("global-r1~ureq-cras", "global", round=1, parents=("global-r1",), request_id="someone-else")
+    with pytest.raises(LineageError, match="someone-else"):
+        serve(store_dir)
+
+
+# ------------------------------------------------------------------------------------------------------
+# concurrency
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_two_requests_at_once_are_serialised_and_the_store_stays_readable(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    inside = threading.Event()
+    release = threading.Event()
+    reads: list[str] = []
+
+    class SlowSteps(CoreSteps):
+        def gather(self, plan):
+            inside.set()
+            assert release.wait(10)
+            return super().gather(plan)
+
+    def run(request: UnlearningRequest, steps_cls) -> None:
+        graph, store = LineageGraph.load(store_dir / "lineage"), Store(store_dir)
+        with store.lock():
+            serve_request(RequestJournal.for_store(store), request, graph, store, steps_cls(store_dir, graph))
+
+    first = threading.Thread(target=run, args=(REQUEST, SlowSteps))
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=run, args=(UnlearningRequest.for_classes([1], id="req-two", created=0.0),
+                                                CoreSteps))
+    second.start()
+    # While the first request is being applied: the store and journal read fine, the second request waits.
+    store = Store(store_dir)
+    reads.append(store.get_ref("latest-global"))
+    assert store.get(reads[0])["fc.weight"].shape == (6, 4)
+    time.sleep(0.3)  # time for the second request to have run, had it not waited for the lock
+    assert RequestJournal.for_store(store).requests() == {REQUEST.id: "received"}
+    release.set()
+    first.join(30)
+    second.join(30)
+    order = [e.request for e in RequestJournal.for_store(store).entries()]
+    assert order == sorted(order, key=lambda r: r != REQUEST.id)  # all of the first, then all of the second
+    assert RequestJournal.for_store(store).requests() == {REQUEST.id: "verified", "req-two": "verified"}
+
