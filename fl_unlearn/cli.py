@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -356,14 +357,23 @@ class RunFailed(UnlearnError):
     """The App's run did not finish with ``finished:completed`` or left no results."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def failure_reason(log_text: str, returncode: int) -> str:
-    """The run status line of the runner and the last error line of the App, in one sentence."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    """The runner's run status line (with Flower's status details), else the App's last error line.
+
+    >>> failure_reason("flwr_run: run status: finished:failed (Simulation failed: Unknown class [42])", 1)
+    'run status finished:failed (Simulation failed: Unknown class [42])'
+    """
+    lines = [_ANSI.sub("", ln).strip() for ln in log_text.splitlines()]
+    lines = [ln for ln in lines if ln]
     status = next((ln[len(STATUS_PREFIX):].strip() for ln in reversed(lines) if ln.startswith(STATUS_PREFIX)),
                   None)
-    errors = [ln for ln in lines if "Error" in ln or "ERROR" in ln or "Exception" in ln]
     reason = f"run status {status}" if status else f"runner exited {returncode} without a run status"
-    if errors:
+    has_details = status is not None and "(" in status and not status.endswith("(N/A)")
+    errors = [ln for ln in lines if "Error" in ln or "ERROR" in ln or "Exception" in ln]
+    if errors and not has_details:
         reason += f"; last error: {errors[-1][:300]}"
     return reason
 

@@ -167,9 +167,11 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-#: (panel title, y label, [(series label suffix, column)], log scale); the method label comes from the row.
+#: (panel title, y label, [(series label, column)], log scale); ``{method}`` is the row's unlearning.method.
+#: The final global model's figures, plus the worst forgotten accuracy over all affected models (derived too).
 _PANELS = (
     ("forgotten data", "held-out accuracy", [("original", "forget_acc_before"), ("{method}", "forget_acc_after"),
+                                             ("{method}, worst affected model", "max_affected_forget_after"),
                                              ("retrain", "forget_acc_retrained")], False),
     ("kept data", "held-out accuracy", [("original", "retain_acc_before"), ("{method}", "retain_acc_after"),
                                         ("retrain", "retain_acc_retrained")], False),
@@ -201,7 +203,8 @@ _FIXED_COLOURS = {"original": "C7", "retrain": "C2"}
 def _colour(method: str) -> str:
     """The same colour for a method in every panel: grey original, green retrain, others from the cycle."""
     others = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")
-    return _FIXED_COLOURS.get(method) or others[sum(map(ord, method)) % len(others)]
+    base = method.split(",")[0]  # "fiun, worst affected model" shares fiun's colour (and gets markers "x")
+    return _FIXED_COLOURS.get(base) or others[sum(map(ord, base)) % len(others)]
 
 
 def _plot_panel(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, columns: Sequence[tuple[str, str]],
@@ -211,7 +214,7 @@ def _plot_panel(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, columns:
     for label, column in columns:
         for (method, group), points in _series(rows, x_key, column, label, group_key).items():
             name = method if group is None else f"{method} ({group_key.split('.')[-1]}={group})"
-            ax.plot(*zip(*points), marker="o", color=_colour(method), label=name,
+            ax.plot(*zip(*points), marker="x" if "," in method else "o", color=_colour(method), label=name,
                     linestyle=_LINE_STYLES[groups.index(group) % len(_LINE_STYLES)])
 
 
@@ -222,7 +225,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
     for x_key, stem, x_label in PLOT_AXES:
         other = next(k for k, _, _ in PLOT_AXES if k != x_key)
         group = other if len({str(r.get(other)) for r in ok}) > 1 else None
-        fig = _figure(15, 4.2)
+        fig = _figure(15, 5.6)
         for i, (title, y_label, columns, log_scale) in enumerate(_PANELS):
             ax = fig.add_subplot(1, len(_PANELS), i + 1)
             _plot_panel(ax, ok, x_key, columns, group)
@@ -236,8 +239,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
                 ax.set_yscale("log")
             elif not log_scale:
                 ax.set_ylim(-0.02, 1.02)
-            if ax.lines:
-                ax.legend(fontsize=7)
+            if ax.lines:  # below the panel: lines near 0 and 1 stay visible
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
         path = Path(out_dir) / f"{stem}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fl_unlearn.cli import (CONF_DIR, FEDERATION_KEYS, LAUNCHER_ONLY, RUN_CONFIG_KEYS, RUN_LOG, build_app_args,
-                            flatten, inheritance, run_job, unmapped_keys, write_run_config)
+                            failure_reason, flatten, inheritance, run_job, unmapped_keys, write_run_config)
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.sweep import count_jobs, report_sweep
 from strategies.config import DEFAULTS, AppConfig
@@ -164,6 +164,17 @@ def test_job_whose_run_fails_records_the_status_and_error(tmp_path):
     assert record["status"] == "failed"
     assert "run status finished:failed" in record["reason"] and "ConfigError: bad value" in record["reason"]
     assert (tmp_path / "job" / RUN_LOG).is_file()
+
+
+@pytest.mark.parametrize(("log_text", "expected"), [
+    ("\x1b[91mERROR \x1b[0m: boom\nflwr_run: run status: finished:failed (Simulation failed: Unknown class [42])",
+     "run status finished:failed (Simulation failed: Unknown class [42])"),
+    ("\x1b[91mERROR \x1b[0m: ValueError: boom\nflwr_run: run status: finished:failed (N/A)",
+     "run status finished:failed (N/A); last error: ERROR : ValueError: boom"),
+    ("flwr: command not found", "runner exited 2 without a run status"),
+])
+def test_failure_reason_names_the_status_and_the_cause(log_text, expected):
+    assert failure_reason(log_text, 2) == expected
 
 
 def test_completed_run_without_results_is_a_failure(tmp_path):
