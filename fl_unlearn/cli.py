@@ -91,6 +91,13 @@ def _text(value: Any, key: str) -> str:
     return str(value)
 
 
+def _on_off(value: Any, key: str) -> str:
+    """``auto`` | ``on`` | ``off``; YAML 1.1 reads a bare ``on`` / ``off`` in a conf file as a boolean."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _text(value, key)
+
+
 def _path(value: Any, key: str) -> str:
     """An absolute path (relative ones are taken from the directory fl-unlearn was started in); null = ""."""
     text = _text(value, key)
@@ -171,6 +178,11 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.hybrid_budget": ("hybrid-budget", _float),
     "unlearning.hybrid_policy": ("hybrid-policy", _text),
     "unlearning.ohs": ("ohs", _bool),
+    "unlearning.repair": ("repair", _on_off),
+    "unlearning.repair_rounds": ("repair-rounds", _int),
+    "unlearning.repair_steps": ("repair-steps", _int),
+    "unlearning.repair_lr": ("repair-lr", _float),
+    "unlearning.repair_samples": ("repair-samples", _int),
 }
 
 #: Hydra key -> key of ``--federation-config`` (``num_clients`` goes to both: num-clients = num-supernodes).

@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fl_unlearn.cli import JOB_RECORD, RUN_CONFIG_FILE
+
 log = logging.getLogger(__name__)
 
-JOB_RECORD = "job.json"  # the same name fl_unlearn.cli writes
+#: Run-config keys that differ between any two jobs anyway (not worth a column).
+_PER_JOB_KEYS = ("out-dir", "store-dir")
 #: Settings every row carries (the axes of the plots), whether swept or not.
 SETTING_COLUMNS = ("dataset.name", "federation.num_clients", "federation.rounds", "unlearning.depth",
                    "unlearning.method", "request.kind")
@@ -66,11 +70,13 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     record_path = job_dir / JOB_RECORD
     if not record_path.is_file():
         return {**row, "status": "failed", "reason": f"no {JOB_RECORD}: the job ended before recording itself "
-                f"(see {job_dir}/*.log)", "overrides": {}}
+                f"(see {job_dir}/*.log)", "overrides": {}, "run_config": {}}
     record = json.loads(record_path.read_text())
     row.update(status=record.get("status", "failed"), reason=record.get("reason", ""),
                seconds=record.get("seconds"), overrides=_parse_overrides(record.get("overrides", [])))
     row.update(record.get("settings") or {})
+    run_config_path = job_dir / RUN_CONFIG_FILE
+    row["run_config"] = tomllib.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
     results_path = Path(record.get("out_dir") or job_dir) / "results.json"
     if row["status"] == "ok":
         if results_path.is_file():
@@ -96,13 +102,21 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job of ``sweep_dir``: swept values, status, reason, settings and figures."""
+    """One row per job of ``sweep_dir``: swept values, status, reason, settings and figures.
+
+    Run-config values that differ between jobs get a ``run-config.<key>`` column too: they show what the
+    App was given (e.g. ``derive-depth`` for ``unlearning.depth``), and a conf file edited while a sweep
+    ran (Hydra composes each job when it starts) shows up there instead of passing unnoticed.
+    """
     rows = [job_row(d) for d in job_dirs(sweep_dir)]
     swept = sorted({k for r in rows for k in r["overrides"]} - set(SETTING_COLUMNS))
+    configs = [r["run_config"] for r in rows if r["run_config"]]
+    varying = sorted(k for k in {k for c in configs for k in c} - set(_PER_JOB_KEYS)
+                     if len({json.dumps(c.get(k)) for c in configs}) > 1)
     for row in rows:
-        overrides = row.pop("overrides")
-        for key in swept:
-            row[key] = overrides.get(key)
+        overrides, run_config = row.pop("overrides"), row.pop("run_config")
+        row.update({key: overrides.get(key) for key in swept})
+        row.update({f"run-config.{key}": run_config.get(key) for key in varying})
     return rows
 
 

@@ -99,6 +99,12 @@ def test_composed_config_maps_to_a_run_config_the_app_accepts(tmp_path, monkeypa
     assert app.forget_classes == (3, 7) and app.num_clients == 3
 
 
+def test_yaml_booleans_for_on_off_keys_become_on_off(tmp_path):
+    cfg = _compose()
+    cfg["unlearning"]["repair"] = False  # what `repair: off` in a YAML file gives
+    assert build_app_args(cfg, tmp_path).run_config["repair"] == "off"
+
+
 def test_run_config_file_round_trips(tmp_path):
     rc = build_app_args(_compose("unlearning.alpha=0.5"), tmp_path).run_config
     rc["out-dir"] = str(tmp_path / 'a dir' / 'it\'s "here" \\ ü')
@@ -197,6 +203,8 @@ def test_console_script_refuses_an_unknown_key_before_running(tmp_path):
 def _fake_job(sweep: Path, num: int, record: dict[str, Any] | None, results: dict[str, Any] | None = None) -> None:
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
+    alpha = "auto" if num == 2 else 1.0  # as if conf/unlearning/fiun.yaml had been edited during the sweep
+    write_run_config({"seed": 42, "fiun-alpha": alpha, "out-dir": str(job)}, job / "run_config.toml")
     if record is not None:
         (job / "job.json").write_text(json.dumps({"job_dir": str(job), "out_dir": str(job), **record}))
     if results is not None:
@@ -228,6 +236,8 @@ def test_sweep_collector_writes_a_row_per_job_including_failed_ones(tmp_path):
     assert float(table[1]["unlearn_s"]) == 3.0 and float(table[1]["retrain_s"]) == 50.0
     assert table[1]["seed"] == "1" and table[3]["seed"] == ""  # swept keys beyond the settings get columns
     assert (table[0]["federation.num_clients"], table[1]["unlearning.depth"]) == ("2", "2")
+    assert [r["run-config.fiun-alpha"] for r in table] == ["1.0", "1.0", "auto", "1.0", ""]
+    assert "run-config.seed" not in table[0] and "run-config.out-dir" not in table[0]
     for name in ("sweep_vs_depth.png", "sweep_vs_num_clients.png"):
         assert (sweep / name).stat().st_size > 0
 
