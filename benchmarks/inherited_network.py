@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> dict:
             net = InheritedNetwork(specs, data, settings, Store(tmp))
             results[name] = run_experiment(net, UnlearningRequest.for_classes(forget), FIUnConfig(),
                                            alpha=args.alpha, fisher_layers=args.fisher_layers,
-                                           estimator=args.estimator, mfim_mode=args.mfim_mode)
+                                           estimator=args.estimator, mfim_mode=args.mfim_mode,
+                                           fisher_samples=args.fisher_samples or None)
         print_network(name, forget, results[name])
     return results
 
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--fisher-layers", default="last")
     parser.add_argument("--estimator", default="per_sample", choices=["batch", "per_sample"])
     parser.add_argument("--mfim-mode", default="max")
+    parser.add_argument("--fisher-samples", type=int, default=1024, help="cap per forget-Fisher pass (0: all)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()

@@ -9,8 +9,11 @@ scratch without that class (same seed, same schedule):
 ``alpha=1``      FIUn with the paper's threshold (raw Fishers)
 ``alpha=10``     SSD's threshold
 ``assd``         ASSD's percentile rule: alpha = the ``--assd-percentile`` percentile of ``F_f / F_D``
-``auto``         ``fl_unlearn.calibrate.calibrate_alpha`` (the project default)
-``auto+repair``  ``auto``, then a short capped repair on kept data (``fl_unlearn.calibrate.repair``)
+``auto``         the project default, the rule the Flower App runs: every client scores the
+                 ``(alpha, lambda)`` grid (``fl_unlearn.calibrate.candidate_grid``) on its own samples
+                 (``score_alpha_grid``), the summed counts choose (``choose_candidate``, target 0 %)
+``auto+repair``  ``auto``, then a short capped repair on the clients' kept samples
+                 (``fl_unlearn.calibrate.repair``; its time is reported in the row, apart from ``auto``'s)
 ``retrain``      FedAvg from scratch without the class (the gold standard)
 ===============  ===========================================================================================
 
@@ -43,7 +46,15 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_unlearn.calibrate import accuracy_scorer, calibrate_alpha, repair  # noqa: E402
+from fl_unlearn.calibrate import (  # noqa: E402
+    GridCounts,
+    RepairConfig,
+    candidate_grid,
+    choose_candidate,
+    repair,
+    scale_free,
+    score_alpha_grid,
+)
 from fl_unlearn.data import (  # noqa: E402
     DataConfig,
     load_federated,
@@ -78,7 +89,7 @@ class Setup:
     fisher_estimator: str = "batch"
     fisher_samples: int = 1024
     calibration_forget: int = 256
-    calibration_retain: int = 64
+    calibration_retain: int = 128
     assd_percentile: float = 99.0
     max_train: int | None = None
 
@@ -186,11 +197,12 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
         (new,), _ = unlearn_many([weights], [retain_f], forget_f, FIUnConfig(alpha=alpha))
         return new, time.perf_counter() - t0
 
-    forget_x = [samples_of_classes(p, [forget_class]) for p in fed.parts]
-    cal_forget = _tensors(concat(forget_x), s.calibration_forget, s.seed)
-    cal_retain = [_tensors(without_classes(p, [forget_class]), s.calibration_retain, s.seed + i)
+    # what each client holds for calibration: a sample of its forget data and of its kept data
+    cal_forget = [_tensors(samples_of_classes(p, [forget_class]), s.calibration_forget, s.seed + i)
                   for i, p in enumerate(fed.parts)]
-    cal_retain_all = (torch.cat([x for x, _ in cal_retain]), torch.cat([y for _, y in cal_retain]))
+    cal_retain = [_tensors(without_classes(p, [forget_class]), s.calibration_retain, s.seed + 100 + i)
+                  for i, p in enumerate(fed.parts)]
+    cal_forget_all = (torch.cat([x for x, _ in cal_forget]), torch.cat([y for _, y in cal_forget]))
     auto = None
     for method in methods:
         extra: dict = {}
@@ -204,14 +216,14 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
             extra["alpha"] = alpha
         elif method in ("auto", "auto+repair"):
             if auto is None:
-                score = accuracy_scorer(fed.new_model(), [cal_forget], [cal_retain_all])
-                auto = calibrate_alpha([weights], [retain_f], forget_f, score)
-            new, sec = auto.weights[0], auto.seconds
-            extra.update(alpha=auto.alphas[0], target_met=auto.target_met[0], calibration_forget_acc=auto.forget_acc[0])
+                auto = calibrate_like_the_app(fed, weights, retain_f, forget_f, cal_forget, cal_retain)
+            new, sec = auto["weights"], auto["seconds"]
+            extra.update({k: v for k, v in auto.items() if k not in ("weights", "seconds")})
             if method == "auto+repair":
                 t0 = time.perf_counter()
-                new, info = repair(fed.new_model(), new, cal_retain, cal_forget)
-                extra.update(repair_s=time.perf_counter() - t0, **info)
+                new, info = repair(fed.new_model(), new, cal_retain, cal_forget_all, RepairConfig(seed=s.seed))
+                extra.update(repair_s=time.perf_counter() - t0, repair_rounds=info["repair_rounds"],
+                             repair_forget_acc=info["repair_forget_acc"][-1])
                 sec += extra["repair_s"]
         elif method == "retrain":
             new, sec = fed.train(drop=[forget_class])
@@ -226,10 +238,18 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
     return rows
 
 
-def concat(datasets):
-    from datasets import concatenate_datasets
-
-    return concatenate_datasets([d for d in datasets if len(d)])
+def calibrate_like_the_app(fed: Federation, weights: Weights, retain_f: Weights, forget_f: Weights,
+                           cal_forget: Sequence, cal_retain: Sequence) -> dict:
+    """Every client scores the grid on its samples; the summed counts choose (strategies.calibration's rule)."""
+    t0 = time.perf_counter()
+    model = fed.new_model()
+    grid = candidate_grid()
+    total = GridCounts(grid, [0] * len(grid), [0] * len(grid))
+    for forget_set, retain_set in zip(cal_forget, cal_retain):
+        total = total + score_alpha_grid(model, weights, retain_f, forget_f, forget_set, retain_set, candidates=grid)
+    alpha, lam, met = choose_candidate(total, 0.0)
+    (new,), _ = unlearn_many([weights], [scale_free(retain_f)], scale_free(forget_f), FIUnConfig(alpha=alpha, lam=lam))
+    return {"weights": new, "seconds": time.perf_counter() - t0, "alpha": alpha, "lam": lam, "target_met": met}
 
 
 def summarise(rows: Sequence[Row]) -> list[dict]:

@@ -233,28 +233,40 @@ class RepairConfig:
 
     Parameters
     ----------
-    max_rounds : int (default: 5)
+    max_rounds : int (default: 4)
         Cap on repair rounds.
-    lr : float (default: 0.01)
-        SGD learning rate (no momentum: a few small steps, not a re-training).
+    local_steps : int (default: 8)
+        SGD steps per client and round (batches drawn with a seeded generator from the client's kept sample).
+    lr, momentum : float (default: 0.01, 0.9)
+        SGD settings. Measured on MNIST class 5: 32 such steps took kept accuracy from 88.1 % back to 98.1 % while
+        the forgotten class stayed at 0.0 %.
     batch_size : int (default: 32)
         Rows per step.
     validation_fraction : float (default: 0.25)
         Share of each client's kept sample held back to decide when to stop.
     patience : int (default: 1)
         Rounds without a validation-loss improvement before stopping.
+    seed : int (default: 0)
+        Seeds the batch draws.
     """
 
-    max_rounds: int = 5
+    max_rounds: int = 4
+    local_steps: int = 8
     lr: float = 0.01
+    momentum: float = 0.9
     batch_size: int = 32
     validation_fraction: float = 0.25
     patience: int = 1
+    seed: int = 0
 
     def __post_init__(self) -> None:
         problems = []
         if self.max_rounds < 0:
             problems.append(f"max_rounds must be >= 0, got {self.max_rounds}")
+        if self.local_steps < 1:
+            problems.append(f"local_steps must be >= 1, got {self.local_steps}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
@@ -294,7 +306,7 @@ def repair(
         The best weights by validation loss (the input when no round helped) and ``rounds``,
         ``val_loss`` per round (index 0: before), ``forget_acc`` per round when ``forget_set`` was given.
     """
-    splits = [_split(x, y, cfg.validation_fraction) for x, y in retain_sets if len(y)]
+    splits = [split_validation(x, y, cfg.validation_fraction) for x, y in retain_sets if len(y)]
     if not splits:
         raise ConfigError("repair needs at least one non-empty kept-data sample")
     best = {k: v.clone() for k, v in weights.items()}
@@ -303,9 +315,10 @@ def repair(
     current, stale, rounds = best, 0, 0
     while rounds < cfg.max_rounds and stale < cfg.patience:
         rounds += 1
-        updates = [_local_steps(model, current, train, cfg) for train, _ in splits]
+        updates = [repair_steps(model, current, train, cfg, seed=(cfg.seed, rounds, i))
+                   for i, (train, _) in enumerate(splits)]
         sizes = [len(train[1]) for train, _ in splits]
-        current = _weighted_average(updates, sizes)
+        current = weighted_average(updates, sizes)
         losses.append(_val_loss(model, current, splits))
         if forget_set is not None:
             forget_acc.append(_acc(model, current, *forget_set))
@@ -319,30 +332,43 @@ def repair(
     return best, info
 
 
-def _split(x: Tensor, y: Tensor, fraction: float) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def split_validation(x: Tensor, y: Tensor, fraction: float) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``((x_train, y_train), (x_val, y_val))``: the first ``fraction`` of the rows (at least one) for validation."""
     n_val = max(1, int(round(len(y) * fraction))) if len(y) > 1 else 0
     return (x[n_val:], y[n_val:]), (x[:n_val], y[:n_val])
 
 
-def _local_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor],
-                 cfg: RepairConfig) -> dict[str, Tensor]:
+def repair_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor],
+                 cfg: RepairConfig, seed: tuple[int, ...]) -> dict[str, Tensor]:
+    """``cfg.local_steps`` SGD steps from ``weights`` on batches drawn (seeded by ``seed``) from ``data``."""
     model.load_state_dict(weights)
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
     x, y = data
-    for start in range(0, len(y), cfg.batch_size):
+    gen = torch.Generator().manual_seed(hash(seed) & 0x7FFFFFFF)
+    for _ in range(cfg.local_steps):
+        rows = torch.randint(0, len(y), (min(cfg.batch_size, len(y)),), generator=gen)
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[start:start + cfg.batch_size]), y[start:start + cfg.batch_size])
-        loss.backward()
+        torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
         opt.step()
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _weighted_average(updates: Sequence[Mapping[str, Tensor]], sizes: Sequence[int]) -> dict[str, Tensor]:
+def weighted_average(updates: Sequence[Mapping[str, Tensor]], sizes: Sequence[int]) -> dict[str, Tensor]:
+    """FedAvg: the ``sizes``-weighted mean of ``updates`` (float64 sums, original dtypes)."""
     total = float(sum(sizes))
     return {k: sum(u[k].double() * (n / total) for u, n in zip(updates, sizes)).to(updates[0][k].dtype)
             for k in updates[0]}
+
+
+@torch.no_grad()
+def loss_sum(model: torch.nn.Module, weights: Weights, x: Tensor, y: Tensor) -> float:
+    """Summed cross-entropy of ``model`` with ``weights`` on ``(x, y)`` (0 for no rows)."""
+    if len(y) == 0:
+        return 0.0
+    logits = torch.func.functional_call(model, dict(weights), (x,))
+    return float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
 
 
 @torch.no_grad()
@@ -361,38 +387,61 @@ def _val_loss(model: torch.nn.Module, weights: Weights, splits) -> float:
 # ------------------------------------------------------------------------------------------------------
 
 
+#: Dampening constants the client-side grid tries with every alpha: 1 (the paper's factor ``F_D / F_f``) and 0
+#: (zero every selected weight). Measured on MNIST (4 IID clients, 3 rounds, all layers): class 5 kept 50-55 %
+#: of its held-out accuracy at every alpha with lambda = 1; zeroing at alpha 2 forgot it (0.8 %), at a kept-accuracy
+#: cost that a short repair on kept data (:func:`repair`) wins back (98.1 % after 32 steps) without bringing it back.
+DEFAULT_LAMS: tuple[float, ...] = (1.0, 0.0)
+#: Alphas of the client-side grid: 0.5 .. 512 in factors of 2 (each candidate costs the clients forward passes).
+GRID_ALPHAS: tuple[float, ...] = tuple(2.0 ** k for k in range(-1, 10))
+
+
+def candidate_grid(alphas: Sequence[float] = GRID_ALPHAS,
+                   lams: Sequence[float] = DEFAULT_LAMS) -> tuple[tuple[float, float], ...]:
+    """Every ``(alpha, lam)`` pair, strongest dampening first (smaller lambda, then smaller alpha).
+
+    Examples
+    --------
+    >>> candidate_grid((1.0, 4.0), (1.0, 0.0))
+    ((1.0, 0.0), (4.0, 0.0), (1.0, 1.0), (4.0, 1.0))
+    """
+    if not alphas or not lams or any(a < 0 for a in alphas) or any(v < 0 for v in lams):
+        raise ConfigError(f"the grid needs alphas >= 0 and lambdas >= 0, got {list(alphas)} and {list(lams)}")
+    return tuple((float(a), float(v)) for v in sorted(set(lams)) for a in sorted(set(alphas)))
+
+
 @dataclass
 class GridCounts:
-    """Correct predictions per candidate alpha on one client's calibration samples (or summed over clients).
+    """Correct predictions per candidate on one client's calibration samples (or summed over clients).
 
     Counts, not accuracies, so clients' replies add up exactly: the server's choice is the one a single party
     holding all calibration samples would make.
 
     Attributes
     ----------
-    alphas : tuple[float, ...]
-        The candidates, ascending (strongest dampening first).
+    candidates : tuple[tuple[float, float], ...]
+        ``(alpha, lam)`` pairs, strongest dampening first (:func:`candidate_grid`).
     forget_correct, retain_correct : list[int]
-        Per alpha: correct predictions on the forget / kept calibration samples.
+        Per candidate: correct predictions on the forget / kept calibration samples.
     forget_num, retain_num : int
         Calibration samples of each kind.
     """
 
-    alphas: tuple[float, ...]
+    candidates: tuple[tuple[float, float], ...]
     forget_correct: list[int]
     retain_correct: list[int]
     forget_num: int = 0
     retain_num: int = 0
 
     def __add__(self, other: GridCounts) -> GridCounts:
-        if tuple(other.alphas) != tuple(self.alphas):
-            raise ConfigError("calibration counts over different alpha grids cannot be added")
-        return GridCounts(self.alphas, [a + b for a, b in zip(self.forget_correct, other.forget_correct)],
+        if tuple(other.candidates) != tuple(self.candidates):
+            raise ConfigError("calibration counts over different candidate grids cannot be added")
+        return GridCounts(self.candidates, [a + b for a, b in zip(self.forget_correct, other.forget_correct)],
                           [a + b for a, b in zip(self.retain_correct, other.retain_correct)],
                           self.forget_num + other.forget_num, self.retain_num + other.retain_num)
 
     def accuracies(self) -> tuple[list[float], list[float]]:
-        """Per alpha: (forget accuracy, kept accuracy); NaN where there were no samples of that kind."""
+        """Per candidate: (forget accuracy, kept accuracy); NaN where there were no samples of that kind."""
         def acc(correct: list[int], n: int) -> list[float]:
             return [c / n if n else float("nan") for c in correct]
 
@@ -408,39 +457,41 @@ def score_alpha_grid(
     retain_set: tuple[Tensor, Tensor] | None,
     *,
     base: FIUnConfig = FIUnConfig(),
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    candidates: Sequence[tuple[float, float]] | None = None,
 ) -> GridCounts:
-    """Dampen ``weights`` at every alpha (scale-free Fishers) and count correct predictions on the two sets.
+    """Dampen ``weights`` at every ``(alpha, lam)`` candidate (scale-free Fishers) and count correct predictions.
 
-    What a client runs for ``query.calibrate``: a handful of forward passes per alpha on its own samples.
+    What a client runs for ``query.calibrate``: a handful of forward passes per candidate on its own samples.
     ``forget_set`` is ``None`` (or empty) at clients that hold no data to forget; ``retain_set`` likewise.
+    ``candidates`` defaults to :func:`candidate_grid`; ``base`` supplies the other settings (exponent, cap, tau).
     """
-    grid = tuple(sorted(float(a) for a in alphas))
+    grid = tuple(candidates) if candidates is not None else candidate_grid()
     retain, forget = scale_free(retain_fisher), scale_free(forget_fisher)
     f_correct, r_correct = [], []
     model = model.eval()
-    for alpha in grid:
-        (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha))
+    for alpha, lam in grid:
+        (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha, lam=lam))
         f_correct.append(count_correct(model, candidate, forget_set))
         r_correct.append(count_correct(model, candidate, retain_set))
     return GridCounts(grid, f_correct, r_correct, _size(forget_set), _size(retain_set))
 
 
-def choose_alpha(counts: GridCounts, forget_target: float) -> tuple[float, bool]:
-    """The alpha with the best kept accuracy among those whose forget accuracy is at most ``forget_target``.
+def choose_candidate(counts: GridCounts, forget_target: float) -> tuple[float, float, bool]:
+    """``(alpha, lam, target_met)``: the best kept accuracy among candidates that forget down to the target.
 
-    Ties go to the milder (larger) alpha. When no alpha meets the target, the one that forgets most (then keeps
+    Ties go to the milder (later) candidate. When none meets the target, the one that forgets most (then keeps
     most) is returned with ``False``. The same rule as :func:`calibrate_alpha`, over a full grid.
     """
     f_acc, r_acc = counts.accuracies()
     best: Candidate | None = None
-    for alpha, f, r in zip(counts.alphas, f_acc, r_acc):
-        cand = Candidate(alpha, 0.0 if f != f else f, 0.0 if r != r else r, {}, DampenStats())
+    best_pair = (0.0, 0.0)
+    for pair, f, r in zip(counts.candidates, f_acc, r_acc):
+        cand = Candidate(pair[0], 0.0 if f != f else f, 0.0 if r != r else r, {}, DampenStats())
         if cand.beats(best, forget_target):
-            best = cand
+            best, best_pair = cand, pair
     if best is None:
-        raise ConfigError("choose_alpha needs a non-empty alpha grid")
-    return best.alpha, best.forget_acc <= forget_target
+        raise ConfigError("choose_candidate needs a non-empty grid")
+    return best_pair[0], best_pair[1], best.forget_acc <= forget_target
 
 
 def _size(data: tuple[Tensor, Tensor] | None) -> int:

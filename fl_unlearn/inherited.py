@@ -245,19 +245,24 @@ class InheritedNetwork:
         return out
 
     def forget_fisher(self, root: str, at: str, forget_classes: Sequence[int], params: Sequence[str],
-                      estimator: str) -> tuple[Weights, int]:
-        """The Fisher of ``root``'s forget data at the weights of model ``at``, and its sample count."""
+                      estimator: str, max_samples: int | None = None) -> tuple[Weights, int]:
+        """The Fisher of ``root``'s forget data (at most ``max_samples``, a seeded random subset) at the weights
+        of model ``at``, and the root's forget sample count (MFIM weights by what each root holds)."""
         ds = samples_of_classes(self.node_data(root), forget_classes)
-        loader = make_loader(ds, self.settings.batch_size, shuffle=False)
-        return compute_fisher(self._model_with(self.weights[at]), loader, params, estimator=estimator), len(ds)
+        loader = make_loader(ds, self.settings.batch_size, shuffle=True, seed=self.settings.seed)
+        fisher = compute_fisher(self._model_with(self.weights[at]), loader, params, estimator=estimator,
+                                max_samples=max_samples)
+        return fisher, len(ds)
 
     def unlearn(self, request: UnlearningRequest, cfg: FIUnConfig, *, fisher_layers: str = "last",
                 estimator: str = "batch", mfim_mode: str = "max",
-                forget_fisher_at: str = "root", alpha: float | str = "auto") -> UnlearnOutcome:
+                forget_fisher_at: str = "root", alpha: float | str = "auto",
+                fisher_samples: int | None = 1024) -> UnlearnOutcome:
         """Unlearn ``request`` from every affected model in one vectorised step.
 
         Retain-Fishers are the cache the federation keeps anyway; their time is reported apart
-        (``retain_fisher_s``) and not counted in ``unlearn_s``.
+        (``retain_fisher_s``) and not counted in ``unlearn_s``. ``fisher_samples`` caps each forget-Fisher pass
+        (``None``: all of a root's forget samples), as the Flower clients' ``fisher-samples`` does.
         """
         forget = list(request.classes)
         roots, affected = self.graph.roots(request), self.graph.affected(request)
@@ -267,10 +272,11 @@ class InheritedNetwork:
         t1 = time.perf_counter()
         sources = {name: self._roots_of(name, roots) for name in affected}
         if forget_fisher_at == "root":
-            at_root = {r: self.forget_fisher(r, r, forget, params, estimator) for r in roots}
+            at_root = {r: self.forget_fisher(r, r, forget, params, estimator, fisher_samples) for r in roots}
             fishers = {name: [at_root[r] for r in sources[name]] for name in affected}
         else:
-            fishers = {name: [self.forget_fisher(r, name, forget, params, estimator) for r in sources[name]]
+            fishers = {name: [self.forget_fisher(r, name, forget, params, estimator, fisher_samples)
+                              for r in sources[name]]
                        for name in affected}
         t2 = time.perf_counter()
         merged = [merge_fishers([f for f, _ in fishers[n]], num_samples=[k for _, k in fishers[n]], mode=mfim_mode)
@@ -291,7 +297,7 @@ class InheritedNetwork:
         return UnlearnOutcome(roots, affected, dict(zip(affected, new_weights)), timing, report)
 
     def calibration_scorer(self, affected: Sequence[str], sources: Mapping[str, Sequence[str]],
-                           forget: Sequence[int], *, forget_size: int = 256, retain_size: int = 256) -> Scorer:
+                           forget: Sequence[int], *, forget_size: int = 256, retain_size: int = 128) -> Scorer:
         """Score candidates on training-side data only: the roots' forget samples and the model's kept data.
 
         Held-out data stays for the final evaluation.

@@ -42,6 +42,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from torch import nn
 
+from fl_unlearn.calibrate import scale_free
 from fl_unlearn.data import class_histogram, make_loader, sample_ids, samples_of_classes, without_classes, without_samples
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
@@ -416,6 +417,8 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
         retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
                                     _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
     cfg = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+    if config.get(R.SCALE_FREE):  # alpha="auto" chose alpha on mean-normalised Fishers (strategies.calibration)
+        retain, forget_fisher = [scale_free(f) for f in retain], scale_free(forget_fisher)
     new_weights, stats = unlearn_many(weights, retain, [forget_fisher] * len(ids), cfg)
     out = {}
     for n, (old, new, w_old, w_new, st) in enumerate(zip(ids, new_ids, weights, new_weights, stats)):
@@ -454,8 +457,12 @@ def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
 
 def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
     """Our handlers by message type (besides ``train`` and ``evaluate``), answering errors with error replies."""
+    from strategies.calibration import handle_calibrate  # they use this module's helpers
+    from strategies.repair import handle_repair
+
     table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
-             R.MSG_UNLEARN: handle_unlearn, R.MSG_DERIVE: handle_derive}
+             R.MSG_UNLEARN: handle_unlearn, R.MSG_DERIVE: handle_derive, R.MSG_CALIBRATE: handle_calibrate,
+             R.MSG_REPAIR: handle_repair}
     return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
 
 

@@ -49,8 +49,15 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "forget-classes": "3",
     "forget-clients": "0",
     "forget-samples": "",
-    "fiun-alpha": 1.0,
+    "fiun-alpha": "auto",
     "calibration-samples": 500,
+    "calibration-forget-samples": 256,
+    "calibration-retain-samples": 128,
+    "repair": "auto",
+    "repair-rounds": 4,
+    "repair-steps": 8,
+    "repair-lr": 0.01,
+    "repair-samples": 256,
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
     "fisher-estimator": "batch",
@@ -78,6 +85,7 @@ DERIVE_KINDS = ("none", "finetune", "incremental", "transfer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 RETAIN_SOURCES = ("fresh", "accumulated")
 HYBRID_POLICIES = ("auto", "exact", "approximate")
+REPAIR_MODES = ("auto", "on", "off")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
@@ -126,6 +134,13 @@ class AppConfig:
     forget_samples: str
     fiun_alpha: float | str
     calibration_samples: int
+    calibration_forget_samples: int
+    calibration_retain_samples: int
+    repair: str
+    repair_rounds: int
+    repair_steps: int
+    repair_lr: float
+    repair_samples: int
     fiun_lambda: float
     fisher_layers: str
     fisher_estimator: str
@@ -169,6 +184,10 @@ class AppConfig:
         _choice(self.strategy, STRATEGIES, "strategy")
         _choice(self.retain_fisher, RETAIN_SOURCES, "retain-fisher")
         _choice(self.hybrid_policy, HYBRID_POLICIES, "hybrid-policy")
+        _choice(self.repair, REPAIR_MODES, "repair")
+        if self.repair_rounds < 0 or self.repair_steps < 1 or self.repair_lr <= 0 or self.repair_samples < 2:
+            raise ConfigError("repair-rounds must be >= 0, repair-steps >= 1, repair-lr > 0 and repair-samples >= 2; "
+                              f"got {self.repair_rounds}, {self.repair_steps}, {self.repair_lr}, {self.repair_samples}")
         if self.hybrid_budget < 0:
             raise ConfigError(f"hybrid-budget must be >= 0 (a fraction of a shard's full training cost), "
                               f"got {self.hybrid_budget}")
@@ -179,11 +198,11 @@ class AppConfig:
                     "sisa_slices", "rounds_per_stage"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if self.fiun_alpha == "auto" and self.request_kind != "classes" and not self.uses_sisa:
-            raise ConfigError(
-                "fiun-alpha='auto' calibrates on held-out samples of the forgotten classes, which the server holds "
-                "only for request-kind=classes; give a number for client and sample requests"
-            )
+        if self.calibration_forget_samples < 1 or self.calibration_retain_samples < 0:
+            raise ConfigError("calibration-forget-samples must be >= 1 and calibration-retain-samples >= 0, got "
+                              f"{self.calibration_forget_samples} and {self.calibration_retain_samples}")
+        if self.fiun_alpha != "auto" and float(self.fiun_alpha) < 0:
+            raise ConfigError(f"fiun-alpha must be 'auto' or a number >= 0, got {self.fiun_alpha!r}")
         for key in ("out_dir", "store_dir", "forget_samples", "dataset_cache_dir"):
             value = getattr(self, key)
             if value and not os.path.isabs(value):
@@ -249,8 +268,13 @@ def _default_run_dir() -> Path:
 
 def _coerce(default: Any, value: Any, key: str) -> Any:
     """Coerce ``value`` to the type of ``default`` (TOML gives ints for floats like ``lr=1``)."""
-    if key == "fiun-alpha" and str(value).strip().lower() == "auto":
-        return "auto"
+    if key == "fiun-alpha":
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"fiun-alpha must be 'auto' or a number, got {value!r}") from err
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -22,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from torch import nn
 
-from fl_unlearn.data import FederatedData, load_with_fallback, make_loader
+from fl_unlearn.data import FederatedData, load_with_fallback
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.evaluate import forget_retain_accuracy
 from fl_unlearn.fiun import FIUnConfig
@@ -37,7 +36,10 @@ from strategies.forget import request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies
 from strategies.retrain import RetrainStrategy
-from strategies.server import Calibration, UnlearningStrategy, UnlearnOutcome
+from fl_unlearn.calibrate import RepairConfig
+from strategies.calibration import ClientCalibration
+from strategies.repair import RepairSettings, repair_at_clients
+from strategies.server import UnlearningStrategy, UnlearnOutcome
 
 Tensors = dict[str, torch.Tensor]
 #: Run-config keys that must match between a training run and a later ``mode=unlearn`` run on its store.
@@ -73,24 +75,12 @@ def build_request(cfg: AppConfig) -> UnlearningRequest:
     return UnlearningRequest(request.kind, request.classes, request.clients, request.samples, id=rid, created=0.0)
 
 
-def split_test(cfg: AppConfig, test: Dataset) -> tuple[Dataset, Dataset | None]:
-    """``(evaluation, calibration)`` rows of the test split; calibration only for ``fiun-alpha='auto'``.
-
-    The calibration rows choose alpha and are never used to report, so reported accuracy stays held-out.
-    """
-    if cfg.fiun_alpha != "auto" or cfg.calibration_samples <= 0:
-        return test, None
-    n = min(cfg.calibration_samples, len(test) // 2)
-    order = np.random.default_rng(cfg.seed).permutation(len(test))
-    return test.select(np.sort(order[n:])), test.select(np.sort(order[:n]))
-
-
-def calibration_of(cfg: AppConfig, rows: Dataset, new_model: Callable[[], nn.Module]) -> Calibration:
-    """Calibration tensors (forget classes / the rest) from the calibration rows."""
-    loader = make_loader(rows, len(rows))
-    x, y = next(iter(loader))
-    is_forget = torch.isin(y, torch.tensor(cfg.forget_classes))
-    return Calibration(new_model(), (x[is_forget], y[is_forget]), (x[~is_forget], y[~is_forget]))
+def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
+    """``fiun-alpha='auto'``: how many of their samples clients score (``strategies.calibration``)."""
+    if cfg.fiun_alpha != "auto":
+        return None
+    return ClientCalibration(forget_samples=cfg.calibration_forget_samples,
+                             retain_samples=cfg.calibration_retain_samples)
 
 
 class Evaluator:
@@ -187,12 +177,12 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
                    "store_dir": str(store_dir), "timing": {}}
         return run_sisa_experiment(grid, cfg, data=data, new_model=new_model, store=store, graph=graph,
                                    out_dir=out_dir, results=results, request_fn=lambda: build_request(cfg))
-    test, calibration_rows = split_test(cfg, data.test)
+    test = data.test  # held out: only ever used to report
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
         fisher_layers=cfg.fisher_layers, fisher_estimator=cfg.fisher_estimator, mfim_mode=cfg.mfim_mode,
         retain_fisher=cfg.retain_fisher, fisher_samples=cfg.fisher_samples, fiun=_fiun_config(cfg),
-        calibration=calibration_of(cfg, calibration_rows, new_model) if calibration_rows is not None else None,
+        client_calibration=client_calibration(cfg),
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
                                "strategy": cfg.strategy, "config": cfg.to_run_config(), "warnings": warnings,
@@ -216,10 +206,17 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     final_before = graph.node(strategy.current)
     outcome = strategy.unlearn(grid, request)
     results["timing"].update(outcome.timing)
-    if outcome.alphas:
-        results["alpha_auto"] = {"calibration_rows": len(calibration_rows), "alphas": outcome.alphas}
+    if outcome.calibration:
+        results["alpha_auto"] = outcome.calibration
     evaluator = Evaluator(new_model, test, request, grid, strategy)
     results.update(_describe(outcome, graph, store, evaluator, final_before.id))
+
+    # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
+    settings = repair_settings(cfg)
+    if outcome.calibration and settings.wanted(outcome.calibration):
+        repaired, results["repair"] = _repair(grid, strategy, request, settings)
+        results["timing"]["repair_s"] = results["repair"]["seconds"]
+        results["final_global"]["after_repair"] = evaluator([repaired])[0]
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
@@ -229,6 +226,31 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     path = write_results(out_dir, results, graph, highlight=outcome.affected)
     log(INFO, "fl_unlearn: results in %s", path)
     return results
+
+
+def repair_settings(cfg: AppConfig) -> RepairSettings:
+    """The ``repair*`` run-config keys as :class:`strategies.repair.RepairSettings`."""
+    return RepairSettings(mode=cfg.repair, samples=cfg.repair_samples,
+                          steps=RepairConfig(max_rounds=cfg.repair_rounds, local_steps=cfg.repair_steps,
+                                             lr=cfg.repair_lr, batch_size=cfg.batch_size, seed=cfg.seed))
+
+
+def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest,
+            settings: RepairSettings) -> tuple[Tensors, dict[str, Any]]:
+    """Repair the unlearned global model on kept data; record the result as a new global lineage node."""
+    graph, store = strategy.graph, strategy.store
+    unlearned = graph.node(strategy.current)
+    pids = sorted(strategy.nodes.partition.values())
+    weights, info = repair_at_clients(grid, strategy.nodes, pids, {p: request_config(request, p) for p in pids},
+                                      store.get(unlearned.weights), settings)
+    node_id = f"{unlearned.id}~repair"
+    digest = store.put(weights, {"kind": "global", "repair-of": unlearned.id, "request": request.id})
+    graph.add_node(node_id, "global", round=unlearned.round, shard=unlearned.shard, owner=unlearned.owner,
+                   parents=(unlearned.id,), weights=digest, request_id=request.id,
+                   meta={"repair-of": unlearned.id, "held-by": "server"})
+    strategy.current = node_id
+    store.set_ref("latest-global", digest)
+    return weights, {**info, "node": node_id}
 
 
 def _fiun_config(cfg: AppConfig) -> FIUnConfig:

@@ -30,6 +30,8 @@ MSG_INFO = "query.info"
 MSG_FISHER = "query.fisher"
 MSG_EVAL_FORGET = "query.evalforget"
 MSG_UNLEARN = "train.unlearn"
+MSG_CALIBRATE = "query.calibrate"  # alpha="auto": score every candidate alpha on the client's own samples
+MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on kept data (strategies.repair)
 MSG_DERIVE = "train.derive"
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
 MSG_SISA_COUNTS = "query.sisacounts"  # kept samples per shard and slice; checks requested ids
@@ -79,6 +81,22 @@ RETAIN_NUM = "retain-num-examples"
 FORGET_ACC = "forget-acc"
 RETAIN_ACC = "retain-acc"
 BEFORE = "before-"
+ALPHAS = "alphas"  # query.calibrate: the candidates' alphas (scale-free Fishers)
+LAMS = "lams"  # query.calibrate: the candidates' dampening constants (parallel to ALPHAS)
+REPAIR_SAMPLES = "repair-samples"  # train.repair: kept rows a client draws
+REPAIR_STEPS = "repair-steps"  # train.repair: SGD steps this round (0: only report the validation loss)
+REPAIR_LR = "repair-lr"
+REPAIR_MOMENTUM = "repair-momentum"
+REPAIR_BATCH = "repair-batch-size"
+REPAIR_ROUND = "repair-round"
+REPAIR_VAL_FRACTION = "repair-validation-fraction"
+VAL_LOSS = "val-loss-sum"  # train.repair reply: summed cross-entropy of the received weights on held-back rows
+VAL_NUM = "val-num-examples"
+FORGET_CORRECT = "forget-correct"  # query.calibrate reply: correct forget predictions per alpha
+RETAIN_CORRECT = "retain-correct"  # query.calibrate reply: correct kept predictions per alpha
+CALIBRATION_FORGET = "calibration-forget-samples"  # forget samples a client scores (cap)
+CALIBRATION_RETAIN = "calibration-retain-samples"  # kept samples a client scores (cap)
+SCALE_FREE = "scale-free"  # train.unlearn: alpha applies to mean-normalised Fishers (alpha="auto")
 AFTER = "after-"
 # SISA (strategies.sisa_server / sisa_client): the layout, the round, and what a client reports
 SISA_SHARDS = "sisa-shards"

@@ -15,7 +15,9 @@ five methods, and works around ``configure_train`` / ``aggregate_train``:
 :meth:`UnlearningStrategy.unlearn` serves a request: affected set from the lineage, forget-Fishers from the
 clients holding the data (one ``send_and_receive``), MFIM merge, one vectorised FIUn step over every
 affected server-held model, ``train.unlearn`` to every client holding an affected model (one
-``send_and_receive``), and a reset of the inner strategy's optimiser state.
+``send_and_receive``), and a reset of the inner strategy's optimiser state. The request is journaled state by
+state (``fl_unlearn.recovery``, ``strategies.journaled``): a crash resumes it, a failed client leaves it
+``incomplete`` until a later call finishes it, and a served request is never applied twice (``docs/RELIABILITY.md``).
 
 The delegation itself lives in :class:`~strategies.base.DelegatingStrategy`; the retrain baseline in
 :mod:`strategies.retrain`.
@@ -36,16 +38,23 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
+from fl_unlearn.calibrate import scale_free
+from fl_unlearn.errors import ConfigError, FisherError, RecordError, RequestError, UnlearnError
+from fl_unlearn.fisher import check_fisher
 from fl_unlearn.fiun import FIUnConfig, unlearn_many
+from fl_unlearn.journal import RequestJournal
 from fl_unlearn.lineage import LineageGraph, ModelNode, TrainingData
 from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.requests import UnlearningRequest, validate_request
+from fl_unlearn.recovery import ClientFailure, serve_request
+from fl_unlearn.recovery import version_id as version_id  # re-exported: the lineage id of an unlearned version
 from fl_unlearn.store import Store
 from strategies import records as R
 from strategies.base import DelegatingStrategy
+from strategies.calibration import ClientCalibration, calibrate_at_clients
 from strategies.forget import forget_count, request_config, retain_from_whole
-from strategies.nodes import checked_replies
+from strategies.journaled import ServerSteps, fill_outcome
+from strategies.nodes import checked_replies, send_with_retries
 from strategies.strategy_utils import reset_optimiser_state
 
 Tensors = dict[str, torch.Tensor]
@@ -94,6 +103,20 @@ class UnlearnOutcome:
         ``forget_fisher_s``, ``merge_s``, ``dampen_s``, ``clients_s``, ``unlearn_s`` (their sum and more).
     optimiser_reset : list[str]
         Server-optimiser attributes reset.
+    fiun, scale_free : FIUnConfig | None, bool
+        The dampening settings used; with ``alpha="auto"`` at the clients, the chosen alpha on mean-normalised
+        Fishers (``scale_free`` True).
+    calibration : dict
+        ``alpha="auto"`` at the clients: the chosen alpha, the target, and the summed grid of accuracies.
+    state : str
+        The request's journal state: ``verified`` (every affected model unlearned, exactly once) or
+        ``incomplete`` (``missing`` lists the models not unlearned yet; serving the request again finishes them).
+    missing : list[str]
+        Affected models not unlearned yet (clients that failed after the retries).
+    failures : dict[int, str]
+        Partition id -> why it failed, this run.
+    resumed_from : str | None
+        The journal state the request was resumed from (a crash or an incomplete earlier run), else ``None``.
     """
 
     request: UnlearningRequest
@@ -107,6 +130,13 @@ class UnlearnOutcome:
     timing: dict[str, float] = field(default_factory=dict)
     optimiser_reset: list[str] = field(default_factory=list)
     alphas: list[float] = field(default_factory=list)
+    fiun: FIUnConfig | None = None
+    scale_free: bool = False
+    calibration: dict[str, Any] = field(default_factory=dict)
+    state: str = "verified"
+    missing: list[str] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    resumed_from: str | None = None
 
 
 class UnlearningStrategy(DelegatingStrategy):
@@ -147,7 +177,12 @@ class UnlearningStrategy(DelegatingStrategy):
     calibration : Calibration | None (default: None)
         Choose alpha per affected model on these held-out samples (``fl_unlearn.calibrate.calibrate_alpha``:
         the mildest alpha that meets the forget target); ``fiun.alpha`` is then ignored. Client-held models
-        use the alpha chosen for the newest affected global model.
+        use the alpha chosen for the newest affected global model. Data the server holds; prefer
+        ``client_calibration``.
+    client_calibration : ClientCalibration | None (default: None)
+        ``alpha="auto"`` on data the clients hold (``strategies.calibration``): one ``query.calibrate`` round
+        trip on the newest affected global model chooses one alpha on mean-normalised Fishers for every affected
+        model; ``fiun.alpha`` is then ignored. Used when ``calibration`` is ``None``.
     keep_local_weights : bool (default: True)
         Store every client update, so local models can be unlearned too (costs a model per client and round).
     node_timeout : float (default: 120.0)
@@ -161,6 +196,9 @@ class UnlearningStrategy(DelegatingStrategy):
         result = strategy.start(grid, initial_arrays, num_rounds=3)
         outcome = strategy.unlearn(grid, UnlearningRequest.for_classes([3]))
     """
+
+    #: Extra attempts for a client that errs or times out in ``query.fisher`` / ``train.unlearn``.
+    reply_retries: int = 2
 
     def __init__(
         self,
@@ -178,6 +216,7 @@ class UnlearningStrategy(DelegatingStrategy):
         fisher_samples: int = 1024,
         fiun: FIUnConfig | None = None,
         calibration: Calibration | None = None,
+        client_calibration: ClientCalibration | None = None,
         keep_local_weights: bool = True,
         node_timeout: float = 120.0,
     ) -> None:
@@ -192,6 +231,7 @@ class UnlearningStrategy(DelegatingStrategy):
         self._dtypes: dict[str, torch.dtype] | None = None
         self.fiun = fiun
         self.calibration = calibration
+        self.client_calibration = client_calibration
         self.keep_local_weights = keep_local_weights
         self.current: str | None = self._newest_global()
 
@@ -357,46 +397,46 @@ class UnlearningStrategy(DelegatingStrategy):
         validate_request(request, num_classes=self.num_classes, known_clients=known or None, graph=self.graph)
 
     def unlearn(self, grid: Grid, request: UnlearningRequest) -> UnlearnOutcome:
-        """Unlearn ``request`` from every affected model at once.
+        """Unlearn ``request`` from every affected model at once, exactly once, through the request journal.
 
-        Phases (each a short method): check the request; find roots and affected models; gather forget-Fishers
-        from the data holders in one round trip; merge them (MFIM); dampen every affected server-held model in
-        one ``fl_unlearn.fiun.unlearn_many`` call; send ``train.unlearn`` to every client holding an affected
-        model in one round trip; record the new versions; reset server-optimiser state.
+        Phases (each a short method, ordered by ``fl_unlearn.recovery.serve_request``, which journals each
+        state in ``<store>/journal`` before acting on it): check the request and fix the affected models;
+        gather forget-Fishers from the data holders in one round trip; merge them (MFIM); dampen every affected
+        server-held model in one ``fl_unlearn.fiun.unlearn_many`` call; send ``train.unlearn`` to every client
+        holding an affected model in one round trip; record the new versions; reset server-optimiser state.
+        Requests are serialised by the store's lock.
+
+        A request the journal holds part-way (a crash, or clients that failed) resumes where it stopped and
+        finishes only what is missing. Clients that err or time out are retried ``reply_retries`` times, then
+        reported: ``outcome.state`` is ``incomplete`` and ``outcome.missing`` lists the models not unlearned.
 
         Raises
         ------
         RequestError
-            Bad request (unknown class or client, data no model trained on). Nothing changes.
-        UnlearnError
-            A client failed to answer; nothing is recorded in the lineage then.
+            Bad request (unknown class or client, data no model trained on), a client claiming forget data
+            the lineage does not give it, or a request id already applied. Nothing changes.
+        FisherError, RecordError
+            A client sent a malformed, wrong-shaped or NaN Fisher. No model changes.
+        StoreError
+            A tampered checkpoint or journal. Nothing changes.
         """
         if not isinstance(request, UnlearningRequest):
             raise RequestError(f"unlearn expects an UnlearningRequest, got {type(request).__name__}")
-        self.check_request(request)
-        roots, affected = self.graph.roots(request), self.graph.affected(request)
-        outcome = UnlearnOutcome(request, roots, affected)
-        log(INFO, "unlearn: %s: %d roots, %d affected models", request.describe(), len(roots), len(affected))
+        self.check_request(request)  # fail fast, before the lock file or the journal is touched
+        outcome = UnlearnOutcome(request, [], [])
         start = time.perf_counter()
-        self.nodes.refresh(grid)
-        holder_fishers, retain_fishers = self._gather_fishers(grid, request, roots, outcome)
-        t1 = time.perf_counter()
-        forget_of = self._merged_forget_fishers(affected, roots, holder_fishers)
-        shared_retain = None
-        if retain_fishers:
-            shared_retain = merge_fishers([f for f, _ in retain_fishers.values()],
-                                          num_samples=[n for _, n in retain_fishers.values()], mode="weighted_mean")
-        t2 = time.perf_counter()
-        new_server = self._dampen_server_models(request, affected, forget_of, shared_retain, outcome)
-        t3 = time.perf_counter()
-        client_versions = self._unlearn_client_models(grid, request, affected, forget_of, outcome)
-        t4 = time.perf_counter()
-        self._record_versions(request, {**new_server, **client_versions}, outcome)
-        outcome.optimiser_reset = reset_optimiser_state(self.strategy)
-        outcome.timing.update({"forget_fisher_s": t1 - start, "merge_s": t2 - t1, "dampen_s": t3 - t2,
-                               "clients_s": t4 - t3, "unlearn_s": time.perf_counter() - start})
-        log(INFO, "unlearn: %d affected models unlearned in %.2f s (optimiser state reset: %s)", len(affected),
-            outcome.timing["unlearn_s"], ", ".join(outcome.optimiser_reset) or "none")
+        with self.store.lock():
+            progress = serve_request(RequestJournal.for_store(self.store), request, self.graph, self.store,
+                                     ServerSteps(self, grid, request, outcome), refs=("latest-global",))
+        fill_outcome(outcome, progress)
+        if self.current in outcome.versions:
+            self.current = outcome.versions[self.current]
+        outcome.optimiser_reset = reset_optimiser_state(self.strategy) if outcome.versions else []
+        outcome.timing["unlearn_s"] = time.perf_counter() - start
+        log(INFO, "unlearn: request %s %s: %d of %d models unlearned in %.2f s%s (optimiser state reset: %s)",
+            request.id, outcome.state, len(outcome.versions), len(outcome.versions) + len(outcome.missing),
+            outcome.timing["unlearn_s"], f"; missing {outcome.missing}" if outcome.missing else "",
+            ", ".join(outcome.optimiser_reset) or "none")
         return outcome
 
     def _holders(self, request: UnlearningRequest, roots: list[str]) -> list[int]:
@@ -416,20 +456,33 @@ class UnlearningStrategy(DelegatingStrategy):
 
         Data holders return their forget-Fisher; with ``retain_fisher="fresh"`` every client is asked and also
         returns the retain-Fisher of its kept data. Returns ``(forget, retain)``: partition -> (Fisher, samples).
+        Every reply is checked before any is used (:meth:`_check_fisher_reply`); a client that errs or times out
+        is retried, then reported (``ClientFailure``).
         """
         fresh = self.retain_fisher == "fresh"
         pids = sorted(self.nodes.partition.values()) if fresh else self._holders(request, roots)
         model = self._newest_affected_global(outcome.affected)
-        arrays = R.tensors_to_record(self.store.get(model.weights))
-        msgs = []
+        weights = self.store.get(model.weights)
+        arrays = R.tensors_to_record(weights)
+        msgs, failures = [], {}
         for pid in pids:
             cfg = ConfigRecord({R.NODE_ID: model.id, **self._fisher_config(), **request_config(request, pid)})
-            msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
-                                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER))
+            try:
+                msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
+                                    dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER))
+            except UnlearnError as err:  # the partition's node is not connected
+                failures[pid] = str(err)
+        allowed = self._forget_allowance(request, roots)
+        replies, failed_nodes = send_with_retries(
+            grid, msgs, R.MSG_FISHER, timeout=self.nodes.timeout, retries=self.reply_retries,
+            check=lambda r: self._check_fisher_reply(r, weights, allowed))
+        failures.update({self.nodes.partition.get(n, n): why for n, why in failed_nodes.items()})
+        if failures:
+            raise ClientFailure(failures)
         forget: dict[int, tuple[Tensors, int]] = {}
         retain: dict[int, tuple[Tensors, int]] = {}
         seconds = []
-        for reply in checked_replies(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "query.fisher"):
+        for reply in replies:
             pid = self.nodes.partition[reply.metadata.src_node_id]
             metrics, records = reply.content.metric_records[R.METRICS_KEY], reply.content.array_records
             seconds.append(float(metrics.get(R.SECONDS, 0.0)))
@@ -444,6 +497,38 @@ class UnlearningStrategy(DelegatingStrategy):
         log(INFO, "unlearn: forget-Fishers from %d clients on %s (%d samples)%s", len(forget), model.id,
             sum(n for _, n in forget.values()), f", retain-Fishers from {len(retain)}" if retain else "")
         return forget, retain
+
+    def _forget_allowance(self, request: UnlearningRequest, roots: list[str]) -> dict[int, int]:
+        """Partition -> the most forget samples the lineage says it trained on (its largest root's share)."""
+        allowed: dict[int, int] = {}
+        for r in roots:
+            data = self.graph.node(r).data
+            if data is not None and data.client is not None:
+                allowed[data.client] = max(allowed.get(data.client, 0), forget_count(data, request))
+        return allowed
+
+    def _check_fisher_reply(self, reply: Message, weights: Tensors, allowed: dict[int, int]) -> None:
+        """Refuse a ``query.fisher`` reply that is malformed, claims forget data the lineage does not give the
+        client, or carries a Fisher with unknown names, wrong shapes, NaN/inf or negative entries."""
+        pid = self.nodes.partition.get(reply.metadata.src_node_id, -1)
+        content = reply.content
+        if R.METRICS_KEY not in content.metric_records:
+            raise RecordError(f"query.fisher reply of partition {pid} has no {R.METRICS_KEY!r} MetricRecord")
+        metrics = content.metric_records[R.METRICS_KEY]
+        counts = {k: metrics.get(k, 0) for k in (R.FORGET_NUM, R.RETAIN_NUM)}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values()):
+            raise RecordError(f"query.fisher reply of partition {pid}: sample counts must be ints >= 0, got {counts}")
+        if counts[R.FORGET_NUM] > allowed.get(pid, 0):
+            raise RequestError(f"partition {pid} claims {counts[R.FORGET_NUM]} samples to forget, but the lineage "
+                               f"records at most {allowed.get(pid, 0)} for it; its Fisher is refused")
+        keys = ([R.FORGET_FISHER_KEY] if counts[R.FORGET_NUM] else []) + [
+            k for k in (R.RETAIN_FISHER_KEY,) if k in content.array_records]
+        for key in keys:
+            if key not in content.array_records:
+                raise RecordError(f"query.fisher reply of partition {pid} has no {key!r} ArrayRecord")
+            problems = check_fisher(R.record_to_tensors(content.array_records[key]), weights)
+            if problems:
+                raise FisherError(f"partition {pid} sent a bad {key}: " + "; ".join(str(p) for p in problems[:5]))
 
     def _fisher_config(self) -> dict[str, Any]:
         return {R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator,
@@ -502,7 +587,9 @@ class UnlearningStrategy(DelegatingStrategy):
                                         self._forget_fraction(n, request)) for n in nodes]
         weights = [self.store.get(n.weights) for n in nodes]
         forgets = [forget_of[n.id] for n in nodes]
-        cfg = self.fiun or FIUnConfig()
+        cfg = outcome.fiun or self.fiun or FIUnConfig()
+        if outcome.scale_free:
+            retain, forgets = [scale_free(f) for f in retain], [scale_free(f) for f in forgets]
         if self.calibration is None:
             new_weights, stats = unlearn_many(weights, retain, forgets, cfg)
         else:
@@ -533,35 +620,86 @@ class UnlearningStrategy(DelegatingStrategy):
     def _unlearn_client_models(
         self, grid: Grid, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
         outcome: UnlearnOutcome,
-    ) -> dict[str, str]:
-        """``train.unlearn`` to every client holding affected models, all in one round trip."""
+    ) -> tuple[dict[str, str], dict[int, str]]:
+        """``train.unlearn`` to every client holding affected models, all in one round trip.
+
+        Returns ``(versions, failures)``: old id -> the client's weights digest, and partition -> why it failed
+        (after ``reply_retries`` retries); a failed client's models are not unlearned.
+        """
         by_client: dict[int, list[str]] = {}
         for a in affected:
             node = self.graph.node(a)
             if node.weights is None and node.meta.get("held-by", "").startswith("client:"):
                 by_client.setdefault(node.client, []).append(a)
         if not by_client:
-            return {}
-        msgs = []
+            return {}, {}
+        msgs, failures = [], {}
         for pid, ids in sorted(by_client.items()):
+            if not any(p == pid for p in self.nodes.partition.values()):
+                failures[pid] = f"no connected node holds partition {pid}"
+                continue
             forget = forget_of[ids[-1]]  # the newest of a client's models inherits from every relevant root
             cfg = ConfigRecord({R.MODEL_IDS: ids, R.NODE_ID: [version_id(i, request) for i in ids],
-                                R.STORE_DIR: str(self.store.root), **self._fisher_config(),
+                                R.STORE_DIR: str(self.store.root), R.SCALE_FREE: outcome.scale_free,
+                                **self._fisher_config(),
                                 **fiun_config(self._client_fiun(outcome)), **request_config(request, pid)})
             msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))
+        replies, failed_nodes = send_with_retries(
+            grid, msgs, R.MSG_UNLEARN, timeout=self.nodes.timeout, retries=self.reply_retries,
+            check=lambda r: self._check_unlearn_reply(r, by_client, request))
+        failures.update({self.nodes.partition.get(n, n): why for n, why in failed_nodes.items()})
         versions: dict[str, str] = {}
-        for reply in checked_replies(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.unlearn"):
+        for reply in replies:
             for key, cfg in reply.content.config_records.items():
                 if key.startswith(R.NODE_KEY_PREFIX):
                     old = str(cfg[R.PARENT_ID])
                     versions[old] = str(cfg[R.WEIGHTS_DIGEST])
                     outcome.client_results[old] = {k: cfg[k] for k in cfg}
-        log(INFO, "unlearn: %d client-held models unlearned on %d clients", len(versions), len(by_client))
-        return versions
+        log(INFO, "unlearn: %d client-held models unlearned on %d clients%s", len(versions), len(by_client),
+            f"; failed: {failures}" if failures else "")
+        return versions, failures
+
+    def _check_unlearn_reply(self, reply: Message, by_client: dict[int, list[str]], request: UnlearningRequest) -> None:
+        """Refuse a ``train.unlearn`` reply that names models other than those sent, or invalid digests."""
+        pid = self.nodes.partition.get(reply.metadata.src_node_id, -1)
+        sent = set(by_client.get(pid, []))
+        got = {}
+        for key, cfg in reply.content.config_records.items():
+            if key.startswith(R.NODE_KEY_PREFIX):
+                old, new, digest = cfg.get(R.PARENT_ID), cfg.get(R.NODE_ID), cfg.get(R.WEIGHTS_DIGEST)
+                if old not in sent or new != version_id(str(old), request) or not _is_digest(digest):
+                    raise RecordError(f"train.unlearn reply of partition {pid}: model {old!r:.80} -> {new!r:.80} "
+                                      f"({digest!r:.80}) was not asked for, or has no valid digest")
+                got[old] = digest
+        if set(got) != sent:
+            raise RecordError(f"train.unlearn reply of partition {pid} covers {sorted(got)}, not {sorted(sent)}")
+
+    def _auto_alpha(self, grid: Grid, request: UnlearningRequest, forget_of: dict[str, Tensors],
+                    shared_retain: Tensors | None, outcome: UnlearnOutcome) -> None:
+        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model."""
+        if self.client_calibration is None or self.calibration is not None:
+            return
+        node = self._newest_affected_global(outcome.affected)
+        retain = shared_retain
+        if retain is None:
+            retain = retain_from_whole(self.store.get(node.retain_fisher), forget_of[node.id],
+                                       self._forget_fraction(node, request))
+        pids = sorted(self.nodes.partition.values())
+        base = self.fiun or FIUnConfig()
+        choice = calibrate_at_clients(
+            grid, self.nodes, pids, {p: request_config(request, p) for p in pids}, self.store.get(node.weights),
+            retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration)
+        outcome.fiun = dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam)
+        outcome.scale_free = True
+        outcome.calibration = choice.to_dict()
+        outcome.alphas = [choice.alpha]
+        outcome.timing["calibrate_s"] = choice.seconds
 
     def _client_fiun(self, outcome: UnlearnOutcome) -> FIUnConfig:
         """FIUn settings for client-held models: with alpha=auto, the alpha of the newest affected global."""
+        if outcome.fiun is not None:
+            return outcome.fiun
         cfg = self.fiun or FIUnConfig()
         if not outcome.alphas:
             return cfg
@@ -569,32 +707,9 @@ class UnlearningStrategy(DelegatingStrategy):
         alpha = outcome.stats.get(newest, {}).get("alpha", outcome.alphas[-1])
         return dataclasses.replace(cfg, alpha=float(alpha))
 
-    def _record_versions(self, request: UnlearningRequest, digests: dict[str, str], outcome: UnlearnOutcome) -> None:
-        """Record every unlearned model as a new node (the lineage is append-only)."""
-        for old_id in outcome.affected:
-            if old_id not in digests:
-                continue
-            old = self.graph.node(old_id)
-            server_held = old.weights is not None
-            new_id = version_id(old_id, request)
-            self.graph.add_node(
-                new_id, old.kind, round=old.round, shard=old.shard, owner=old.owner, parents=(old_id,),
-                weights=digests[old_id] if server_held else None, request_id=request.id,
-                retain_fisher=old.retain_fisher,
-                meta={"unlearned-from": old_id, "held-by": old.meta.get("held-by", "server"),
-                      **({} if server_held else {"client-weights": digests[old_id]})},
-            )
-            outcome.versions[old_id] = new_id
-        if self.current in outcome.versions:
-            self.current = outcome.versions[self.current]
-            self.store.set_ref("latest-global", self.graph.node(self.current).weights)
-        self.store.put_json(f"requests/{request.id}", {"request": request.to_dict(), "versions": outcome.versions,
-                                                        "state": "applied"})
 
-
-def version_id(node_id: str, request: UnlearningRequest) -> str:
-    """Lineage id of the unlearned version of ``node_id`` for ``request``."""
-    return f"{node_id}~u{request.id[:8]}"
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def fiun_config(cfg: Any) -> dict[str, Any]:

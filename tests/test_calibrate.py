@@ -95,7 +95,18 @@ def test_bisection_finds_the_last_index_meeting_a_monotone_predicate():
 
 # --- calibration at the clients: per-alpha counts, summed, then one choice ------------------------------------
 
-from fl_unlearn.calibrate import GridCounts, RepairConfig, choose_alpha, repair, score_alpha_grid  # noqa: E402
+from fl_unlearn.calibrate import (  # noqa: E402
+    GridCounts,
+    RepairConfig,
+    candidate_grid,
+    choose_candidate,
+    repair,
+    score_alpha_grid,
+)
+
+
+def _pairs(*alphas, lam=1.0):
+    return tuple((float(a), lam) for a in alphas)
 
 
 class _Linear(torch.nn.Module):
@@ -113,27 +124,39 @@ def _data(n: int, seed: int):
 
 
 def test_choose_alpha_keeps_most_among_alphas_that_forget_enough():
-    counts = GridCounts((1.0, 2.0, 4.0, 8.0), forget_correct=[0, 0, 1, 9], retain_correct=[50, 70, 90, 99],
+    counts = GridCounts(_pairs(1, 2, 4, 8), forget_correct=[0, 0, 1, 9], retain_correct=[50, 70, 90, 99],
                         forget_num=10, retain_num=100)
-    assert choose_alpha(counts, 0.0) == (2.0, True)
-    assert choose_alpha(counts, 0.1) == (4.0, True)
-    # ties in kept accuracy go to the milder alpha
-    tie = GridCounts((1.0, 2.0), [0, 0], [80, 80], 10, 100)
-    assert choose_alpha(tie, 0.0) == (2.0, True)
+    assert choose_candidate(counts, 0.0) == (2.0, 1.0, True)
+    assert choose_candidate(counts, 0.1) == (4.0, 1.0, True)
+    # ties in kept accuracy go to the milder (later) candidate
+    tie = GridCounts(_pairs(1, 2), [0, 0], [80, 80], 10, 100)
+    assert choose_candidate(tie, 0.0) == (2.0, 1.0, True)
+    # a zeroing candidate that forgets with more kept accuracy beats the paper's factor
+    mixed = GridCounts(((4.0, 0.0), (1.0, 1.0)), [0, 0], [95, 80], 10, 100)
+    assert choose_candidate(mixed, 0.0) == (4.0, 0.0, True)
 
 
 def test_choose_alpha_reports_an_unmet_target_and_forgets_most():
-    counts = GridCounts((1.0, 2.0, 4.0), [3, 5, 9], [10, 60, 99], 10, 100)
-    assert choose_alpha(counts, 0.0) == (1.0, False)
+    counts = GridCounts(_pairs(1, 2, 4), [3, 5, 9], [10, 60, 99], 10, 100)
+    assert choose_candidate(counts, 0.0) == (1.0, 1.0, False)
+
+
+def test_candidate_grid_is_strongest_first_and_refuses_bad_values():
+    grid = candidate_grid((4.0, 1.0), (1.0, 0.0))
+    assert grid == ((1.0, 0.0), (4.0, 0.0), (1.0, 1.0), (4.0, 1.0))
+    with pytest.raises(ConfigError):
+        candidate_grid((), (1.0,))
+    with pytest.raises(ConfigError):
+        candidate_grid((1.0,), (-1.0,))
 
 
 def test_counts_add_up_like_one_party_holding_all_samples():
-    a = GridCounts((1.0, 2.0), [1, 2], [3, 4], 5, 6)
-    b = GridCounts((1.0, 2.0), [10, 20], [30, 40], 50, 60)
+    a = GridCounts(_pairs(1, 2), [1, 2], [3, 4], 5, 6)
+    b = GridCounts(_pairs(1, 2), [10, 20], [30, 40], 50, 60)
     total = a + b
     assert (total.forget_correct, total.retain_correct, total.forget_num, total.retain_num) == ([11, 22], [33, 44], 55, 66)
     with pytest.raises(ConfigError):
-        a + GridCounts((1.0, 3.0), [0, 0], [0, 0])
+        a + GridCounts(_pairs(1, 3), [0, 0], [0, 0])
 
 
 @settings(max_examples=20, deadline=None)
@@ -158,10 +181,11 @@ def test_client_grid_counts_match_dampening_each_alpha_by_hand():
     _, retain, forget = _models(1)
     retain = retain[0]
     x, y = _data(50, 3)
-    counts = score_alpha_grid(model, weights, retain, forget, (x, y), None, alphas=(0.5, 2.0, 8.0))
+    grid = ((0.5, 0.0), (2.0, 1.0), (8.0, 1.0))
+    counts = score_alpha_grid(model, weights, retain, forget, (x, y), None, candidates=grid)
     assert counts.forget_num == 50 and counts.retain_num == 0 and counts.retain_correct == [0, 0, 0]
-    for alpha, got in zip((0.5, 2.0, 8.0), counts.forget_correct):
-        (w,), _ = unlearn_many([weights], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha))
+    for (alpha, lam), got in zip(grid, counts.forget_correct):
+        (w,), _ = unlearn_many([weights], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha, lam=lam))
         logits = torch.func.functional_call(model, w, (x,))
         assert got == int((logits.argmax(1) == y).sum())
 
@@ -178,13 +202,13 @@ def test_repair_keeps_the_best_validation_loss_and_never_mutates_its_input():
     assert 1 <= info["repair_rounds"] <= 4 and len(losses) == info["repair_rounds"] + 1
     assert len(info["repair_forget_acc"]) == len(losses)
     # the returned weights are those of the lowest validation loss seen (the input when no round helped)
-    from fl_unlearn.calibrate import _split, _val_loss
-    splits = [_split(x, y, 0.25) for x, y in sets]
+    from fl_unlearn.calibrate import _val_loss, split_validation
+    splits = [split_validation(x, y, 0.25) for x, y in sets]
     assert _val_loss(model, new, splits) == pytest.approx(min(losses))
     unchanged, info0 = repair(model, weights, sets, cfg=RepairConfig(max_rounds=0))
     assert info0["repair_rounds"] == 0 and all(torch.equal(unchanged[k], original[k]) for k in weights)
 
 
 def test_repair_config_lists_every_bad_value():
-    with pytest.raises(ConfigError, match="max_rounds.*lr.*patience"):
-        RepairConfig(max_rounds=-1, lr=0.0, patience=0)
+    with pytest.raises(ConfigError, match="max_rounds.*local_steps.*lr.*patience"):
+        RepairConfig(max_rounds=-1, local_steps=0, lr=0.0, patience=0)

@@ -203,16 +203,28 @@ def test_client_request_is_served_and_reported(tmp_path):
         assert res["final_global"][part]["forget_acc"] is not None  # measured on client 1, where the data is
 
 
-def test_alpha_auto_calibrates_on_a_held_out_split(trained, tmp_path):
+def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
+    from fl_unlearn.calibrate import candidate_grid
+
     store = tmp_path / "store"
     shutil.copytree(trained / "store", store)
     res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), fiun_alpha="auto",
-                  calibration_samples=100, derive="finetune", derive_depth=2)
+                  calibration_forget_samples=40, calibration_retain_samples=30, derive="finetune", derive_depth=2)
     auto = res["alpha_auto"]
-    assert auto["calibration_rows"] == 100 and len(auto["alphas"]) == len(
-        [m for m in res["affected_models"] if m["kind"] != "derived"])
-    server_models = [m for m in res["affected_models"] if m["kind"] != "derived"]
-    assert all("alpha" in m["dampening"] for m in server_models)
+    # two clients scored their own samples: at most 40 forget and exactly 30 kept samples each
+    assert 0 < auto["forget_samples"] <= 80 and auto["retain_samples"] == 60
+    assert [(g["alpha"], g["lam"]) for g in auto["grid"]] == list(candidate_grid()) and auto["target"] == 0.0
+    # the choice is the grid's best kept accuracy among candidates that forget down to the target (ties: later)
+    meeting = [g for g in auto["grid"] if g["forget_acc"] <= auto["target"]]
+    if auto["target_met"]:
+        best = max(g["retain_acc"] for g in meeting)
+        last = [g for g in meeting if g["retain_acc"] == best][-1]
+        assert (auto["alpha"], auto["lam"]) == (last["alpha"], last["lam"])
+    else:
+        assert not meeting
+    assert res["timing"]["calibrate_s"] > 0
+    derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
+    assert derived and all(m["version"] for m in derived)  # client-held models unlearned with the same alpha
 
 
 def test_sample_request_on_a_stored_training(trained, tmp_path):
@@ -394,9 +406,13 @@ def test_app_config_refuses_relative_paths_and_unknown_keys():
     with pytest.raises(ConfigError, match="unknown run-config keys"):
         AppConfig.from_run_config({"num-clientz": 3})
     assert AppConfig.from_run_config({"forget-classes": "3, 7"}).forget_classes == (3, 7)
-    assert AppConfig.from_run_config({"fiun-alpha": "auto"}).fiun_alpha == "auto"
-    with pytest.raises(ConfigError, match="request-kind=classes"):
-        AppConfig.from_run_config({"fiun-alpha": "auto", "request-kind": "client"})
+    assert AppConfig.from_run_config({}).fiun_alpha == "auto"  # the default
+    assert AppConfig.from_run_config({"fiun-alpha": "auto", "request-kind": "client"}).fiun_alpha == "auto"
+    assert AppConfig.from_run_config({"fiun-alpha": 10}).fiun_alpha == 10.0
+    with pytest.raises(ConfigError, match="fiun-alpha"):
+        AppConfig.from_run_config({"fiun-alpha": "often"})
+    with pytest.raises(ConfigError, match="fiun-alpha"):
+        AppConfig.from_run_config({"fiun-alpha": -1.0})
 
 
 def test_records_round_trip():

@@ -1,0 +1,227 @@
+"""``alpha="auto"`` in a federation: choose FIUn's threshold on data the clients hold, in one round trip.
+
+The server holds no data. So it sends every client the model to calibrate on (the newest affected global),
+the merged forget-Fisher and the retain-Fisher, and the alpha grid (``query.calibrate``). Each client dampens
+the model at every alpha and counts correct predictions on a capped sample of its own data: the data to
+forget, where it holds some, and a small sample of its kept data (its retained validation sample). The
+server sums the counts over clients and picks the alpha with the best kept accuracy among those that bring
+the forgotten data down to the level of a model that never saw it
+(:func:`fl_unlearn.calibrate.choose_alpha`):
+
+- a class: 0 % (a model that never saw a class never predicts it);
+- a client's or a user's samples: the model's accuracy on kept data of the same federation (what it
+  scores on data it did not memorise is not known to the server; the kept-data accuracy of the model
+  before unlearning is the clients' best estimate of it).
+
+Alpha applies to mean-normalised Fishers (:func:`fl_unlearn.calibrate.scale_free`), so the choice does not
+depend on which model the Fishers were computed on; the same alpha then dampens every affected model,
+server-held and client-held (``scale-free`` in ``train.unlearn``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from logging import INFO
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from fl_unlearn.calibrate import (
+    DEFAULT_LAMS,
+    GRID_ALPHAS,
+    GridCounts,
+    candidate_grid,
+    choose_candidate,
+    count_correct,
+    score_alpha_grid,
+)
+from fl_unlearn.data import make_loader
+from fl_unlearn.errors import UnlearnError
+from fl_unlearn.fiun import FIUnConfig
+from strategies import records as R
+from strategies.forget import ForgetSpec
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from strategies.client import ClientSpec
+    from strategies.nodes import NodeDirectory
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientCalibration:
+    """How much of their data clients score in ``query.calibrate``.
+
+    Parameters
+    ----------
+    forget_samples : int (default: 256)
+        Cap per client on the forget samples scored (a seeded random subset).
+    retain_samples : int (default: 128)
+        Cap per client on the kept samples scored.
+    alphas : tuple[float, ...] (default: fl_unlearn.calibrate.GRID_ALPHAS)
+        Candidate thresholds on mean-normalised Fishers.
+    lams : tuple[float, ...] (default: fl_unlearn.calibrate.DEFAULT_LAMS)
+        Dampening constants tried with every alpha.
+    """
+
+    forget_samples: int = 256
+    retain_samples: int = 128
+    alphas: tuple[float, ...] = GRID_ALPHAS
+    lams: tuple[float, ...] = DEFAULT_LAMS
+
+
+@dataclass
+class CalibrationChoice:
+    """What the federation chose: alpha and lambda, whether they met the target, the summed counts, the cost."""
+
+    alpha: float
+    lam: float
+    target: float
+    target_met: bool
+    counts: GridCounts
+    seconds: float
+    client_max_s: float
+    retain_before: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        f_acc, r_acc = self.counts.accuracies()
+        chosen = self.counts.candidates.index((self.alpha, self.lam))
+        return {"alpha": self.alpha, "lam": self.lam, "target": self.target, "target_met": self.target_met,
+                "retain_before": self.retain_before, "retain_after": r_acc[chosen],
+                "forget_samples": self.counts.forget_num, "retain_samples": self.counts.retain_num,
+                "grid": [{"alpha": a, "lam": v, "forget_acc": f, "retain_acc": r}
+                         for (a, v), f, r in zip(self.counts.candidates, f_acc, r_acc)],
+                "seconds": self.seconds, "client_max_s": self.client_max_s}
+
+
+# --- client side -----------------------------------------------------------------------------------------
+
+
+def _sample_tensors(ds: Dataset, cap: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from strategies.client import capped
+
+    rows = capped(ds, cap, seed)
+    if len(rows) == 0:
+        return None
+    return next(iter(make_loader(rows, len(rows))))
+
+
+def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``query.calibrate``: correct predictions per candidate alpha on this client's capped samples.
+
+    Also counts the undampened model (``before-forget-correct`` / ``before-retain-correct``), from which the
+    server derives the target for client and sample requests.
+    """
+    from strategies.client import _seed, load_model, partition_id
+
+    start = time.perf_counter()
+    config = R.first_config(msg)
+    arrays = msg.content.array_records
+    weights = R.record_to_tensors(arrays[R.ARRAYS_KEY])
+    forget_fisher = R.record_to_tensors(arrays[R.FORGET_FISHER_KEY])
+    retain_fisher = R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY])
+    forget_ds, retain_ds = ForgetSpec.from_config(config).split(spec.data_fn(context))
+    forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_FORGET]), _seed(context, -3))
+    retain_set = _sample_tensors(retain_ds, int(config[R.CALIBRATION_RETAIN]), _seed(context, -4))
+    model = load_model(spec, context, weights)
+    base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+    candidates = _candidates(config)
+    counts = score_alpha_grid(model, weights, retain_fisher, forget_fisher, forget_set, retain_set,
+                              base=base, candidates=candidates)
+    before_forget, before_retain = count_correct(model, weights, forget_set), count_correct(model, weights, retain_set)
+    metrics = MetricRecord({
+        R.FORGET_CORRECT: counts.forget_correct, R.RETAIN_CORRECT: counts.retain_correct,
+        R.FORGET_NUM: counts.forget_num, R.RETAIN_NUM: counts.retain_num,
+        R.BEFORE + R.FORGET_CORRECT: before_forget, R.BEFORE + R.RETAIN_CORRECT: before_retain,
+        R.SECONDS: time.perf_counter() - start,
+    })
+    log(INFO, "query.calibrate: partition %d scored %d candidates on %d forget / %d kept samples in %.2f s",
+        partition_id(context), len(candidates), counts.forget_num, counts.retain_num, metrics[R.SECONDS])
+    return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _candidates(config: Any) -> list[tuple[float, float]]:
+    alphas, lams = [float(a) for a in config[R.ALPHAS]], [float(v) for v in config[R.LAMS]]
+    if len(alphas) != len(lams) or not alphas:
+        raise UnlearnError(f"query.calibrate: {len(alphas)} alphas and {len(lams)} lambdas; expected equal, non-zero")
+    return list(zip(alphas, lams))
+
+
+# --- server side -----------------------------------------------------------------------------------------
+
+
+def calibrate_at_clients(
+    grid: Grid,
+    nodes: NodeDirectory,
+    pids: Sequence[int],
+    request_configs: dict[int, dict[str, Any]],
+    weights: Tensors,
+    retain_fisher: Tensors,
+    forget_fisher: Tensors,
+    *,
+    request_kind: str,
+    base: FIUnConfig,
+    settings: ClientCalibration = ClientCalibration(),
+) -> CalibrationChoice:
+    """One ``query.calibrate`` to every client in ``pids``; sum their counts; choose alpha.
+
+    Parameters
+    ----------
+    grid : Grid
+    nodes : NodeDirectory
+        Partition id -> node id.
+    pids : sequence of int
+        Clients to ask (all of them: holders score the forget side, every client the kept side).
+    request_configs : dict
+        Per partition: the keys that tell it what to forget (``strategies.forget.request_config``).
+    weights, retain_fisher, forget_fisher : dict
+        The model to calibrate on and its Fishers.
+    request_kind : str
+        ``classes`` (target 0) or ``client`` / ``samples`` (target: the model's kept-data accuracy).
+    base : FIUnConfig
+        The other dampening settings (``lam``, ``exponent``, ...); its alpha is ignored.
+    settings : ClientCalibration
+
+    Returns
+    -------
+    CalibrationChoice
+    """
+    from strategies.nodes import checked_replies
+    from strategies.server import fiun_config
+
+    start = time.perf_counter()
+    candidates = candidate_grid(settings.alphas, settings.lams)
+    content = {R.ARRAYS_KEY: R.tensors_to_record(weights), R.FORGET_FISHER_KEY: R.tensors_to_record(forget_fisher),
+               R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
+    fiun = {k: v for k, v in fiun_config(base).items() if k != R.FIUN_ALPHA}
+    msgs = []
+    for pid in pids:
+        cfg = ConfigRecord({R.ALPHAS: [a for a, _ in candidates], R.LAMS: [v for _, v in candidates],
+                            R.CALIBRATION_FORGET: int(settings.forget_samples),
+                            R.CALIBRATION_RETAIN: int(settings.retain_samples), **fiun, **request_configs[pid]})
+        msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
+                            message_type=R.MSG_CALIBRATE))
+    total = GridCounts(candidates, [0] * len(candidates), [0] * len(candidates))
+    before_retain, client_seconds = 0, []
+    for reply in checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "query.calibrate"):
+        m = reply.content.metric_records[R.METRICS_KEY]
+        total = total + GridCounts(candidates, [int(v) for v in m[R.FORGET_CORRECT]],
+                                   [int(v) for v in m[R.RETAIN_CORRECT]], int(m[R.FORGET_NUM]), int(m[R.RETAIN_NUM]))
+        before_retain += int(m[R.BEFORE + R.RETAIN_CORRECT])
+        client_seconds.append(float(m[R.SECONDS]))
+    if total.forget_num == 0:
+        raise UnlearnError("query.calibrate: no client scored any forget sample; cannot calibrate alpha")
+    target = 0.0 if request_kind == "classes" else before_retain / max(total.retain_num, 1)
+    alpha, lam, met = choose_candidate(total, target)
+    choice = CalibrationChoice(alpha, lam, target, met, total, time.perf_counter() - start,
+                               max(client_seconds, default=0.0), before_retain / max(total.retain_num, 1))
+    log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
+        "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
+    return choice

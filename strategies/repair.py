@@ -1,0 +1,164 @@
+"""An optional short repair after FIUn: a few FedAvg rounds of capped SGD steps on the clients' kept data.
+
+Dampening strong enough to forget some classes (MNIST class 5 needs weights zeroed at alpha 2) also costs
+kept accuracy; a few SGD steps on kept data win it back without bringing the forgotten data back (nothing
+forgotten is trained on, and its logit only gets pushed down). So, when ``alpha="auto"`` had to give up more
+than ``tolerance`` of kept accuracy on the calibration samples, the server runs ``train.repair`` rounds on the
+unlearned global model:
+
+- every client draws ``samples`` rows of its kept data (seeded), holds a quarter back for validation, reports
+  the validation loss of the weights it received, and takes ``local_steps`` SGD steps on the rest;
+- the server averages the replies (FedAvg) and stops when the summed validation loss stops improving, or after
+  ``max_rounds`` (plus one validation-only round for the last average).
+
+The repaired model is a new lineage node below the unlearned one. Its cost is ``timing.repair_s``, apart from
+``unlearn_s``; results.json reports the final global model before and after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from logging import INFO
+from typing import TYPE_CHECKING, Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from fl_unlearn.calibrate import RepairConfig, loss_sum, repair_steps, split_validation, weighted_average
+from fl_unlearn.errors import ConfigError, UnlearnError
+from strategies import records as R
+from strategies.forget import ForgetSpec
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+    from strategies.client import ClientSpec
+    from strategies.nodes import NodeDirectory
+
+Tensors = dict[str, torch.Tensor]
+REPAIR_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """When and how the App repairs the unlearned global model.
+
+    Parameters
+    ----------
+    mode : str (default: "auto")
+        ``auto``: repair when calibration lost more than ``tolerance`` of kept accuracy; ``on``: always;
+        ``off``: never.
+    tolerance : float (default: 0.01)
+        Kept-accuracy loss on the calibration samples (a fraction) that ``auto`` accepts without repair.
+    samples : int (default: 256)
+        Kept rows each client draws for the repair (a quarter held back for validation).
+    steps : RepairConfig
+        Rounds, local steps, lr, momentum, batch size, patience.
+    """
+
+    mode: str = "auto"
+    tolerance: float = 0.01
+    samples: int = 256
+    steps: RepairConfig = RepairConfig()
+
+    def __post_init__(self) -> None:
+        if self.mode not in REPAIR_MODES:
+            raise ConfigError(f"repair={self.mode!r} is not one of {', '.join(REPAIR_MODES)}")
+        if not 0 <= self.tolerance <= 1 or self.samples < 2:
+            raise ConfigError(f"repair needs 0 <= tolerance <= 1 and samples >= 2, got {self.tolerance}, {self.samples}")
+
+    def wanted(self, calibration: dict[str, Any]) -> bool:
+        """Whether to repair after a calibration that reported ``retain_before`` and ``retain_after``."""
+        if self.mode != "auto":
+            return self.mode == "on"
+        before, after = calibration.get("retain_before"), calibration.get("retain_after")
+        return before is not None and after is not None and before - after > self.tolerance
+
+
+# --- client side -----------------------------------------------------------------------------------------
+
+
+def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``train.repair``: validation loss of the received weights, then capped SGD steps on kept data."""
+    from strategies.calibration import _sample_tensors
+    from strategies.client import _seed, load_model, partition_id
+
+    config = R.first_config(msg)
+    weights = R.record_to_tensors(msg.content.array_records[R.ARRAYS_KEY])
+    _, retain_ds = ForgetSpec.from_config(config).split(spec.data_fn(context))
+    kept = _sample_tensors(retain_ds, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
+    if kept is None:
+        return Message(RecordDict({R.METRICS_KEY: MetricRecord({R.NUM_EXAMPLES: 0, R.VAL_LOSS: 0.0, R.VAL_NUM: 0})}),
+                       reply_to=msg)
+    train, val = split_validation(*kept, fraction=float(config[R.REPAIR_VAL_FRACTION]))
+    model = load_model(spec, context, weights)
+    val_loss = loss_sum(model, weights, *val)
+    steps = int(config[R.REPAIR_STEPS])
+    cfg = RepairConfig(local_steps=max(steps, 1), lr=float(config[R.REPAIR_LR]),
+                       momentum=float(config[R.REPAIR_MOMENTUM]), batch_size=int(config[R.REPAIR_BATCH]))
+    new = repair_steps(model, weights, train, cfg, seed=(partition_id(context), int(config[R.REPAIR_ROUND]))) \
+        if steps > 0 else weights
+    metrics = MetricRecord({R.NUM_EXAMPLES: len(train[1]), R.VAL_LOSS: val_loss, R.VAL_NUM: len(val[1])})
+    return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(new), R.METRICS_KEY: metrics}), reply_to=msg)
+
+
+# --- server side -----------------------------------------------------------------------------------------
+
+
+def repair_at_clients(
+    grid: Grid,
+    nodes: NodeDirectory,
+    pids: Sequence[int],
+    request_configs: dict[int, dict[str, Any]],
+    weights: Tensors,
+    settings: RepairSettings = RepairSettings(),
+) -> tuple[Tensors, dict[str, Any]]:
+    """FedAvg rounds of ``train.repair`` on ``weights``; returns the best weights by validation loss and a report.
+
+    Returns
+    -------
+    (weights, info)
+        ``info``: ``rounds`` (training rounds run), ``val_loss`` (per model version, index 0 = the input),
+        ``chosen`` (index of the returned version), ``seconds``.
+    """
+    from strategies.nodes import checked_replies
+
+    start = time.perf_counter()
+    steps = settings.steps
+    versions, losses = [weights], []
+    current = weights
+    for rnd in range(steps.max_rounds + 1):
+        local_steps = steps.local_steps if rnd < steps.max_rounds else 0  # the last round only validates
+        msgs = [_repair_message(nodes, pid, current, request_configs[pid], settings, rnd, local_steps) for pid in pids]
+        replies = list(checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "train.repair"))
+        metrics = [r.content.metric_records[R.METRICS_KEY] for r in replies]
+        n_val = sum(int(m[R.VAL_NUM]) for m in metrics)
+        if n_val == 0:
+            raise UnlearnError("train.repair: no client holds kept data to repair on")
+        losses.append(sum(float(m[R.VAL_LOSS]) for m in metrics) / n_val)
+        stale = len(losses) - 1 - min(range(len(losses)), key=losses.__getitem__)
+        if local_steps == 0 or stale >= steps.patience:
+            break
+        updates = [(R.record_to_tensors(r.content.array_records[R.ARRAYS_KEY]), int(m[R.NUM_EXAMPLES]))
+                   for r, m in zip(replies, metrics) if int(m[R.NUM_EXAMPLES]) > 0]
+        current = weighted_average([u for u, _ in updates], [n for _, n in updates])
+        versions.append(current)
+    chosen = min(range(len(losses)), key=losses.__getitem__)
+    info = {"rounds": len(versions) - 1, "val_loss": losses, "chosen": chosen,
+            "seconds": time.perf_counter() - start}
+    log(INFO, "repair: %d rounds on %d clients, validation loss %s, kept version %d (%.2f s)", info["rounds"],
+        len(pids), " -> ".join(f"{v:.4f}" for v in losses), chosen, info["seconds"])
+    return versions[chosen], info
+
+
+def _repair_message(nodes: NodeDirectory, pid: int, weights: Tensors, request_config: dict[str, Any],
+                    settings: RepairSettings, rnd: int, local_steps: int) -> Message:
+    steps = settings.steps
+    cfg = ConfigRecord({R.REPAIR_SAMPLES: settings.samples, R.REPAIR_STEPS: local_steps, R.REPAIR_LR: steps.lr,
+                        R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size, R.REPAIR_ROUND: rnd,
+                        R.REPAIR_VAL_FRACTION: steps.validation_fraction, **request_config})
+    return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.CONFIG_KEY: cfg}),
+                   dst_node_id=nodes.node_of(pid), message_type=R.MSG_REPAIR)
