@@ -136,7 +136,8 @@ def copy_federation(data, cfg: SisaConfig, root: Path, name: str) -> SisaFederat
 def run_policy(name: str, fed: SisaFederation, validation, requests, args) -> dict:
     policy, ohs = POLICIES[name]
     hybrid = HybridUnlearner(fed, validation, budget_fraction=args.budget, policy=policy,
-                             approx=ApproxConfig(ohs=ohs, ohs_stop=args.ohs_stop))
+                             approx=ApproxConfig(ohs=ohs, ohs_stop=args.ohs_stop, ohs_fraction=args.ohs_fraction,
+                                                 ohs_max_rounds=args.ohs_max_rounds))
     rows, start = [], time.perf_counter()
     for i, req in enumerate(requests):
         report = hybrid.unlearn(req)
@@ -264,8 +265,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--order", default="random", choices=["random", "late-first"],
                         help="request order: seeded random, or samples of later slices first")
-    parser.add_argument("--ohs-stop", default="stall", choices=["stall", "restore"],
+    parser.add_argument("--ohs-stop", default="restore", choices=["stall", "restore"],
                         help="OHS stopping rule (fl_unlearn.hybrid.ApproxConfig.ohs_stop)")
+    parser.add_argument("--ohs-fraction", type=float, default=0.1, help="share of an epoch per OHS round")
+    parser.add_argument("--ohs-max-rounds", type=int, default=None,
+                        help="cap on OHS rounds (default: fl_unlearn.hybrid.ohs_round_cap)")
     parser.add_argument("--val-size", type=int, default=2000, help="test rows used for calibration, not evaluation")
     parser.add_argument("--nonmember-ratio", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)

@@ -47,7 +47,7 @@ from fl_unlearn.data import make_loader
 from fl_unlearn.errors import ConfigError, RequestError, StoreError, UnlearnError
 from fl_unlearn.fiun import FIUnConfig, dampen
 from fl_unlearn.hybrid import (APPROX_COST_FACTOR, DEFAULT_BUDGET, Plan, ShardPlan, combine_plans, fit_throughput,
-                               mean_rank, mia_auc, plan_shard)
+                               mean_rank, mia_auc, ohs_round_cap, plan_shard)
 from fl_unlearn.lineage import LineageGraph, TrainingData
 from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.requests import UnlearningRequest
@@ -75,11 +75,11 @@ class ApproxSettings:
         Cap per client on the kept rows behind the retain-Fisher.
     ohs : bool (default: False)
         OHS repair rounds after FIUn.
-    ohs_fraction, ohs_tol, ohs_patience : float, float, int (default: 0.5, 1e-3, 2)
+    ohs_fraction, ohs_tol, ohs_patience : float, float, int (default: 0.1, 1e-3, 2)
         Share of an epoch per repair round; stall threshold (relative validation-loss gain); stalls to stop.
     ohs_max_rounds : int | None (default: None)
-        Cap on repair rounds; ``None``: one stage's rounds (``rounds-per-stage`` of the last stage).
-    ohs_stop : str (default: "stall")
+        Cap on repair rounds; ``None``: ``fl_unlearn.hybrid.ohs_round_cap`` (half an epoch per last-stage round).
+    ohs_stop : str (default: "restore")
         As ``fl_unlearn.hybrid.ApproxConfig.ohs_stop``: ``restore`` also stops once the validation loss is back
         at the served model's before FIUn.
     """
@@ -88,11 +88,11 @@ class ApproxSettings:
     lam: float = 1.0
     fisher_samples: int = 512
     ohs: bool = False
-    ohs_fraction: float = 0.5
+    ohs_fraction: float = 0.1
     ohs_tol: float = 1e-3
     ohs_patience: int = 2
     ohs_max_rounds: int | None = None
-    ohs_stop: str = "stall"
+    ohs_stop: str = "restore"
 
 
 class FlowerSisaFederation:
@@ -431,7 +431,7 @@ class FlowerSisaFederation:
         fiun = APPROX_COST_FACTOR * int(np.minimum(kept, approx.fisher_samples or kept.max(initial=0)).sum())
         if not approx.ohs:
             return fiun
-        cap = self.cfg.rounds()[-1] if approx.ohs_max_rounds is None else approx.ohs_max_rounds
+        cap = ohs_round_cap(self.cfg.rounds()[-1], approx.ohs_fraction, approx.ohs_max_rounds)
         return fiun + int(cap * self.cfg.local_epochs * np.ceil(approx.ohs_fraction * kept).sum())
 
     def _token(self) -> tuple:
@@ -545,7 +545,7 @@ class FlowerSisaFederation:
              restore_to: float) -> tuple[Weights, dict[str, Any]]:
         """Repair rounds (``train.retrain`` on every kept slice, part epochs) until the validation loss stalls
         (or, with ``ohs_stop="restore"``, is back at ``restore_to``)."""
-        cap = self.cfg.rounds()[-1] if settings.ohs_max_rounds is None else settings.ohs_max_rounds
+        cap = ohs_round_cap(self.cfg.rounds()[-1], settings.ohs_fraction, settings.ohs_max_rounds)
         losses, stall, evaluations, rounds = [_loss(self.new_model(), weights, validation)], 0, 0, 0
         best = losses[0]
         for t in range(cap):
@@ -777,6 +777,13 @@ def run_sisa_experiment(grid: Grid, cfg: Any, *, data: Any, new_model: Callable[
             for s in range(fed.num_shards) if str(s) not in record["slices_retrained"])
     results["request"] = {**request.to_dict(), "description": request.describe()}
     results["requests"] = [record]
+    # the served ensemble in the FIUn path's terms (forget = the revoked samples, retain = held-out data), so
+    # report.md and the shared targets read the same keys
+    results["final_global"] = {"id": "sisa-ensemble", **{
+        part: {"forget_acc": record[part]["revoked_acc"], "retain_acc": record[part]["held_out_acc"],
+               "mia_auc": record[part]["mia_auc"]} for part in ("before", "after", "gold") if part in record}}
+    if "gold" in results["final_global"]:
+        results["final_global"]["retrained"] = results["final_global"].pop("gold")
     results["graph_snapshot"] = str(graph.snapshot()) if graph.directory else None
     path = write_results(out_dir, results, graph, highlight=[n for n in fed.served_nodes if n])
     log(INFO, "fl_unlearn: results in %s", path)

@@ -162,11 +162,22 @@ def test_p1_a_later_exact_path_starts_where_an_approximate_one_left_stale_data(d
 def test_ohs_runs_capped_calibration_rounds(digits, tmp_path):
     cfg = SisaConfig(num_shards=2, num_slices=4, rounds_per_stage=(1, 1, 1, 3), seed=5)
     fed = make_fed(digits, tmp_path, "a", cfg=cfg)
-    hybrid = HybridUnlearner(fed, digits.test, approx=ApproxConfig(ohs=True, ohs_patience=5))
+    hybrid = HybridUnlearner(fed, digits.test, approx=ApproxConfig(ohs=True, ohs_patience=5, ohs_stop="stall",
+                                                                       ohs_fraction=0.5))
     rounds_before = len(fed.round_log)
     info = hybrid.unlearn({2: ids_in(fed, 2, 0, 1)}).approximate[0]
     assert info["ohs_rounds"] == 3 and len(info["ohs_val_loss"]) == 4  # capped at one stage (T_R = 3)
     assert info["ohs_evaluations"] > 0 and len(fed.round_log) == rounds_before  # not training rounds
+
+
+def test_ohs_restore_stops_once_the_validation_loss_is_back(digits, tmp_path):
+    fed = make_fed(digits, tmp_path, "a")
+    hybrid = HybridUnlearner(fed, digits.test, approx=ApproxConfig(ohs=True, ohs_stop="restore", ohs_max_rounds=8))
+    before = hybrid._val_loss(fed.shard_weights(0))  # the served model before FIUn: the level to restore
+    info = hybrid.unlearn({0: ids_in(fed, 0, 0, 1, n=3)}).approximate[0]
+    losses = info["ohs_val_loss"]
+    assert all(loss > before for loss in losses[:-1])  # no round after the loss was back
+    assert losses[-1] <= before or info["ohs_rounds"] == 8
 
 
 def test_a_plan_made_before_a_change_is_refused(digits, tmp_path):
