@@ -381,3 +381,227 @@ def test_two_requests_at_once_are_serialised_and_the_store_stays_readable(refere
     assert order == sorted(order, key=lambda r: r != REQUEST.id)  # all of the first, then all of the second
     assert RequestJournal.for_store(store).requests() == {REQUEST.id: "verified", "req-two": "verified"}
 
+
+# ------------------------------------------------------------------------------------------------------
+# client faults and hostile replies through the real server wrapper and client handlers (fake Grid)
+# ------------------------------------------------------------------------------------------------------
+
+NUM_CLIENTS = 4
+APP_CFG = {"dataset": "digits", "num-clients": NUM_CLIENTS, "seed": 7, "max-test-samples": 200}
+CLASS_REQUEST = UnlearningRequest.for_classes([3], id="req-fault", created=0.0)
+
+
+class FakeGrid:
+    """Runs the real ClientApp in-process for every node (fakes only here, in a unit test).
+
+    ``faults[(partition, message type)]`` is a list consumed one per attempt: ``"error"`` answers with an
+    error reply, ``"timeout"`` runs the handler but loses its reply, a callable edits the real reply (hostile
+    content).
+    """
+
+    def __init__(self, app, num_nodes: int) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.app = app
+        self.contexts = {100 + p: Context(1, 100 + p, {"partition-id": p, "num-partitions": num_nodes}, RecordDict(),
+                                          {}) for p in range(num_nodes)}
+        self.faults: dict[tuple[int, str], list] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            queue = self.faults.get((self.contexts[node].node_config["partition-id"], msg.metadata.message_type))
+            fault = queue.pop(0) if queue else None
+            if fault == "timeout":  # the client did the work, but its reply never arrived
+                self.app(msg, self.contexts[node])
+                continue
+            if fault == "error":
+                replies.append(Message(Error(code=0, reason="simulated client crash"), reply_to=msg))
+                continue
+            reply = self.app(msg, self.contexts[node])
+            reply.metadata.__dict__["_src_node_id"] = node  # as the SuperLink sets it
+            replies.append(fault(reply) if callable(fault) else reply)
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    """Messages need a task identity (Flower sets it inside a run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _strategy(store_dir: Path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.server import UnlearningStrategy
+
+    graph = LineageGraph.open(store_dir / "lineage")
+    return UnlearningStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1),
+                              Store(store_dir), graph, num_nodes=NUM_CLIENTS, seed=7, num_classes=10,
+                              node_timeout=1.0)
+
+
+def _grid() -> FakeGrid:
+    from strategies.app import make_client_app
+
+    return FakeGrid(make_client_app(APP_CFG), NUM_CLIENTS)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> Path:
+    """One FedAvg round on digits (4 clients) and one derived model per client, through the fake Grid."""
+    from flwr.app import ArrayRecord, Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_unlearn.train import seed_everything
+    from strategies.app import app_model
+    from strategies.config import DEFAULTS
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    store_dir = tmp_path_factory.mktemp("federation") / "store"
+    strategy, grid = _strategy(store_dir), _grid()
+    seed_everything(7)
+    strategy.start(grid, ArrayRecord(app_model(Context(0, 0, {}, RecordDict(), {**DEFAULTS, **APP_CFG})).state_dict()),
+                   num_rounds=1)
+    strategy.derive(grid, "finetune", 1)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return store_dir
+
+
+def _copy(federation: Path, tmp_path: Path) -> Path:
+    store_dir = tmp_path / "store"
+    shutil.copytree(federation, store_dir)
+    return store_dir
+
+
+def _unlearned(store_dir: Path, outcome) -> dict[str, torch.Tensor]:
+    """The unlearned weights of every affected model, read where they live (server store / client store)."""
+    graph = LineageGraph.load(store_dir / "lineage")
+    out = {}
+    for old, new in outcome.versions.items():
+        node = graph.node(new)
+        if node.weights is not None:
+            tensors = Store(store_dir).get(node.weights)
+        else:
+            tensors = Store(store_dir / "clients" / str(node.client)).get(node.meta["client-weights"])
+        out.update({f"{old}/{k}": v for k, v in tensors.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def fault_free(federation, tmp_path_factory) -> dict[str, torch.Tensor]:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    store_dir = _copy(federation, tmp_path_factory.mktemp("fault-free"))
+    outcome = _strategy(store_dir).unlearn(_grid(), CLASS_REQUEST)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    assert outcome.state == "verified" and not outcome.missing
+    return _unlearned(store_dir, outcome)
+
+
+def test_one_of_four_clients_fails_in_train_unlearn_then_a_later_run_finishes(federation, fault_free, tmp_path,
+                                                                               task_identity):
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    grid.faults[(2, "train.unlearn")] = ["error", "timeout", "error"]  # the first try and both retries
+    outcome = _strategy(store_dir).unlearn(grid, CLASS_REQUEST)
+    derived_p2 = [m for m in outcome.affected if m.startswith("derived-") and "-p2-" in m]
+    assert outcome.state == "incomplete" and outcome.missing == derived_p2 and len(derived_p2) == 1
+    assert "simulated client crash" in outcome.failures[2] or "no reply" in outcome.failures[2]
+    assert derived_p2[0] not in outcome.versions  # nothing reported as forgotten that was not
+    assert len(outcome.versions) == len(outcome.affected) - 1
+    # A later run (a new strategy on the same store, all clients up) finishes only what is missing.
+    later = _strategy(store_dir).unlearn(_grid(), CLASS_REQUEST)
+    assert later.state == "verified" and later.missing == [] and later.resumed_from == "incomplete"
+    got = _unlearned(store_dir, later)
+    assert got.keys() == fault_free.keys()
+    assert all(torch.equal(got[k], fault_free[k]) for k in fault_free)
+    graph = LineageGraph.load(store_dir / "lineage")
+    assert sum(1 for n in graph.nodes() if n.request_id == CLASS_REQUEST.id) == len(outcome.affected)  # no twice
+    with pytest.raises(RequestError, match="already applied"):
+        _strategy(store_dir).unlearn(_grid(), CLASS_REQUEST)
+
+
+def test_a_client_that_times_out_once_is_retried(federation, fault_free, tmp_path, task_identity):
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    grid.faults[(1, "query.fisher")] = ["timeout"]
+    grid.faults[(3, "train.unlearn")] = ["error"]
+    outcome = _strategy(store_dir).unlearn(grid, CLASS_REQUEST)
+    assert outcome.state == "verified" and outcome.missing == [] and outcome.failures == {}
+    got = _unlearned(store_dir, outcome)
+    assert all(torch.equal(got[k], fault_free[k]) for k in fault_free)
+
+
+def test_a_client_down_in_query_fisher_changes_no_model(federation, tmp_path, task_identity):
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    grid.faults[(0, "query.fisher")] = ["timeout"] * 3
+    before = _tree(store_dir / "lineage"), _tree(store_dir / "refs")
+    outcome = _strategy(store_dir).unlearn(grid, CLASS_REQUEST)
+    assert outcome.state == "incomplete" and outcome.versions == {} and set(outcome.missing) == set(outcome.affected)
+    assert "no reply" in outcome.failures[0]
+    assert (_tree(store_dir / "lineage"), _tree(store_dir / "refs")) == before
+
+
+def _nan_fisher(reply):
+    from strategies import records as R
+
+    fisher = R.record_to_tensors(reply.content.array_records[R.FORGET_FISHER_KEY])
+    name = next(iter(fisher))
+    fisher[name] = torch.full_like(fisher[name], float("nan"))
+    reply.content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
+    return reply
+
+
+def _wrong_shape(reply):
+    from strategies import records as R
+
+    fisher = R.record_to_tensors(reply.content.array_records[R.FORGET_FISHER_KEY])
+    name = next(iter(fisher))
+    fisher[name] = fisher[name].flatten()[:3]
+    reply.content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
+    return reply
+
+
+def _claims_more(reply):
+    from flwr.app import MetricRecord
+
+    from strategies import records as R
+
+    metrics = dict(reply.content.metric_records[R.METRICS_KEY])
+    reply.content[R.METRICS_KEY] = MetricRecord({**metrics, R.FORGET_NUM: int(metrics[R.FORGET_NUM]) + 1000})
+    return reply
+
+
+@pytest.mark.parametrize("hostile, error, match", [
+    (_nan_fisher, "FisherError", "NaN"),
+    (_wrong_shape, "FisherError", "shape"),
+    (_claims_more, "RequestError", "claims"),
+], ids=["nan", "wrong-shape", "claims-data-it-does-not-hold"])
+def test_hostile_fisher_replies_are_refused_and_change_nothing(hostile, error, match, federation, tmp_path,
+                                                               task_identity):
+    import fl_unlearn.errors as errors
+
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    grid.faults[(1, "query.fisher")] = [hostile]
+    before = _tree(store_dir / "lineage"), _tree(store_dir / "refs"), _tree(store_dir / "objects")
+    with pytest.raises(getattr(errors, error), match=match):
+        _strategy(store_dir).unlearn(grid, CLASS_REQUEST)
+    assert (_tree(store_dir / "lineage"), _tree(store_dir / "refs"), _tree(store_dir / "objects")) == before
+    assert RequestJournal.for_store(Store(store_dir)).state(CLASS_REQUEST.id) == "incomplete"  # says why it stopped
