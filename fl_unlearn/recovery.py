@@ -188,8 +188,14 @@ class Progress:
 
 
 def version_id(node_id: str, request: UnlearningRequest) -> str:
-    """Lineage id of the unlearned version of ``node_id`` for ``request``."""
-    return f"{node_id}~u{request.id[:8]}"
+    """Lineage id of the unlearned version of ``node_id`` for ``request``: ``<node>~u<10 hex of sha256(id)>``.
+
+    Hashing the whole id keeps versions of different requests apart even when ids share a prefix (the App's
+    ids all start with ``req-``; the first 8 characters left 4 hex digits to tell requests apart).
+    """
+    import hashlib
+
+    return f"{node_id}~u{hashlib.sha256(request.id.encode()).hexdigest()[:10]}"
 
 
 def plan_request(graph: LineageGraph, store: Store, roots: list[str], affected: list[str]) -> Plan:

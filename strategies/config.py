@@ -54,7 +54,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-forget-samples": 256,
     "calibration-retain-samples": 128,
     "repair": "auto",
-    "repair-rounds": 4,
+    "repair-rounds": 8,
     "repair-steps": 8,
     "repair-lr": 0.01,
     "repair-samples": 256,

@@ -206,6 +206,9 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     final_before = graph.node(strategy.current)
     outcome = strategy.unlearn(grid, request)
     results["timing"].update(outcome.timing)
+    results["request_state"] = {"state": outcome.state, "missing": outcome.missing,
+                                "failures": {str(k): v for k, v in outcome.failures.items()},
+                                "resumed_from": outcome.resumed_from}
     if outcome.calibration:
         results["alpha_auto"] = outcome.calibration
     evaluator = Evaluator(new_model, test, request, grid, strategy)

@@ -26,7 +26,15 @@ from fl_unlearn.fiun import FIUnConfig, unlearn_many
 from fl_unlearn.journal import RequestJournal
 from fl_unlearn.lineage import LineageGraph, TrainingData
 from fl_unlearn.mfim import merge_fishers
-from fl_unlearn.recovery import ClientFailure, ClientsDone, Dampened, Fishers, plan_request, serve_request
+from fl_unlearn.recovery import (
+    ClientFailure,
+    ClientsDone,
+    Dampened,
+    Fishers,
+    plan_request,
+    serve_request,
+    version_id,
+)
 from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.store import Store
 
@@ -191,7 +199,7 @@ def test_kill_at_each_state_then_restart_equals_an_uninterrupted_run(point, refe
     assert got.keys() == expected.keys()  # one version per model: none missing, none twice
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     graph = LineageGraph.load(store_dir / "lineage")
-    assert Store(store_dir).get_ref("latest-global") == graph.node("global-r1~ureq-cras").weights
+    assert Store(store_dir).get_ref("latest-global") == graph.node(version_id("global-r1", REQUEST)).weights
 
 
 def test_a_served_request_is_refused_a_second_time(reference, tmp_path):
@@ -333,7 +341,8 @@ def test_conflicting_recorded_version_is_refused(reference, tmp_path):
     store_dir = tmp_path / "store"
     shutil.copytree(pristine, store_dir)
     graph = LineageGraph.load(store_dir / "lineage")
-    graph.add_node("global-r1~ureq-cras", "global", round=1, parents=("global-r1",), request_id="someone-else")
+    graph.add_node(version_id("global-r1", REQUEST), "global", round=1, parents=("global-r1",),
+                   request_id="someone-else")
     with pytest.raises(LineageError, match="someone-else"):
         serve(store_dir)
 
