@@ -225,6 +225,27 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     assert res["timing"]["calibrate_s"] > 0
     derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
     assert derived and all(m["version"] for m in derived)  # client-held models unlearned with the same alpha
+    # repair=auto runs exactly when calibration gave up more than a point of kept accuracy; then it is reported
+    gave_up = auto["retain_before"] - auto["retain_after"] > 0.01
+    assert ("repair" in res) == gave_up
+    if gave_up:
+        rep = res["repair"]
+        assert res["timing"]["repair_s"] == rep["seconds"] and res["final_global"]["after_repair"]
+        assert rep["val_loss"][rep["chosen"]] == min(rep["val_loss"])
+        graph = LineageGraph.load(store / "lineage")
+        assert graph.node(rep["node"]).parents == (res["final_global"]["version"],)
+
+
+def test_repair_settings_decide_from_the_calibration_report():
+    from strategies.repair import RepairSettings
+
+    lost_two_points = {"retain_before": 0.95, "retain_after": 0.93}
+    assert RepairSettings().wanted(lost_two_points)
+    assert not RepairSettings().wanted({"retain_before": 0.95, "retain_after": 0.945})
+    assert not RepairSettings(mode="off").wanted(lost_two_points)
+    assert RepairSettings(mode="on").wanted({})
+    with pytest.raises(ConfigError, match="repair"):
+        RepairSettings(mode="sometimes")
 
 
 def test_sample_request_on_a_stored_training(trained, tmp_path):
