@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_unlearn.errors import ConfigError
+from fl_unlearn.errors import ConfigError, UnlearnError
 from strategies import records as R
 from strategies.nodes import GridView, NodeDirectory
 from strategies.strategy_utils import seeded_random, with_config
@@ -60,7 +60,11 @@ class DelegatingStrategy(Strategy):
     def _sampled(self, grid: Grid, configure: Callable[[GridView], Iterable[Message]]) -> list[Message]:
         """Run an inner ``configure_*`` on nodes sorted by partition id, with our seeded generator."""
         self.nodes.refresh(grid)
-        view = GridView(grid, self.nodes.sorted_nodes(self._excluded_partitions()))
+        nodes = self.nodes.sorted_nodes(self._excluded_partitions())
+        if not nodes:  # the inner strategy would wait for nodes in its sampling loop forever
+            raise UnlearnError("no connected node to sample: none answered query.info (pass num_nodes, the "
+                               "federation size, so the strategy waits for them)")
+        view = GridView(grid, nodes)
         with seeded_random(self._rng):
             return list(configure(view))
 

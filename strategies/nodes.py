@@ -69,7 +69,24 @@ class NodeDirectory:
         new = [n for n in ids if n not in self.partition]
         if not new:
             return
-        msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=R.MSG_INFO) for n in new]
+        # A node that has not answered yet (a client still starting on a loaded machine) is asked again: an
+        # inner strategy shown fewer nodes than it needs would wait in its sampling loop forever.
+        for _ in range(self.INFO_ATTEMPTS):
+            self._ask_info(grid, new)
+            new = [n for n in new if n not in self.partition]
+            if not new:
+                break
+        if new:
+            raise UnlearnError(f"query.info: nodes {new} did not answer in {self.INFO_ATTEMPTS} attempts of "
+                               f"{self.timeout:.0f} s; the federation cannot be sampled without them")
+        log(INFO, "query.info: %d nodes, partitions %s", len(self.partition), sorted(self.partition.values()))
+
+    #: Round trips a silent node gets before ``refresh`` gives up on it.
+    INFO_ATTEMPTS = 3
+
+    def _ask_info(self, grid: Grid, nodes: list[int]) -> None:
+        msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=R.MSG_INFO)
+                for n in nodes]
         for reply in grid.send_and_receive(msgs, timeout=self.timeout):
             if reply.has_error():
                 raise UnlearnError(
@@ -80,7 +97,6 @@ class NodeDirectory:
             pid = int(cfg[R.PARTITION_ID])
             self.partition[reply.metadata.src_node_id] = pid
             self.info[pid] = {"num-examples": int(cfg[R.NUM_EXAMPLES]), "histogram": R.histogram_from_config(cfg)}
-        log(INFO, "query.info: %d nodes, partitions %s", len(self.partition), sorted(self.partition.values()))
 
     def node_of(self, pid: int) -> int:
         """The node id holding partition ``pid``."""

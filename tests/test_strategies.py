@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.simulation import run_simulation
 
 from fl_unlearn.data import make_loader
-from fl_unlearn.errors import ConfigError, RequestError
+from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.store import Store
@@ -503,3 +503,49 @@ def test_train_reply_is_stripped_to_flowers_contract(task_identity):
     fisher, lineage = UnlearningStrategy._strip(reply)
     assert fisher is not None and lineage[R.PARTITION_ID] == 0
     assert list(reply.content.array_records) == ["arrays"] and list(reply.content.metric_records) == ["metrics"]
+
+
+class _SilentGrid:
+    """Two connected nodes; node 2 answers query.info only from the ``answers_from``-th round trip on."""
+
+    def __init__(self, answers_from: int):
+        self.answers_from, self.calls = answers_from, 0
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        self.calls += 1
+        replies = []
+        for m in messages:
+            if m.metadata.dst_node_id == 2 and self.calls < self.answers_from:
+                continue  # still starting: no reply within the timeout
+            cfg = ConfigRecord({R.PARTITION_ID: m.metadata.dst_node_id - 1, R.NUM_EXAMPLES: 5,
+                                **R.histogram_to_config({0: 5})})
+            reply = Message(RecordDict({R.INFO_KEY: cfg}), reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a running Flower app need a task identity (set and restored here)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_node_directory_asks_silent_nodes_again_then_refuses_instead_of_hanging(task_identity):
+    from strategies.nodes import NodeDirectory
+
+    late = _SilentGrid(answers_from=2)
+    directory = NodeDirectory(2, timeout=0.1)
+    directory.refresh(late)
+    assert directory.partition == {1: 0, 2: 1} and late.calls == 2
+    never = NodeDirectory(2, timeout=0.1)
+    with pytest.raises(UnlearnError, match=r"nodes \[2\] did not answer"):
+        never.refresh(_SilentGrid(answers_from=99))
