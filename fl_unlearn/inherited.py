@@ -297,7 +297,7 @@ class InheritedNetwork:
         return UnlearnOutcome(roots, affected, dict(zip(affected, new_weights)), timing, report)
 
     def calibration_scorer(self, affected: Sequence[str], sources: Mapping[str, Sequence[str]],
-                           forget: Sequence[int], *, forget_size: int = 256, retain_size: int = 128) -> Scorer:
+                           forget: Sequence[int], *, forget_size: int = 128, retain_size: int = 64) -> Scorer:
         """Score candidates on training-side data only: the roots' forget samples and the model's kept data.
 
         Held-out data stays for the final evaluation.

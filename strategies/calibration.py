@@ -1,12 +1,13 @@
-"""``alpha="auto"`` in a federation: choose FIUn's threshold on data the clients hold, in one round trip.
+"""``alpha="auto"`` in a federation: choose FIUn's dampening on data the clients hold, in one round trip.
 
 The server holds no data. So it sends every client the model to calibrate on (the newest affected global),
-the merged forget-Fisher and the retain-Fisher, and the alpha grid (``query.calibrate``). Each client dampens
-the model at every alpha and counts correct predictions on a capped sample of its own data: the data to
-forget, where it holds some, and a small sample of its kept data (its retained validation sample). The
-server sums the counts over clients and picks the alpha with the best kept accuracy among those that bring
+the merged forget-Fisher and the retain-Fisher, and a grid of candidate ``(alpha, lambda)`` pairs
+(``query.calibrate``; ``fl_unlearn.calibrate.candidate_grid``: alphas 0.5..512, lambda 1 or 0). Each client
+dampens the model with every candidate and counts correct predictions on a capped sample of its own data: the
+data to forget, where it holds some, and a small sample of its kept data (its retained validation sample). The
+server sums the counts over clients and picks the candidate with the best kept accuracy among those that bring
 the forgotten data down to the level of a model that never saw it
-(:func:`fl_unlearn.calibrate.choose_alpha`):
+(:func:`fl_unlearn.calibrate.choose_candidate`):
 
 - a class: 0 % (a model that never saw a class never predicts it);
 - a client's or a user's samples: the model's accuracy on kept data of the same federation (what it
@@ -14,8 +15,9 @@ the forgotten data down to the level of a model that never saw it
   before unlearning is the clients' best estimate of it).
 
 Alpha applies to mean-normalised Fishers (:func:`fl_unlearn.calibrate.scale_free`), so the choice does not
-depend on which model the Fishers were computed on; the same alpha then dampens every affected model,
-server-held and client-held (``scale-free`` in ``train.unlearn``).
+depend on which model the Fishers were computed on; the chosen pair then dampens every affected model,
+server-held and client-held (``scale-free`` in ``train.unlearn``). The choice is made on the newest affected
+global model only: early models in the lineage may need a stronger one (measured; see the issue notes).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def _data(n: int, seed: int):
     return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def test_choose_alpha_keeps_most_among_alphas_that_forget_enough():
+def test_choose_candidate_keeps_most_among_candidates_that_forget_enough():
     counts = GridCounts(_pairs(1, 2, 4, 8), forget_correct=[0, 0, 1, 9], retain_correct=[50, 70, 90, 99],
                         forget_num=10, retain_num=100)
     assert choose_candidate(counts, 0.0) == (2.0, 1.0, True)
@@ -136,7 +136,7 @@ def test_choose_alpha_keeps_most_among_alphas_that_forget_enough():
     assert choose_candidate(mixed, 0.0) == (4.0, 0.0, True)
 
 
-def test_choose_alpha_reports_an_unmet_target_and_forgets_most():
+def test_choose_candidate_reports_an_unmet_target_and_forgets_most():
     counts = GridCounts(_pairs(1, 2, 4), [3, 5, 9], [10, 60, 99], 10, 100)
     assert choose_candidate(counts, 0.0) == (1.0, 1.0, False)
 

@@ -439,17 +439,6 @@ class FakeGrid:
         return replies
 
 
-@pytest.fixture
-def task_identity():
-    """Messages need a task identity (Flower sets it inside a run)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _strategy(store_dir: Path):
     from flwr.serverapp.strategy import FedAvg
 

@@ -444,17 +444,6 @@ def test_records_round_trip():
     assert R.sample_digest([3, 1]) == R.sample_digest([1, 3])
 
 
-@pytest.fixture
-def task_identity():
-    """Messages need a task identity (Flower sets it inside a run)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def test_with_config_copies_the_shared_recorddict(task_identity):
     shared = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})})
     a, b = (Message(shared, dst_node_id=n, message_type="train") for n in (1, 2))
@@ -526,17 +515,6 @@ class _SilentGrid:
             reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
             replies.append(reply)
         return replies
-
-
-@pytest.fixture
-def task_identity():
-    """Messages built outside a running Flower app need a task identity (set and restored here)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_node_directory_asks_silent_nodes_again_then_refuses_instead_of_hanging(task_identity):
