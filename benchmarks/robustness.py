@@ -87,9 +87,9 @@ class Setup:
     seed: int = 42
     fisher_layers: str = "all"
     fisher_estimator: str = "batch"
-    fisher_samples: int = 1024
-    calibration_forget: int = 256
-    calibration_retain: int = 128
+    fisher_samples: int = 256
+    calibration_forget: int = 64
+    calibration_retain: int = 32
     assd_percentile: float = 99.0
     max_train: int | None = None
 
@@ -320,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fisher-layers", default="all")
     parser.add_argument("--fisher-estimator", default="batch")
     parser.add_argument("--assd-percentile", type=float, default=99.0)
+    parser.add_argument("--fisher-samples", type=int, default=256, help="cap per client on each Fisher pass")
+    parser.add_argument("--calibration-forget", type=int, default=64, help="forget samples per client (auto)")
+    parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto, repair)")
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", help="write rows and summary as JSON")
@@ -329,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     setup = Setup(source=args.source, num_clients=args.clients, rounds=args.rounds, local_epochs=args.epochs,
                   seed=args.seed, fisher_layers=args.fisher_layers, fisher_estimator=args.fisher_estimator,
-                  assd_percentile=args.assd_percentile, max_train=args.max_train)
+                  assd_percentile=args.assd_percentile, max_train=args.max_train, fisher_samples=args.fisher_samples,
+                  calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain)
     fed = Federation(setup)
     weights, train_s = fed.train()
     classes = range(fed.data.num_classes) if args.classes == "all" else [int(c) for c in args.classes.split(",")]

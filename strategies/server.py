@@ -170,7 +170,7 @@ class UnlearningStrategy(DelegatingStrategy):
         the Fishers clients accumulated while training, corrected for the forgotten share
         (:func:`~strategies.forget.retain_from_whole`); free, but measured to under-select on MNIST (the
         training-time Fisher is much larger than the post-training forget-Fisher).
-    fisher_samples : int (default: 1024)
+    fisher_samples : int (default: 256)
         Cap per client on each Fisher pass at unlearning time, forget and retain (0: all samples).
     fiun : FIUnConfig | None (default: None)
         Selection/dampening settings; ``FIUnConfig()`` when ``None``.
@@ -213,7 +213,7 @@ class UnlearningStrategy(DelegatingStrategy):
         fisher_estimator: str = "batch",
         mfim_mode: str = "weighted_mean",
         retain_fisher: str = "fresh",
-        fisher_samples: int = 1024,
+        fisher_samples: int = 256,
         fiun: FIUnConfig | None = None,
         calibration: Calibration | None = None,
         client_calibration: ClientCalibration | None = None,
