@@ -249,6 +249,20 @@ class SisaLayout:
                 f"{_fmt(problems, 8)}); use fewer slices or shards, or more data per client."
             )
 
+    def locate(self, revoked: Mapping[int, np.ndarray]) -> dict[int, dict[int, np.ndarray]]:
+        """Split revocations by shard: ``{shard: {client: ids}}``, shards and clients sorted (the layout is a
+        hash of the id, so no client data is needed)."""
+        out: dict[int, dict[int, np.ndarray]] = {}
+        for k, ids in sorted(revoked.items()):
+            shards, _ = self.assign(ids)
+            for s in np.unique(shards).tolist():
+                out.setdefault(int(s), {})[k] = ids[shards == s]
+        return dict(sorted(out.items()))
+
+    def first_slice(self, by_client: Mapping[int, np.ndarray]) -> int:
+        """``r*``: the earliest slice among ``by_client``'s ids (all of one shard)."""
+        return int(min(self.assign(ids)[1].min() for ids in by_client.values()))
+
     def to_dict(self) -> dict[str, object]:
         """The manifest a client keeps next to its data: hash name and version, S, R, seed."""
         return {"hash": LAYOUT_HASH, "num_shards": self.num_shards, "num_slices": self.num_slices, "seed": self.seed}
@@ -358,6 +372,10 @@ class ShardLedger:
     def add(self, client: int, ids: Iterable[int], path: str) -> None:
         """Record ``ids`` of ``client`` as revoked by ``path``."""
         self.revoked.setdefault(client, {}).update({int(i): path for i in ids})
+
+    def rerun_start(self, r_star: int) -> int:
+        """``r0 = min(r*, d_s)``: an exact rerun starts no later than the first approximately-cleaned stage."""
+        return r_star if self.dirty_from is None else min(r_star, self.dirty_from)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -721,22 +739,16 @@ class SisaFederation:
         return problems
 
     def locate(self, revoked: Mapping[int, np.ndarray]) -> dict[int, dict[int, np.ndarray]]:
-        """Split checked revocations by shard: ``{shard: {client: ids}}``, shards and clients sorted."""
-        out: dict[int, dict[int, np.ndarray]] = {}
-        for k, ids in sorted(revoked.items()):
-            shards, _ = self.layout.assign(ids)
-            for s in np.unique(shards).tolist():
-                out.setdefault(int(s), {})[k] = ids[shards == s]
-        return dict(sorted(out.items()))
+        """Split checked revocations by shard (:meth:`SisaLayout.locate`)."""
+        return self.layout.locate(revoked)
 
     def first_slice(self, by_client: Mapping[int, np.ndarray]) -> int:
-        """``r*``: the earliest slice among ``by_client``'s ids (all of one shard)."""
-        return int(min(self.layout.assign(ids)[1].min() for ids in by_client.values()))
+        """``r*``: the earliest slice among ``by_client``'s ids (:meth:`SisaLayout.first_slice`)."""
+        return self.layout.first_slice(by_client)
 
     def start_stage(self, shard: int, r_star: int) -> int:
-        """``r0 = min(r*, d_s)``: where an exact rerun of ``shard`` must start (pitfall P1)."""
-        dirty = self.ledgers[shard].dirty_from
-        return r_star if dirty is None else min(r_star, dirty)
+        """Where an exact rerun of ``shard`` must start (:meth:`ShardLedger.rerun_start`, pitfall P1)."""
+        return self.ledgers[shard].rerun_start(r_star)
 
     def _add_revoked(self, revoked: Mapping[int, np.ndarray], path: str) -> None:
         for s, by_client in self.locate(revoked).items():

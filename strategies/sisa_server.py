@@ -387,20 +387,14 @@ class FlowerSisaFederation:
         return out
 
     def locate(self, revoked: Mapping[int, np.ndarray]) -> dict[int, dict[int, np.ndarray]]:
-        """``{shard: {client: ids}}`` (the layout is a hash of the id: no client needed)."""
-        out: dict[int, dict[int, np.ndarray]] = {}
-        for k, ids in sorted(revoked.items()):
-            shards, _ = self.layout.assign(ids)
-            for s in np.unique(shards).tolist():
-                out.setdefault(int(s), {})[k] = ids[shards == s]
-        return dict(sorted(out.items()))
+        """``{shard: {client: ids}}`` (:meth:`fl_unlearn.sisa.SisaLayout.locate`)."""
+        return self.layout.locate(revoked)
 
     def first_slice(self, by_client: Mapping[int, np.ndarray]) -> int:
-        return int(min(self.layout.assign(ids)[1].min() for ids in by_client.values()))
+        return self.layout.first_slice(by_client)
 
     def start_stage(self, shard: int, r_star: int) -> int:
-        dirty = self.ledgers[shard].dirty_from
-        return r_star if dirty is None else min(r_star, dirty)
+        return self.ledgers[shard].rerun_start(r_star)
 
     def plan(self, request: Revocation | UnlearningRequest, *, budget_fraction: float = DEFAULT_BUDGET,
              policy: str = "auto", approx: ApproxSettings | None = None) -> Plan:
