@@ -54,6 +54,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     repair,
     scale_free,
     score_alpha_grid,
+    weighted_average,
 )
 from fl_unlearn.data import (  # noqa: E402
     DataConfig,
@@ -138,9 +139,7 @@ class Federation:
                 train_local(model, loader, epochs=s.local_epochs, lr=s.lr)
                 updates.append({k: v.detach().clone() for k, v in model.state_dict().items()})
                 counts.append(len(ds))
-            total = float(sum(counts))
-            global_w = {k: sum(u[k].double() * (n / total) for u, n in zip(updates, counts)).to(updates[0][k].dtype)
-                        for k in global_w}
+            global_w = weighted_average(updates, counts)
         return global_w, time.perf_counter() - start
 
     def model_with(self, weights: Mapping[str, Tensor]) -> nn.Module:
