@@ -471,8 +471,9 @@ def score_alpha_grid(
     model = model.eval()
     for alpha, lam in grid:
         (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha, lam=lam))
-        f_correct.append(count_correct(model, candidate, forget_set))
-        r_correct.append(count_correct(model, candidate, retain_set))
+        f, r = count_correct_split(model, candidate, forget_set, retain_set)
+        f_correct.append(f)
+        r_correct.append(r)
     return GridCounts(grid, f_correct, r_correct, _size(forget_set), _size(retain_set))
 
 
@@ -505,3 +506,120 @@ def count_correct(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, 
         return 0
     logits = torch.func.functional_call(model, dict(weights), (data[0],))
     return int((logits.argmax(1) == data[1]).sum())
+
+
+@torch.no_grad()
+def count_correct_split(model: torch.nn.Module, weights: Weights, forget_set: tuple[Tensor, Tensor] | None,
+                        retain_set: tuple[Tensor, Tensor] | None) -> tuple[int, int]:
+    """``(forget correct, kept correct)`` with one forward pass over both sets (the same counts as two
+    :func:`count_correct` calls; one pass halves the per-call cost of small calibration batches)."""
+    parts = [d for d in (forget_set, retain_set) if d is not None and len(d[1])]
+    if len(parts) < 2:
+        return count_correct(model, weights, forget_set), count_correct(model, weights, retain_set)
+    x = torch.cat([forget_set[0], retain_set[0]])
+    hits = torch.func.functional_call(model, dict(weights), (x,)).argmax(1) == torch.cat([forget_set[1], retain_set[1]])
+    n = len(forget_set[1])
+    return int(hits[:n].sum()), int(hits[n:].sum())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Every affected model forgets: a per-model check of the chosen dampening, for class requests
+# ------------------------------------------------------------------------------------------------------
+
+
+def mildest_meeting(counts: GridCounts, forget_target: float = 0.0) -> dict[float, float]:
+    """Per lambda of the grid: the mildest alpha whose forget accuracy in ``counts`` is at or below the target.
+
+    A client runs it on its own counts: with target 0 (a class request), the federation's choice (summed
+    counts) can only be a candidate at which every client forgot all its samples, so its alpha is at most
+    this client's mildest meeting alpha for the same lambda. Lambdas with no meeting alpha are absent.
+    """
+    f_acc, _ = counts.accuracies()
+    out: dict[float, float] = {}
+    for (alpha, lam), f in zip(counts.candidates, f_acc):
+        if f == f and f <= forget_target:
+            out[lam] = max(alpha, out.get(lam, alpha))
+    return out
+
+
+def check_models(
+    model: torch.nn.Module,
+    models: Sequence[Weights],
+    retain_fisher: Mapping[str, Tensor],
+    forget_fishers: Sequence[Mapping[str, Tensor]],
+    forget_set: tuple[Tensor, Tensor],
+    start: Mapping[float, float],
+    *,
+    base: FIUnConfig = FIUnConfig(),
+    alphas: Sequence[float] = (),
+) -> list[dict[float, float]]:
+    """Per model and lambda: the mildest alpha at or below ``start[lambda]`` that forgets every sample.
+
+    What a client holding data to forget runs for the other affected models of a class request (the choice was
+    scored on the newest global model only; an early model can keep a class at the same alpha). For each model
+    and each lambda in ``start`` it walks the grid's ``alphas`` from ``start[lambda]`` down, one forward pass of
+    ``forget_set`` per step, and stops at the first alpha at which no sample is predicted correctly: 0.0 where
+    none does. Fishers are made scale-free here, as for the final dampening.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The architecture (weights come from ``models``).
+    models : sequence of dict
+        The models to check.
+    retain_fisher : dict
+        The retain-Fisher every model is dampened with.
+    forget_fishers : sequence of dict
+        One forget-Fisher per model (the MFIM merge that model gets).
+    forget_set : tuple of Tensor
+        ``(x, y)`` of this client's forget samples.
+    start : dict
+        lambda -> the alpha to start from (:func:`mildest_meeting` of this client's grid counts).
+    base : FIUnConfig
+        The other dampening settings.
+    alphas : sequence of float
+        The grid's alphas (default: ``GRID_ALPHAS``).
+
+    Returns
+    -------
+    list of dict
+        Per model: lambda -> the mildest forgetting alpha (0.0: none down to the strongest alpha).
+    """
+    if len(forget_fishers) != len(models):
+        raise ConfigError(f"check_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
+    grid = sorted(set(alphas or GRID_ALPHAS), reverse=True)  # mildest first
+    retain = scale_free(retain_fisher)
+    normalised: dict[int, dict[str, Tensor]] = {}
+    model = model.eval()
+    out: list[dict[float, float]] = []
+    for weights, forget in zip(models, forget_fishers):
+        forget_sf = normalised.setdefault(id(forget), scale_free(forget))
+        found: dict[float, float] = {}
+        for lam, top in start.items():
+            found[lam] = 0.0
+            for alpha in (a for a in grid if a <= top):
+                (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
+                if count_correct(model, candidate, forget_set) == 0:
+                    found[lam] = alpha
+                    break
+        out.append(found)
+    return out
+
+
+def per_model_alpha(chosen_alpha: float, reports: Sequence[float], strongest: float) -> tuple[float, bool]:
+    """One model's alpha from the holders' :func:`check_models` values at the chosen lambda.
+
+    ``min(chosen_alpha, reports)``: the mildest alpha at which every holder forgot all its samples (never
+    milder than the federation's choice). A holder that found none (0.0) makes it ``strongest`` and
+    ``met=False``.
+
+    Examples
+    --------
+    >>> per_model_alpha(4.0, [8.0, 2.0], 0.5)
+    (2.0, True)
+    >>> per_model_alpha(4.0, [8.0, 0.0], 0.5)
+    (0.5, False)
+    """
+    if any(r <= 0.0 for r in reports):
+        return float(strongest), False
+    return float(min([chosen_alpha, *reports])), True

@@ -16,15 +16,24 @@ the forgotten data down to the level of a model that never saw it
 
 Alpha applies to mean-normalised Fishers (:func:`fl_unlearn.calibrate.scale_free`), so the choice does not
 depend on which model the Fishers were computed on; the chosen pair then dampens every affected model,
-server-held and client-held (``scale-free`` in ``train.unlearn``). The choice is made on the newest affected
-global model only: early models in the lineage may need a stronger one (measured; see the issue notes).
+server-held and client-held (``scale-free`` in ``train.unlearn``).
+
+The choice is scored on the newest affected global model; an early model in the lineage can keep a class at the
+same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So for a class request a second,
+cheaper round trip (``query.checkforget``) sends the other affected server-held models to the clients holding
+data to forget: each walks the alphas down from the chosen one, per model, on a few of its forget samples
+(:func:`fl_unlearn.calibrate.check_models`: one forward pass for a model that already forgets), and the server
+dampens each model at the mildest alpha at which every holder forgot all its samples, never milder than the
+federation's choice (:func:`fl_unlearn.calibrate.per_model_alpha`). Client and sample requests have a target relative to each
+model's own generalisation, which the clients cannot score per model in one pass: they keep the one choice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +47,11 @@ from fl_unlearn.calibrate import (
     GRID_ALPHAS,
     GridCounts,
     candidate_grid,
+    check_models,
     choose_candidate,
-    count_correct,
+    count_correct_split,
+    mildest_meeting,
+    per_model_alpha,
     score_alpha_grid,
 )
 from fl_unlearn.data import make_loader
@@ -73,12 +85,21 @@ class ClientCalibration:
         Candidate thresholds on mean-normalised Fishers.
     lams : tuple[float, ...] (default: fl_unlearn.calibrate.DEFAULT_LAMS)
         Dampening constants tried with every alpha.
+    check_samples : int (default: 32)
+        Forget samples per holder for the per-model check of a class request (a subset of the
+        ``forget_samples``); 0 dampens every model at the one choice.
     """
 
     forget_samples: int = 64
     retain_samples: int = 32
     alphas: tuple[float, ...] = GRID_ALPHAS
     lams: tuple[float, ...] = DEFAULT_LAMS
+    check_samples: int = 32
+
+
+#: The per-model check sends every other affected server-held model to every client; above this many bytes of
+#: weights per message it is skipped (logged), and every model gets the one choice.
+CHECK_MAX_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -93,6 +114,12 @@ class CalibrationChoice:
     seconds: float
     client_max_s: float
     retain_before: float = float("nan")
+    per_model: dict[str, float] = field(default_factory=dict)
+    per_model_met: dict[str, bool] = field(default_factory=dict)
+
+    def alpha_of(self, node_id: str) -> float:
+        """The alpha ``node_id`` is dampened with: its per-model check's, else the federation's choice."""
+        return self.per_model.get(node_id, self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
         f_acc, r_acc = self.counts.accuracies()
@@ -102,6 +129,7 @@ class CalibrationChoice:
                 "forget_samples": self.counts.forget_num, "retain_samples": self.counts.retain_num,
                 "grid": [{"alpha": a, "lam": v, "forget_acc": f, "retain_acc": r}
                          for (a, v), f, r in zip(self.counts.candidates, f_acc, r_acc)],
+                "per_model": dict(self.per_model), "per_model_met": dict(self.per_model_met),
                 "seconds": self.seconds, "client_max_s": self.client_max_s}
 
 
@@ -139,15 +167,46 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
     candidates = _candidates(config)
     counts = score_alpha_grid(model, weights, retain_fisher, forget_fisher, forget_set, retain_set,
                               base=base, candidates=candidates)
-    before_forget, before_retain = count_correct(model, weights, forget_set), count_correct(model, weights, retain_set)
+    before_forget, before_retain = count_correct_split(model, weights, forget_set, retain_set)
     metrics = MetricRecord({
         R.FORGET_CORRECT: counts.forget_correct, R.RETAIN_CORRECT: counts.retain_correct,
         R.FORGET_NUM: counts.forget_num, R.RETAIN_NUM: counts.retain_num,
         R.BEFORE + R.FORGET_CORRECT: before_forget, R.BEFORE + R.RETAIN_CORRECT: before_retain,
-        R.SECONDS: time.perf_counter() - start,
     })
+    metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.calibrate: partition %d scored %d candidates on %d forget / %d kept samples in %.2f s",
         partition_id(context), len(candidates), counts.forget_num, counts.retain_num, metrics[R.SECONDS])
+    return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
+
+
+def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``query.checkforget``: per sent model, the mildest alpha at or below the chosen one that forgets every one
+    of this client's (capped) forget samples (``check-alphas``; 0.0 where none does)."""
+    from strategies.client import _seed, load_model, partition_id
+
+    start = time.perf_counter()
+    config = R.first_config(msg)
+    arrays = msg.content.array_records
+    keys = sorted((k for k in arrays if k.startswith(R.CHECK_MODEL_PREFIX)), key=lambda k: int(k.rsplit("-", 1)[1]))
+    fisher_of = [int(i) for i in config[R.CHECK_FISHER_OF]]
+    if not keys or len(fisher_of) != len(keys):
+        raise UnlearnError(f"query.checkforget: {len(keys)} models and {len(fisher_of)} check-fisher-of entries")
+    forget_ds, _ = ForgetSpec.from_config(config).split(spec.data_fn(context))
+    forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
+    metrics = MetricRecord({R.FORGET_NUM: 0 if forget_set is None else len(forget_set[1])})
+    if forget_set is not None:
+        fishers = {i: R.record_to_tensors(arrays[f"{R.CHECK_FISHER_PREFIX}{i}"]) for i in sorted(set(fisher_of))}
+        models = [R.record_to_tensors(arrays[k]) for k in keys]
+        base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+        lam = float(base.lam)
+        found = check_models(load_model(spec, context, models[0]), models,
+                             R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]), [fishers[i] for i in fisher_of],
+                             forget_set, {lam: float(base.alpha)}, base=base,
+                             alphas=[float(a) for a in config[R.ALPHAS]])
+        metrics[R.CHECK_ALPHAS] = [f[lam] for f in found]
+    metrics[R.SECONDS] = time.perf_counter() - start
+    log(INFO, "query.checkforget: partition %d checked %d models on %d forget samples in %.2f s",
+        partition_id(context), len(keys), metrics[R.FORGET_NUM], metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -173,6 +232,7 @@ def calibrate_at_clients(
     request_kind: str,
     base: FIUnConfig,
     settings: ClientCalibration = ClientCalibration(),
+    check: Sequence[tuple[str, Tensors, Tensors]] = (),
 ) -> CalibrationChoice:
     """One ``query.calibrate`` to every client in ``pids``; sum their counts; choose alpha.
 
@@ -192,6 +252,9 @@ def calibrate_at_clients(
     base : FIUnConfig
         The other dampening settings (``lam``, ``exponent``, ...); its alpha is ignored.
     settings : ClientCalibration
+    check : sequence of (node id, weights, forget-Fisher)
+        The other affected models to check per model (class requests; dampened with ``retain_fisher``). The
+        choice's ``per_model`` gives each its alpha.
 
     Returns
     -------
@@ -213,19 +276,83 @@ def calibrate_at_clients(
         msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                             message_type=R.MSG_CALIBRATE))
     total = GridCounts(candidates, [0] * len(candidates), [0] * len(candidates))
-    before_retain, client_seconds = 0, []
+    before_retain, client_seconds, holders = 0, [], []
     for reply in checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "query.calibrate"):
         m = reply.content.metric_records[R.METRICS_KEY]
         total = total + GridCounts(candidates, [int(v) for v in m[R.FORGET_CORRECT]],
                                    [int(v) for v in m[R.RETAIN_CORRECT]], int(m[R.FORGET_NUM]), int(m[R.RETAIN_NUM]))
         before_retain += int(m[R.BEFORE + R.RETAIN_CORRECT])
         client_seconds.append(float(m[R.SECONDS]))
+        if int(m[R.FORGET_NUM]) > 0:
+            holders.append(nodes.partition[reply.metadata.src_node_id])
     if total.forget_num == 0:
         raise UnlearnError("query.calibrate: no client scored any forget sample; cannot calibrate alpha")
     target = 0.0 if request_kind == "classes" else before_retain / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     choice = CalibrationChoice(alpha, lam, target, met, total, time.perf_counter() - start,
                                max(client_seconds, default=0.0), before_retain / max(total.retain_num, 1))
+    check = _checkable(check, request_kind, settings) if met else []
+    if check:
+        _check_at_clients(grid, nodes, sorted(holders), request_configs, retain_fisher, check, choice, base, settings)
+        choice.seconds = time.perf_counter() - start
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
     return choice
+
+
+def _checkable(check: Sequence[tuple[str, Tensors, Tensors]], request_kind: str,
+               settings: ClientCalibration) -> list[tuple[str, Tensors, Tensors]]:
+    """The models to check per model: none for client / sample requests, with the check off, or too large."""
+    if request_kind != "classes" or settings.check_samples <= 0 or not check:
+        return []
+    size = sum(t.numel() * t.element_size() for _, w, _ in check for t in w.values())
+    if size > CHECK_MAX_BYTES:
+        log(INFO, "unlearn: per-model check skipped: %d models, %.0f MiB of weights per message (limit %.0f MiB)",
+            len(check), size / 2**20, CHECK_MAX_BYTES / 2**20)
+        return []
+    return list(check)
+
+
+def _check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
+                      request_configs: dict[int, dict[str, Any]], retain_fisher: Tensors,
+                      check: Sequence[tuple[str, Tensors, Tensors]], choice: CalibrationChoice, base: FIUnConfig,
+                      settings: ClientCalibration) -> None:
+    """``query.checkforget`` to the holders: fill ``choice.per_model`` with each check model's alpha."""
+    from strategies.nodes import checked_replies
+    from strategies.server import fiun_config
+
+    content: dict[str, Any] = {R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
+    check_cfg = _add_check_models(content, check)
+    fiun = fiun_config(dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam))
+    msgs = [Message(RecordDict({**content, R.CONFIG_KEY: ConfigRecord({
+        R.ALPHAS: list(settings.alphas), R.CALIBRATION_CHECK: int(settings.check_samples), **check_cfg, **fiun,
+        **request_configs[pid]})}), dst_node_id=nodes.node_of(pid), message_type=R.MSG_CHECK) for pid in holders]
+    reports = []
+    for reply in checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "query.checkforget"):
+        m = reply.content.metric_records[R.METRICS_KEY]
+        if int(m[R.FORGET_NUM]) > 0:
+            values = [float(v) for v in m[R.CHECK_ALPHAS]]
+            if len(values) != len(check):
+                raise UnlearnError(f"query.checkforget: {len(values)} alphas for {len(check)} models")
+            reports.append(values)
+    for i, (node_id, _, _) in enumerate(check):
+        alpha, met = per_model_alpha(choice.alpha, [r[i] for r in reports], min(settings.alphas))
+        choice.per_model[node_id], choice.per_model_met[node_id] = alpha, met
+    stronger = {k: v for k, v in choice.per_model.items() if v < choice.alpha}
+    log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger alpha%s", len(check),
+        len(reports), len(stronger), f" ({', '.join(f'{k}: {v:g}' for k, v in stronger.items())})" if stronger else "")
+
+
+def _add_check_models(content: dict[str, Any], check: Sequence[tuple[str, Tensors, Tensors]]) -> dict[str, Any]:
+    """Put the check models and their distinct forget-Fishers into ``content``; return the config entries."""
+    if not check:
+        return {}
+    index: dict[int, int] = {}
+    fisher_of = []
+    for i, (_, weights, forget) in enumerate(check):
+        if id(forget) not in index:
+            index[id(forget)] = len(index)
+            content[f"{R.CHECK_FISHER_PREFIX}{index[id(forget)]}"] = R.tensors_to_record(forget)
+        fisher_of.append(index[id(forget)])
+        content[f"{R.CHECK_MODEL_PREFIX}{i}"] = R.tensors_to_record(weights)
+    return {R.CHECK_FISHER_OF: fisher_of}

@@ -2,22 +2,24 @@
 
 One handler per message type (``DESIGN.md`` §3):
 
-===================  =================================================================================
-``query.info``       partition id, number of examples, label histogram
-``train``            FedAvg's contract (one ArrayRecord, one MetricRecord with ``num-examples``) plus the
-                     Fisher diagonal accumulated while training and a lineage ConfigRecord
-``query.fisher``     forget-Fisher of the client's forget data on the model version the server sends
-``query.evalforget`` accuracy of several models on the client's forget data (client / sample requests)
-``train.unlearn``    FIUn on the models the client holds (derived models), with the merged forget-Fisher
-``train.derive``     a chain of derived models (finetune | incremental | transfer) from a global model
-``evaluate``         accuracy on held-out data, split into forgotten and kept classes
-===================  =================================================================================
+=====================  =================================================================================
+``query.info``         partition id, number of examples, label histogram
+``train``              FedAvg's contract (one ArrayRecord, one MetricRecord with ``num-examples``) plus the
+                       Fisher diagonal accumulated while training and a lineage ConfigRecord
+``query.fisher``       forget-Fisher of the client's forget data on the model version the server sends
+``query.evalforget``   accuracy of several models on the client's forget data (client / sample requests)
+``query.calibrate``    ``alpha="auto"``: correct predictions per candidate alpha on its own samples
+``query.checkforget``  the alpha that forgets its samples, per other affected model (class requests)
+``train.unlearn``      FIUn on the models the client holds (derived models), with the merged forget-Fisher
+``train.derive``       a chain of derived models (finetune | incremental | transfer) from a global model
+``evaluate``           accuracy on held-out data, split into forgotten and kept classes
+=====================  =================================================================================
 
 The handlers need a model and the client's data: a :class:`ClientSpec` supplies them. Training settings come
 from the run-config keys of ``strategies.config.DEFAULTS`` (``lr``, ``local-epochs``, ``batch-size``,
-``momentum``, ``seed``, ``dp-noise-multiplier``, ``dp-max-grad-norm``) when present. State that must outlive a
+``momentum``           , ``seed``, ``dp-noise-multiplier``, ``dp-max-grad-norm``) when present. State that must outlive a
 run (derived models, their retain-Fishers) lives in a per-client :class:`~fl_unlearn.store.Store` under
-``<store-dir>/clients/<partition-id>/`` (``node_config["unlearn-dir"]`` overrides the location).
+``<store-dir>/clients/<partition-id>/``(``node_config["unlearn-dir"]`` overrides the location).
 
 Bad messages get an error reply naming what was wrong (as Flower's mods do); nothing is changed then.
 """
@@ -457,12 +459,12 @@ def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
 
 def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
     """Our handlers by message type (besides ``train`` and ``evaluate``), answering errors with error replies."""
-    from strategies.calibration import handle_calibrate  # they use this module's helpers
+    from strategies.calibration import handle_calibrate, handle_check  # they use this module's helpers
     from strategies.repair import handle_repair
 
     table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
              R.MSG_UNLEARN: handle_unlearn, R.MSG_DERIVE: handle_derive, R.MSG_CALIBRATE: handle_calibrate,
-             R.MSG_REPAIR: handle_repair}
+             R.MSG_CHECK: handle_check, R.MSG_REPAIR: handle_repair}
     return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
 
 

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-samples": 500,
     "calibration-forget-samples": 64,
     "calibration-retain-samples": 32,
+    "calibration-check-samples": 32,
     "repair": "auto",
     "repair-rounds": 8,
     "repair-steps": 8,
@@ -136,6 +137,7 @@ class AppConfig:
     calibration_samples: int
     calibration_forget_samples: int
     calibration_retain_samples: int
+    calibration_check_samples: int
     repair: str
     repair_rounds: int
     repair_steps: int
@@ -201,6 +203,9 @@ class AppConfig:
         if self.calibration_forget_samples < 1 or self.calibration_retain_samples < 0:
             raise ConfigError("calibration-forget-samples must be >= 1 and calibration-retain-samples >= 0, got "
                               f"{self.calibration_forget_samples} and {self.calibration_retain_samples}")
+        if self.calibration_check_samples < 0:
+            raise ConfigError(f"calibration-check-samples must be >= 0 (0: no per-model check), got "
+                              f"{self.calibration_check_samples}")
         if self.fiun_alpha != "auto" and float(self.fiun_alpha) < 0:
             raise ConfigError(f"fiun-alpha must be 'auto' or a number >= 0, got {self.fiun_alpha!r}")
         for key in ("out_dir", "store_dir", "forget_samples", "dataset_cache_dir"):

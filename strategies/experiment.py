@@ -80,7 +80,8 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
     if cfg.fiun_alpha != "auto":
         return None
     return ClientCalibration(forget_samples=cfg.calibration_forget_samples,
-                             retain_samples=cfg.calibration_retain_samples)
+                             retain_samples=cfg.calibration_retain_samples,
+                             check_samples=cfg.calibration_check_samples)
 
 
 class Evaluator:

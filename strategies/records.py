@@ -31,6 +31,7 @@ MSG_FISHER = "query.fisher"
 MSG_EVAL_FORGET = "query.evalforget"
 MSG_UNLEARN = "train.unlearn"
 MSG_CALIBRATE = "query.calibrate"  # alpha="auto": score every candidate alpha on the client's own samples
+MSG_CHECK = "query.checkforget"  # alpha="auto", classes: per other affected model, the alpha that forgets
 MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on kept data (strategies.repair)
 MSG_DERIVE = "train.derive"
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
@@ -96,6 +97,11 @@ FORGET_CORRECT = "forget-correct"  # query.calibrate reply: correct forget predi
 RETAIN_CORRECT = "retain-correct"  # query.calibrate reply: correct kept predictions per alpha
 CALIBRATION_FORGET = "calibration-forget-samples"  # forget samples a client scores (cap)
 CALIBRATION_RETAIN = "calibration-retain-samples"  # kept samples a client scores (cap)
+CALIBRATION_CHECK = "calibration-check-samples"  # forget samples per client for the per-model check (cap)
+CHECK_MODEL_PREFIX = "check-model-"  # query.checkforget: the other affected models, check-model-0, ...
+CHECK_FISHER_PREFIX = "check-fisher-"  # query.checkforget: their distinct forget-Fishers, check-fisher-0, ...
+CHECK_FISHER_OF = "check-fisher-of"  # query.checkforget: per check model, the index of its forget-Fisher
+CHECK_ALPHAS = "check-alphas"  # query.checkforget reply: per model, the mildest alpha that forgets (0: none)
 SCALE_FREE = "scale-free"  # train.unlearn: alpha applies to mean-normalised Fishers (alpha="auto")
 AFTER = "after-"
 # SISA (strategies.sisa_server / sisa_client): the layout, the round, and what a client reports

@@ -108,6 +108,9 @@ class UnlearnOutcome:
         Fishers (``scale_free`` True).
     calibration : dict
         ``alpha="auto"`` at the clients: the chosen alpha, the target, and the summed grid of accuracies.
+    model_alphas : dict[str, float]
+        ``alpha="auto"``, class requests: server-held models the per-model check gave their own alpha (the
+        others use ``fiun.alpha``).
     state : str
         The request's journal state: ``verified`` (every affected model unlearned, exactly once) or
         ``incomplete`` (``missing`` lists the models not unlearned yet; serving the request again finishes them).
@@ -133,6 +136,7 @@ class UnlearnOutcome:
     fiun: FIUnConfig | None = None
     scale_free: bool = False
     calibration: dict[str, Any] = field(default_factory=dict)
+    model_alphas: dict[str, float] = field(default_factory=dict)
     state: str = "verified"
     missing: list[str] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)
@@ -596,7 +600,8 @@ class UnlearningStrategy(DelegatingStrategy):
         if outcome.scale_free:
             retain, forgets = [scale_free(f) for f in retain], [scale_free(f) for f in forgets]
         if self.calibration is None:
-            new_weights, stats = unlearn_many(weights, retain, forgets, cfg)
+            new_weights, stats = _unlearn_per_alpha(weights, retain, forgets, cfg,
+                                                    [outcome.model_alphas.get(i, cfg.alpha) for i in ids])
         else:
             new_weights, stats = self._calibrated(weights, retain, forgets, cfg, outcome)
         outcome.server_models = ids
@@ -692,10 +697,16 @@ class UnlearningStrategy(DelegatingStrategy):
                                        self._forget_fraction(node, request))
         pids = sorted(self.nodes.partition.values())
         base = self.fiun or FIUnConfig()
+        # The other server-held affected models, checked per model in the same round trip (class requests; they
+        # must share the retain-Fisher the check dampens with)
+        check = [(a, self.store.get(self.graph.node(a).weights), forget_of[a]) for a in outcome.affected
+                 if a != node.id and self.graph.node(a).weights is not None] if shared_retain is not None else []
         choice = calibrate_at_clients(
             grid, self.nodes, pids, {p: request_config(request, p) for p in pids}, self.store.get(node.weights),
-            retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration)
+            retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration,
+            check=check)
         outcome.fiun = dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam)
+        outcome.model_alphas = dict(choice.per_model)
         outcome.scale_free = True
         outcome.calibration = choice.to_dict()
         outcome.alphas = [choice.alpha]
@@ -711,6 +722,21 @@ class UnlearningStrategy(DelegatingStrategy):
         newest = self._newest_affected_global(outcome.affected).id
         alpha = outcome.stats.get(newest, {}).get("alpha", outcome.alphas[-1])
         return dataclasses.replace(cfg, alpha=float(alpha))
+
+
+def _unlearn_per_alpha(weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
+                       alphas: list[float]) -> tuple[list[Tensors], list[Any]]:
+    """``unlearn_many`` once per distinct alpha (the per-model check gives some models a stronger one); results
+    in input order, each model's stats with its alpha."""
+    new_weights: list[Tensors | None] = [None] * len(weights)
+    stats: list[Any] = [None] * len(weights)
+    for alpha in sorted(set(alphas)):
+        idx = [i for i, a in enumerate(alphas) if a == alpha]
+        out, st = unlearn_many([weights[i] for i in idx], [retain[i] for i in idx], [forgets[i] for i in idx],
+                               dataclasses.replace(cfg, alpha=alpha))
+        for i, w, s in zip(idx, out, st):
+            new_weights[i], stats[i] = w, {**_as_dict(s), "alpha": alpha}
+    return new_weights, stats
 
 
 def _is_digest(value: Any) -> bool:

@@ -212,3 +212,65 @@ def test_repair_keeps_the_best_validation_loss_and_never_mutates_its_input():
 def test_repair_config_lists_every_bad_value():
     with pytest.raises(ConfigError, match="max_rounds.*local_steps.*lr.*patience"):
         RepairConfig(max_rounds=-1, local_steps=0, lr=0.0, patience=0)
+
+
+# --- every affected model forgets: the per-model check of a class request -------------------------------------
+
+from fl_unlearn.calibrate import (  # noqa: E402
+    GRID_ALPHAS,
+    check_models,
+    count_correct,
+    count_correct_split,
+    mildest_meeting,
+    per_model_alpha,
+)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _tiny(bias0: float) -> dict:
+    # x = [1, 0] of class 0: logits [w00 + b0, 0.5]; w00 = 2 makes it correct, zeroing w00 leaves [b0, 0.5]
+    return {"fc.weight": torch.tensor([[2.0, 0.0], [0.0, 0.0]]), "fc.bias": torch.tensor([bias0, 0.5])}
+
+
+def test_check_models_walks_down_to_the_mildest_alpha_that_forgets_and_reports_none_honestly():
+    retain = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
+    forget = {"fc.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]]), "fc.bias": torch.zeros(2)}
+    # scale-free: the forget entry of w00 is 6 x the mean, the retain-Fisher 1 everywhere, so alphas < 6 select it
+    forget_set = (torch.tensor([[1.0, 0.0]] * 3), torch.zeros(3, dtype=torch.long))
+    forgettable, stubborn = _tiny(0.0), _tiny(0.6)  # zeroing w00 flips the first, not the second
+    found = check_models(_Tiny(), [forgettable, stubborn], retain, [forget, forget], forget_set, {0.0: 16.0},
+                         alphas=GRID_ALPHAS)
+    assert found == [{0.0: 4.0}, {0.0: 0.0}]
+    # the reported alpha forgets, the next milder one does not (so it is the mildest)
+    for alpha, expect in ((4.0, 0), (8.0, 3)):
+        (w,), _ = unlearn_many([forgettable], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha, lam=0.0))
+        assert count_correct(_Tiny(), w, forget_set) == expect
+    # the walk never goes milder than its start
+    assert check_models(_Tiny(), [forgettable], retain, [forget], forget_set, {0.0: 2.0}) == [{0.0: 2.0}]
+    with pytest.raises(ConfigError):
+        check_models(_Tiny(), [forgettable], retain, [], forget_set, {0.0: 2.0})
+
+
+def test_mildest_meeting_and_per_model_alpha():
+    counts = GridCounts(((1.0, 0.0), (2.0, 0.0), (4.0, 0.0), (1.0, 1.0), (2.0, 1.0)), [0, 0, 3, 1, 2], [0] * 5, 10, 0)
+    assert mildest_meeting(counts) == {0.0: 2.0}  # lambda 1 forgets nothing fully: absent
+    assert per_model_alpha(4.0, [8.0, 4.0], 0.5) == (4.0, True)  # never milder than the federation's choice
+    assert per_model_alpha(4.0, [2.0, 8.0], 0.5) == (2.0, True)
+    assert per_model_alpha(4.0, [2.0, 0.0], 0.5) == (0.5, False)
+
+
+def test_one_forward_pass_counts_what_two_do():
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    f, r = _data(30, 1), _data(20, 2)
+    assert count_correct_split(model, weights, f, r) == (count_correct(model, weights, f), count_correct(model, weights, r))
+    assert count_correct_split(model, weights, None, r) == (0, count_correct(model, weights, r))

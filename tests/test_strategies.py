@@ -223,6 +223,15 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     else:
         assert not meeting
     assert res["timing"]["calibrate_s"] > 0
+    # every other server-held affected model was checked per model: never milder than the choice, dampened with it
+    server_held = {m["id"] for m in res["affected_models"] if m["kind"] != "derived"}
+    if auto["target_met"]:
+        assert set(auto["per_model"]) == server_held - {res["final_global"]["id"]}
+        for m in res["affected_models"]:
+            if m["id"] in auto["per_model"]:
+                assert m["dampening"]["alpha"] == auto["per_model"][m["id"]] <= auto["alpha"]
+                if not auto["per_model_met"][m["id"]]:  # no alpha forgot it at some holder: the strongest one
+                    assert m["dampening"]["alpha"] == min(a for a, _ in candidate_grid())
     derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
     assert derived and all(m["version"] for m in derived)  # client-held models unlearned with the same alpha
     # repair=auto runs exactly when calibration gave up more than a point of kept accuracy; then it is reported
