@@ -63,7 +63,16 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
-from fl_unlearn.calibrate import accuracy_scorer, calibrate_alpha  # noqa: E402
+from fl_unlearn.calibrate import (  # noqa: E402
+    GRID_ALPHAS,
+    candidate_grid,
+    check_models,
+    choose_candidate,
+    count_correct_split,
+    per_model_alpha,
+    score_alpha_grid,
+    unlearn_with_alphas,
+)
 from fl_unlearn.data import (  # noqa: E402
     DataConfig,
     class_histogram,
@@ -112,8 +121,10 @@ class Setup:
     poisoned_client: int = 0
     poison_fraction: float = 0.5
     backdoor_target: int = 7
-    fisher_samples: int = 1024
-    calibration_size: int = 256
+    fisher_samples: int = 256
+    calibration_forget: int = 64
+    calibration_retain: int = 32
+    check_samples: int = 32
     finetune_steps: int = 50
     finetune_lr: float = 0.05
     ascent_steps: int = 30
@@ -291,19 +302,17 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
                                       num_samples=[per_holder[k].info.num_samples for k in hs])
     forgets = [merged_by[ctx.holders[n]] for n in ctx.targets]
     models = [ctx.weights[n] for n in ctx.targets]
-    target = None
+    target, lam = None, None
     if alpha == "auto":
-        score = _scorer(ctx, model)
-        target = _forget_target(ctx, score, newest)
-        result = calibrate_alpha(models, retain, forgets, score, base=FIUnConfig(), forget_target=target)
-        new, alphas, met = result.weights, result.alphas, result.target_met
+        alphas, met, lam, target = _auto_alpha(ctx, model, retain, forgets, newest)
+        new, _ = unlearn_with_alphas(models, retain, forgets, FIUnConfig(lam=lam), alphas)
     else:
         new, _ = unlearn_many(models, retain, forgets, FIUnConfig(alpha=float(alpha)))
         alphas, met = [float(alpha)] * len(models), []
     t3 = time.perf_counter()
     details = {"cache_s": t1 - t0, "forget_fisher_s": t2 - t1, "merge_dampen_s": t3 - t2,
                "alphas": dict(zip(ctx.targets, alphas)),
-               "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
+               "lam": lam, "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
     return dict(zip(ctx.targets, new)), t3 - t1, details
 
 
@@ -313,21 +322,42 @@ def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str]):
                           max_samples=net.setup.fisher_samples)
 
 
-def _scorer(ctx: Context, model: nn.Module):
-    """alpha=auto's calibration sets: the holders' forget samples and the model's own kept samples."""
-    net, size = ctx.net, ctx.net.setup.calibration_size
-    forget_sets = {hs: _head(net.forgotten_of(hs, ctx.forget), size, net.setup.seed) for hs in set(ctx.holders.values())}
-    retain_sets = [_head(net.kept_of(n, ctx.forget), size, net.setup.seed) for n in ctx.targets]
-    return accuracy_scorer(model, [forget_sets[ctx.holders[n]] for n in ctx.targets], retain_sets)
+def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
+                newest: str) -> tuple[list[float], list[bool], float, float]:
+    """``alpha="auto"`` as the Flower App runs it, each client in turn (``strategies.calibration``).
 
-
-def _forget_target(ctx: Context, score, newest: str) -> float:
-    """alpha=auto's forget target, as the Flower layer sets it: 0 for a class (a model that never saw it gets none
-    right); for a client, the newest global model's accuracy on kept calibration samples before unlearning (the
-    forgotten data should look no better known than data the model keeps)."""
-    if ctx.forget.request.kind == "classes":
-        return 0.0
-    return score(ctx.targets.index(newest), ctx.weights[newest])[1]
+    Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
+    it forgets, 32 it keeps; ``score_alpha_grid``); the summed counts choose one candidate (target 0 for a class,
+    the kept-sample accuracy before unlearning for a client). For a class, every holder then checks the other
+    models from the chosen alpha down (``check_models`` on 32 forget samples) and each model gets the mildest
+    alpha every holder forgot at (``per_model_alpha``). Returns per target its alpha and whether it met the
+    target, the chosen lambda and the target.
+    """
+    net, s = ctx.net, ctx.net.setup
+    i_new = ctx.targets.index(newest)
+    grid = candidate_grid()
+    total, before_kept, forget_sets = None, 0, {}
+    for k in range(s.clients):
+        forgotten, kept = ctx.forget.forgotten[k], ctx.forget.kept[k]
+        fset = _head(forgotten, s.calibration_forget, s.seed + k) if len(forgotten) else None
+        rset = _head(kept, s.calibration_retain, s.seed + k) if len(kept) else None
+        counts = score_alpha_grid(model, ctx.weights[newest], retain[i_new], forgets[i_new], fset, rset,
+                                  candidates=grid)
+        total = counts if total is None else total + counts
+        before_kept += count_correct_split(model, ctx.weights[newest], None, rset)[1]
+        if fset is not None:
+            forget_sets[k] = fset
+    target = 0.0 if ctx.forget.request.kind == "classes" else before_kept / max(total.retain_num, 1)
+    alpha, lam, met = choose_candidate(total, target)
+    alphas, mets = [alpha] * len(ctx.targets), [met] * len(ctx.targets)
+    if ctx.forget.request.kind == "classes" and met:
+        others = [i for i in range(len(ctx.targets)) if i != i_new]
+        reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in others], [retain[i] for i in others],
+                                [forgets[i] for i in others], (x[:s.check_samples], y[:s.check_samples]),
+                                {lam: alpha}) for x, y in forget_sets.values()]
+        for j, i in enumerate(others):
+            alphas[i], mets[i] = per_model_alpha(alpha, [r[j][lam] for r in reports], min(GRID_ALPHAS))
+    return alphas, mets, lam, target
 
 
 def run_finetune(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
@@ -546,8 +576,8 @@ def _head(ds: Dataset, size: int, seed: int) -> tuple[Tensor, Tensor]:
     return next(iter(make_loader(ds, max(1, min(size, len(ds))), shuffle=True, seed=seed)))
 
 
-QUICK = Setup(source="digits", max_train=None, rounds=2, local_epochs=3, lr=0.05, fisher_samples=512,
-              calibration_size=128, finetune_steps=20, eval_size=360, mia_size=100, repeats=2)
+QUICK = Setup(source="digits", max_train=None, rounds=2, local_epochs=3, lr=0.05, finetune_steps=20, eval_size=360,
+              mia_size=100, repeats=2)
 
 
 def main() -> None:

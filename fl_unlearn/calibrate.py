@@ -545,7 +545,7 @@ def mildest_meeting(counts: GridCounts, forget_target: float = 0.0) -> dict[floa
 def check_models(
     model: torch.nn.Module,
     models: Sequence[Weights],
-    retain_fisher: Mapping[str, Tensor],
+    retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
     forget_fishers: Sequence[Mapping[str, Tensor]],
     forget_set: tuple[Tensor, Tensor],
     start: Mapping[float, float],
@@ -567,8 +567,8 @@ def check_models(
         The architecture (weights come from ``models``).
     models : sequence of dict
         The models to check.
-    retain_fisher : dict
-        The retain-Fisher every model is dampened with.
+    retain_fisher : dict or sequence of dict
+        The retain-Fisher every model is dampened with, or one per model.
     forget_fishers : sequence of dict
         One forget-Fisher per model (the MFIM merge that model gets).
     forget_set : tuple of Tensor
@@ -588,12 +588,15 @@ def check_models(
     if len(forget_fishers) != len(models):
         raise ConfigError(f"check_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
     grid = sorted(set(alphas or GRID_ALPHAS), reverse=True)  # mildest first
-    retain = scale_free(retain_fisher)
+    retains = [retain_fisher] * len(models) if isinstance(retain_fisher, Mapping) else list(retain_fisher)
+    if len(retains) != len(models):
+        raise ConfigError(f"check_models: {len(models)} models but {len(retains)} retain-Fishers")
     normalised: dict[int, dict[str, Tensor]] = {}
     model = model.eval()
     out: list[dict[float, float]] = []
-    for weights, forget in zip(models, forget_fishers):
+    for weights, forget, retain_raw in zip(models, forget_fishers, retains):
         forget_sf = normalised.setdefault(id(forget), scale_free(forget))
+        retain = normalised.setdefault(id(retain_raw), scale_free(retain_raw))
         found: dict[float, float] = {}
         for lam, top in start.items():
             found[lam] = 0.0
@@ -623,3 +626,26 @@ def per_model_alpha(chosen_alpha: float, reports: Sequence[float], strongest: fl
     if any(r <= 0.0 for r in reports):
         return float(strongest), False
     return float(min([chosen_alpha, *reports])), True
+
+
+def unlearn_with_alphas(
+    models: Sequence[Weights],
+    retain_fishers: Sequence[Mapping[str, Tensor]],
+    forget_fishers: Sequence[Mapping[str, Tensor]],
+    cfg: FIUnConfig,
+    alphas: Sequence[float],
+) -> tuple[list[dict[str, Tensor]], list[DampenStats]]:
+    """:func:`~fl_unlearn.fiun.unlearn_many` once per distinct alpha (the per-model check gives some models a
+    stronger one than the rest); results in input order, each as ``unlearn_many`` gives it with its own alpha."""
+    if not (len(models) == len(retain_fishers) == len(forget_fishers) == len(alphas)):
+        raise ConfigError(f"unlearn_with_alphas: {len(models)} models, {len(retain_fishers)} retain-Fishers, "
+                          f"{len(forget_fishers)} forget-Fishers and {len(alphas)} alphas")
+    weights: list[dict[str, Tensor] | None] = [None] * len(models)
+    stats: list[DampenStats | None] = [None] * len(models)
+    for alpha in sorted(set(alphas)):
+        idx = [i for i, a in enumerate(alphas) if a == alpha]
+        out, st = unlearn_many([models[i] for i in idx], [retain_fishers[i] for i in idx],
+                               [forget_fishers[i] for i in idx], replace(cfg, alpha=float(alpha)))
+        for i, w, one in zip(idx, out, st):
+            weights[i], stats[i] = w, one
+    return weights, stats  # type: ignore[return-value]

@@ -726,17 +726,11 @@ class UnlearningStrategy(DelegatingStrategy):
 
 def _unlearn_per_alpha(weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
                        alphas: list[float]) -> tuple[list[Tensors], list[Any]]:
-    """``unlearn_many`` once per distinct alpha (the per-model check gives some models a stronger one); results
-    in input order, each model's stats with its alpha."""
-    new_weights: list[Tensors | None] = [None] * len(weights)
-    stats: list[Any] = [None] * len(weights)
-    for alpha in sorted(set(alphas)):
-        idx = [i for i, a in enumerate(alphas) if a == alpha]
-        out, st = unlearn_many([weights[i] for i in idx], [retain[i] for i in idx], [forgets[i] for i in idx],
-                               dataclasses.replace(cfg, alpha=alpha))
-        for i, w, s in zip(idx, out, st):
-            new_weights[i], stats[i] = w, {**_as_dict(s), "alpha": alpha}
-    return new_weights, stats
+    """``fl_unlearn.calibrate.unlearn_with_alphas``, each model's stats with its alpha."""
+    from fl_unlearn.calibrate import unlearn_with_alphas
+
+    new_weights, stats = unlearn_with_alphas(weights, retain, forgets, cfg, alphas)
+    return new_weights, [{**_as_dict(st), "alpha": float(a)} for st, a in zip(stats, alphas)]
 
 
 def _is_digest(value: Any) -> bool:

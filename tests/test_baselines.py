@@ -177,8 +177,9 @@ def _load_benchmark():
 
 def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
     bench = _load_benchmark()
-    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_size=32,
-                        finetune_steps=2, ascent_steps=2, eval_size=100, mia_size=30, scaling=(2, 4), repeats=1)
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_forget=16,
+                        calibration_retain=16, check_samples=8, finetune_steps=2, ascent_steps=2, eval_size=100,
+                        mia_size=30, scaling=(2, 4), repeats=1)
     result = bench.run(setup)
     # rounds=1, 4 clients: g0, 4 locals, g1, 4 derived. The class is in every client's data: every local and
     # derived model is a root, g1 is affected. Client 0 leaves with its local and derived model.
@@ -196,6 +197,10 @@ def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
         for method in methods:
             assert rows[method]["seconds"] > 0
             assert rows[method]["ratio_to_retrain"] == pytest.approx(rows[method]["seconds"] / rows["retrain"]["seconds"])
+    # alpha=auto as the App runs it: one lambda, and no model dampened milder than the newest global's choice
+    fiun = {r["method"]: r for r in result["class"]["rows"]}["fiun"]["extra"]
+    assert fiun["lam"] in (0.0, 1.0) and fiun["forget_target"] == 0.0
+    assert max(fiun["alphas"].values()) == fiun["alphas"][max(a for a in fiun["alphas"] if a.startswith("g"))]
     # a model retrained without the class never predicts it
     assert {r["method"]: r for r in result["class"]["rows"]}["retrain"]["final"]["forget_acc"] == 0.0
     scaling = result["scaling"]["rows"]
