@@ -64,14 +64,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
-    GRID_ALPHAS,
     candidate_grid,
     check_models,
+    check_sequence,
     choose_candidate,
     count_correct_split,
-    per_model_alpha,
+    per_model_candidate,
     score_alpha_grid,
-    unlearn_with_alphas,
+    unlearn_with_candidates,
 )
 from fl_unlearn.data import (  # noqa: E402
     DataConfig,
@@ -304,8 +304,9 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     models = [ctx.weights[n] for n in ctx.targets]
     target, lam = None, None
     if alpha == "auto":
-        alphas, met, lam, target = _auto_alpha(ctx, model, retain, forgets, newest)
-        new, _ = unlearn_with_alphas(models, retain, forgets, FIUnConfig(lam=lam), alphas)
+        candidates, met, target = _auto_alpha(ctx, model, retain, forgets, newest)
+        new, _ = unlearn_with_candidates(models, retain, forgets, FIUnConfig(), candidates)
+        alphas, lam = [a for a, _ in candidates], [v for _, v in candidates]
     else:
         new, _ = unlearn_many(models, retain, forgets, FIUnConfig(alpha=float(alpha)))
         alphas, met = [float(alpha)] * len(models), []
@@ -323,15 +324,15 @@ def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str]):
 
 
 def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
-                newest: str) -> tuple[list[float], list[bool], float, float]:
+                newest: str) -> tuple[list[tuple[float, float]], list[bool], float]:
     """``alpha="auto"`` as the Flower App runs it, each client in turn (``strategies.calibration``).
 
     Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
     it forgets, 32 it keeps; ``score_alpha_grid``); the summed counts choose one candidate (target 0 for a class,
     the kept-sample accuracy before unlearning for a client). For a class, every holder then checks the other
-    models from the chosen alpha down (``check_models`` on 32 forget samples) and each model gets the mildest
-    alpha every holder forgot at (``per_model_alpha``). Returns per target its alpha and whether it met the
-    target, the chosen lambda and the target.
+    models from the chosen candidate towards stronger ones (``check_models`` on 32 forget samples) and each model
+    gets the mildest candidate every holder forgot at (``per_model_candidate``). Returns per target its
+    ``(alpha, lambda)`` and whether it met the target, and the target.
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
@@ -349,15 +350,16 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             forget_sets[k] = fset
     target = 0.0 if ctx.forget.request.kind == "classes" else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
-    alphas, mets = [alpha] * len(ctx.targets), [met] * len(ctx.targets)
+    candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     if ctx.forget.request.kind == "classes" and met:
         others = [i for i in range(len(ctx.targets)) if i != i_new]
+        sequence = check_sequence(alpha, lam)
         reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in others], [retain[i] for i in others],
-                                [forgets[i] for i in others], (x[:s.check_samples], y[:s.check_samples]),
-                                {lam: alpha}) for x, y in forget_sets.values()]
+                                [forgets[i] for i in others], (x[:s.check_samples], y[:s.check_samples]), sequence)
+                   for x, y in forget_sets.values()]
         for j, i in enumerate(others):
-            alphas[i], mets[i] = per_model_alpha(alpha, [r[j][lam] for r in reports], min(GRID_ALPHAS))
-    return alphas, mets, lam, target
+            candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
+    return candidates, mets, target
 
 
 def run_finetune(ctx: Context) -> tuple[dict[str, Weights], float, dict]:

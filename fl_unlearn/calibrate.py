@@ -527,19 +527,18 @@ def count_correct_split(model: torch.nn.Module, weights: Weights, forget_set: tu
 # ------------------------------------------------------------------------------------------------------
 
 
-def mildest_meeting(counts: GridCounts, forget_target: float = 0.0) -> dict[float, float]:
-    """Per lambda of the grid: the mildest alpha whose forget accuracy in ``counts`` is at or below the target.
+def check_sequence(alpha: float, lam: float, alphas: Sequence[float] = GRID_ALPHAS,
+                   lams: Sequence[float] = DEFAULT_LAMS) -> list[tuple[float, float]]:
+    """The candidates at least as strong as ``(alpha, lam)``, mildest first: the chosen one, smaller alphas at the
+    same lambda, then every alpha up to ``alpha`` at each smaller lambda (lambda 0 zeroes the selected weights).
 
-    A client runs it on its own counts: with target 0 (a class request), the federation's choice (summed
-    counts) can only be a candidate at which every client forgot all its samples, so its alpha is at most
-    this client's mildest meeting alpha for the same lambda. Lambdas with no meeting alpha are absent.
+    Examples
+    --------
+    >>> check_sequence(4.0, 1.0, (1.0, 2.0, 4.0, 8.0), (1.0, 0.0))
+    [(4.0, 1.0), (2.0, 1.0), (1.0, 1.0), (4.0, 0.0), (2.0, 0.0), (1.0, 0.0)]
     """
-    f_acc, _ = counts.accuracies()
-    out: dict[float, float] = {}
-    for (alpha, lam), f in zip(counts.candidates, f_acc):
-        if f == f and f <= forget_target:
-            out[lam] = max(alpha, out.get(lam, alpha))
-    return out
+    steps = sorted({float(a) for a in alphas if a <= alpha} | {float(alpha)}, reverse=True)
+    return [(a, v) for v in sorted({float(x) for x in lams if x <= lam} | {float(lam)}, reverse=True) for a in steps]
 
 
 def check_models(
@@ -548,18 +547,17 @@ def check_models(
     retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
     forget_fishers: Sequence[Mapping[str, Tensor]],
     forget_set: tuple[Tensor, Tensor],
-    start: Mapping[float, float],
+    sequence: Sequence[tuple[float, float]],
     *,
     base: FIUnConfig = FIUnConfig(),
-    alphas: Sequence[float] = (),
-) -> list[dict[float, float]]:
-    """Per model and lambda: the mildest alpha at or below ``start[lambda]`` that forgets every sample.
+) -> list[int]:
+    """Per model: the first candidate of ``sequence`` that forgets every sample of ``forget_set`` (its index).
 
-    What a client holding data to forget runs for the other affected models of a class request (the choice was
-    scored on the newest global model only; an early model can keep a class at the same alpha). For each model
-    and each lambda in ``start`` it walks the grid's ``alphas`` from ``start[lambda]`` down, one forward pass of
-    ``forget_set`` per step, and stops at the first alpha at which no sample is predicted correctly: 0.0 where
-    none does. Fishers are made scale-free here, as for the final dampening.
+    What a client holding data to forget runs for the other affected models of a class request: the choice was
+    scored on the newest global model only, and an early model can keep a class at the same alpha. ``sequence``
+    is :func:`check_sequence` of the federation's choice (mildest first); a model that already forgets at the
+    choice costs one forward pass. ``-1`` where no candidate forgets every sample. Fishers are made scale-free
+    here, as for the final dampening.
 
     Parameters
     ----------
@@ -573,79 +571,76 @@ def check_models(
         One forget-Fisher per model (the MFIM merge that model gets).
     forget_set : tuple of Tensor
         ``(x, y)`` of this client's forget samples.
-    start : dict
-        lambda -> the alpha to start from (:func:`mildest_meeting` of this client's grid counts).
+    sequence : sequence of (alpha, lambda)
+        The candidates to walk, mildest first.
     base : FIUnConfig
         The other dampening settings.
-    alphas : sequence of float
-        The grid's alphas (default: ``GRID_ALPHAS``).
 
     Returns
     -------
-    list of dict
-        Per model: lambda -> the mildest forgetting alpha (0.0: none down to the strongest alpha).
+    list of int
+        Per model, an index into ``sequence`` or -1.
     """
     if len(forget_fishers) != len(models):
         raise ConfigError(f"check_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
-    grid = sorted(set(alphas or GRID_ALPHAS), reverse=True)  # mildest first
     retains = [retain_fisher] * len(models) if isinstance(retain_fisher, Mapping) else list(retain_fisher)
     if len(retains) != len(models):
         raise ConfigError(f"check_models: {len(models)} models but {len(retains)} retain-Fishers")
     normalised: dict[int, dict[str, Tensor]] = {}
     model = model.eval()
-    out: list[dict[float, float]] = []
+    found: list[int] = []
     for weights, forget, retain_raw in zip(models, forget_fishers, retains):
         forget_sf = normalised.setdefault(id(forget), scale_free(forget))
         retain = normalised.setdefault(id(retain_raw), scale_free(retain_raw))
-        found: dict[float, float] = {}
-        for lam, top in start.items():
-            found[lam] = 0.0
-            for alpha in (a for a in grid if a <= top):
-                (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
-                if count_correct(model, candidate, forget_set) == 0:
-                    found[lam] = alpha
-                    break
-        out.append(found)
-    return out
+        index = -1
+        for i, (alpha, lam) in enumerate(sequence):
+            (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
+            if count_correct(model, candidate, forget_set) == 0:
+                index = i
+                break
+        found.append(index)
+    return found
 
 
-def per_model_alpha(chosen_alpha: float, reports: Sequence[float], strongest: float) -> tuple[float, bool]:
-    """One model's alpha from the holders' :func:`check_models` values at the chosen lambda.
+def per_model_candidate(sequence: Sequence[tuple[float, float]],
+                        reports: Sequence[int]) -> tuple[tuple[float, float], bool]:
+    """One model's ``(alpha, lambda)`` from the holders' :func:`check_models` indices, and whether it forgets.
 
-    ``min(chosen_alpha, reports)``: the mildest alpha at which every holder forgot all its samples (never
-    milder than the federation's choice). A holder that found none (0.0) makes it ``strongest`` and
-    ``met=False``.
+    The strongest of the holders' first forgetting candidates (each holder forgot everything there or earlier,
+    so, dampening being monotone along the sequence, all of them do there), never milder than the choice
+    (``sequence[0]``). A holder that found none (-1) makes it the strongest candidate, ``met=False``.
 
     Examples
     --------
-    >>> per_model_alpha(4.0, [8.0, 2.0], 0.5)
-    (2.0, True)
-    >>> per_model_alpha(4.0, [8.0, 0.0], 0.5)
-    (0.5, False)
+    >>> seq = [(4.0, 1.0), (2.0, 1.0), (4.0, 0.0)]
+    >>> per_model_candidate(seq, [0, 1])
+    ((2.0, 1.0), True)
+    >>> per_model_candidate(seq, [0, -1])
+    ((4.0, 0.0), False)
     """
-    if any(r <= 0.0 for r in reports):
-        return float(strongest), False
-    return float(min([chosen_alpha, *reports])), True
+    if any(r < 0 for r in reports):
+        return tuple(sequence[-1]), False
+    return tuple(sequence[max(reports, default=0)]), True
 
 
-def unlearn_with_alphas(
+def unlearn_with_candidates(
     models: Sequence[Weights],
     retain_fishers: Sequence[Mapping[str, Tensor]],
     forget_fishers: Sequence[Mapping[str, Tensor]],
     cfg: FIUnConfig,
-    alphas: Sequence[float],
+    candidates: Sequence[tuple[float, float]],
 ) -> tuple[list[dict[str, Tensor]], list[DampenStats]]:
-    """:func:`~fl_unlearn.fiun.unlearn_many` once per distinct alpha (the per-model check gives some models a
-    stronger one than the rest); results in input order, each as ``unlearn_many`` gives it with its own alpha."""
-    if not (len(models) == len(retain_fishers) == len(forget_fishers) == len(alphas)):
-        raise ConfigError(f"unlearn_with_alphas: {len(models)} models, {len(retain_fishers)} retain-Fishers, "
-                          f"{len(forget_fishers)} forget-Fishers and {len(alphas)} alphas")
+    """:func:`~fl_unlearn.fiun.unlearn_many` once per distinct ``(alpha, lambda)`` (the per-model check gives some
+    models a stronger one than the rest); results in input order, each as ``unlearn_many`` gives it."""
+    if not (len(models) == len(retain_fishers) == len(forget_fishers) == len(candidates)):
+        raise ConfigError(f"unlearn_with_candidates: {len(models)} models, {len(retain_fishers)} retain-Fishers, "
+                          f"{len(forget_fishers)} forget-Fishers and {len(candidates)} candidates")
     weights: list[dict[str, Tensor] | None] = [None] * len(models)
     stats: list[DampenStats | None] = [None] * len(models)
-    for alpha in sorted(set(alphas)):
-        idx = [i for i, a in enumerate(alphas) if a == alpha]
+    for alpha, lam in sorted(set(candidates)):
+        idx = [i for i, c in enumerate(candidates) if c == (alpha, lam)]
         out, st = unlearn_many([models[i] for i in idx], [retain_fishers[i] for i in idx],
-                               [forget_fishers[i] for i in idx], replace(cfg, alpha=float(alpha)))
+                               [forget_fishers[i] for i in idx], replace(cfg, alpha=float(alpha), lam=float(lam)))
         for i, w, one in zip(idx, out, st):
             weights[i], stats[i] = w, one
     return weights, stats  # type: ignore[return-value]

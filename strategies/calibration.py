@@ -21,10 +21,11 @@ server-held and client-held (``scale-free`` in ``train.unlearn``).
 The choice is scored on the newest affected global model; an early model in the lineage can keep a class at the
 same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So for a class request a second,
 cheaper round trip (``query.checkforget``) sends the other affected server-held models to the clients holding
-data to forget: each walks the alphas down from the chosen one, per model, on a few of its forget samples
+data to forget: each walks, per model, from the chosen candidate to stronger ones (smaller alphas, then lambda 0,
+:func:`fl_unlearn.calibrate.check_sequence`) on a few of its forget samples until the model forgets them all
 (:func:`fl_unlearn.calibrate.check_models`: one forward pass for a model that already forgets), and the server
-dampens each model at the mildest alpha at which every holder forgot all its samples, never milder than the
-federation's choice (:func:`fl_unlearn.calibrate.per_model_alpha`). Client and sample requests have a target relative to each
+dampens each model at the mildest candidate at which every holder forgot all its samples, never milder than the
+federation's choice (:func:`fl_unlearn.calibrate.per_model_candidate`). Client and sample requests have a target relative to each
 model's own generalisation, which the clients cannot score per model in one pass: they keep the one choice.
 """
 
@@ -48,10 +49,10 @@ from fl_unlearn.calibrate import (
     GridCounts,
     candidate_grid,
     check_models,
+    check_sequence,
     choose_candidate,
     count_correct_split,
-    mildest_meeting,
-    per_model_alpha,
+    per_model_candidate,
     score_alpha_grid,
 )
 from fl_unlearn.data import make_loader
@@ -114,12 +115,8 @@ class CalibrationChoice:
     seconds: float
     client_max_s: float
     retain_before: float = float("nan")
-    per_model: dict[str, float] = field(default_factory=dict)
+    per_model: dict[str, tuple[float, float]] = field(default_factory=dict)
     per_model_met: dict[str, bool] = field(default_factory=dict)
-
-    def alpha_of(self, node_id: str) -> float:
-        """The alpha ``node_id`` is dampened with: its per-model check's, else the federation's choice."""
-        return self.per_model.get(node_id, self.alpha)
 
     def to_dict(self) -> dict[str, Any]:
         f_acc, r_acc = self.counts.accuracies()
@@ -129,7 +126,8 @@ class CalibrationChoice:
                 "forget_samples": self.counts.forget_num, "retain_samples": self.counts.retain_num,
                 "grid": [{"alpha": a, "lam": v, "forget_acc": f, "retain_acc": r}
                          for (a, v), f, r in zip(self.counts.candidates, f_acc, r_acc)],
-                "per_model": dict(self.per_model), "per_model_met": dict(self.per_model_met),
+                "per_model": {k: {"alpha": a, "lam": v} for k, (a, v) in self.per_model.items()},
+                "per_model_met": dict(self.per_model_met),
                 "seconds": self.seconds, "client_max_s": self.client_max_s}
 
 
@@ -180,8 +178,9 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
 
 
 def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``query.checkforget``: per sent model, the mildest alpha at or below the chosen one that forgets every one
-    of this client's (capped) forget samples (``check-alphas``; 0.0 where none does)."""
+    """``query.checkforget``: per sent model, the first candidate from the chosen one towards stronger ones
+    (:func:`fl_unlearn.calibrate.check_sequence`) that forgets every one of this client's (capped) forget samples
+    (``check-index``; -1 where none does)."""
     from strategies.client import _seed, load_model, partition_id
 
     start = time.perf_counter()
@@ -198,12 +197,11 @@ def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
         fishers = {i: R.record_to_tensors(arrays[f"{R.CHECK_FISHER_PREFIX}{i}"]) for i in sorted(set(fisher_of))}
         models = [R.record_to_tensors(arrays[k]) for k in keys]
         base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
-        lam = float(base.lam)
-        found = check_models(load_model(spec, context, models[0]), models,
-                             R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]), [fishers[i] for i in fisher_of],
-                             forget_set, {lam: float(base.alpha)}, base=base,
-                             alphas=[float(a) for a in config[R.ALPHAS]])
-        metrics[R.CHECK_ALPHAS] = [f[lam] for f in found]
+        sequence = check_sequence(base.alpha, base.lam, [float(a) for a in config[R.ALPHAS]],
+                                  [float(v) for v in config[R.LAMS]])
+        metrics[R.CHECK_INDEX] = check_models(
+            load_model(spec, context, models[0]), models, R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]),
+            [fishers[i] for i in fisher_of], forget_set, sequence, base=base)
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.checkforget: partition %d checked %d models on %d forget samples in %.2f s",
         partition_id(context), len(keys), metrics[R.FORGET_NUM], metrics[R.SECONDS])
@@ -325,22 +323,26 @@ def _check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
     check_cfg = _add_check_models(content, check)
     fiun = fiun_config(dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam))
     msgs = [Message(RecordDict({**content, R.CONFIG_KEY: ConfigRecord({
-        R.ALPHAS: list(settings.alphas), R.CALIBRATION_CHECK: int(settings.check_samples), **check_cfg, **fiun,
+        R.ALPHAS: list(settings.alphas), R.LAMS: list(settings.lams), R.CALIBRATION_CHECK: int(settings.check_samples),
+        **check_cfg, **fiun,
         **request_configs[pid]})}), dst_node_id=nodes.node_of(pid), message_type=R.MSG_CHECK) for pid in holders]
+    sequence = check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)
     reports = []
     for reply in checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "query.checkforget"):
         m = reply.content.metric_records[R.METRICS_KEY]
         if int(m[R.FORGET_NUM]) > 0:
-            values = [float(v) for v in m[R.CHECK_ALPHAS]]
-            if len(values) != len(check):
-                raise UnlearnError(f"query.checkforget: {len(values)} alphas for {len(check)} models")
+            values = [int(v) for v in m[R.CHECK_INDEX]]
+            if len(values) != len(check) or any(not -1 <= v < len(sequence) for v in values):
+                raise UnlearnError(f"query.checkforget: indices {values} for {len(check)} models and a sequence of "
+                                   f"{len(sequence)} candidates")
             reports.append(values)
     for i, (node_id, _, _) in enumerate(check):
-        alpha, met = per_model_alpha(choice.alpha, [r[i] for r in reports], min(settings.alphas))
-        choice.per_model[node_id], choice.per_model_met[node_id] = alpha, met
-    stronger = {k: v for k, v in choice.per_model.items() if v < choice.alpha}
-    log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger alpha%s", len(check),
-        len(reports), len(stronger), f" ({', '.join(f'{k}: {v:g}' for k, v in stronger.items())})" if stronger else "")
+        candidate, met = per_model_candidate(sequence, [r[i] for r in reports])
+        choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
+    stronger = {k: v for k, v in choice.per_model.items() if v != (choice.alpha, choice.lam)}
+    log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger dampening%s", len(check),
+        len(reports), len(stronger),
+        f" ({', '.join(f'{k}: alpha {a:g} lambda {v:g}' for k, (a, v) in stronger.items())})" if stronger else "")
 
 
 def _add_check_models(content: dict[str, Any], check: Sequence[tuple[str, Tensors, Tensors]]) -> dict[str, Any]:

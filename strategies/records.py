@@ -101,7 +101,7 @@ CALIBRATION_CHECK = "calibration-check-samples"  # forget samples per client for
 CHECK_MODEL_PREFIX = "check-model-"  # query.checkforget: the other affected models, check-model-0, ...
 CHECK_FISHER_PREFIX = "check-fisher-"  # query.checkforget: their distinct forget-Fishers, check-fisher-0, ...
 CHECK_FISHER_OF = "check-fisher-of"  # query.checkforget: per check model, the index of its forget-Fisher
-CHECK_ALPHAS = "check-alphas"  # query.checkforget reply: per model, the mildest alpha that forgets (0: none)
+CHECK_INDEX = "check-index"  # query.checkforget reply: per model, the first candidate that forgets (-1: none)
 SCALE_FREE = "scale-free"  # train.unlearn: alpha applies to mean-normalised Fishers (alpha="auto")
 AFTER = "after-"
 # SISA (strategies.sisa_server / sisa_client): the layout, the round, and what a client reports

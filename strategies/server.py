@@ -108,9 +108,9 @@ class UnlearnOutcome:
         Fishers (``scale_free`` True).
     calibration : dict
         ``alpha="auto"`` at the clients: the chosen alpha, the target, and the summed grid of accuracies.
-    model_alphas : dict[str, float]
-        ``alpha="auto"``, class requests: server-held models the per-model check gave their own alpha (the
-        others use ``fiun.alpha``).
+    model_candidates : dict[str, tuple[float, float]]
+        ``alpha="auto"``, class requests: server-held models the per-model check gave their own
+        ``(alpha, lambda)`` (the others use ``fiun``'s).
     state : str
         The request's journal state: ``verified`` (every affected model unlearned, exactly once) or
         ``incomplete`` (``missing`` lists the models not unlearned yet; serving the request again finishes them).
@@ -136,7 +136,7 @@ class UnlearnOutcome:
     fiun: FIUnConfig | None = None
     scale_free: bool = False
     calibration: dict[str, Any] = field(default_factory=dict)
-    model_alphas: dict[str, float] = field(default_factory=dict)
+    model_candidates: dict[str, tuple[float, float]] = field(default_factory=dict)
     state: str = "verified"
     missing: list[str] = field(default_factory=list)
     failures: dict[int, str] = field(default_factory=dict)
@@ -600,8 +600,8 @@ class UnlearningStrategy(DelegatingStrategy):
         if outcome.scale_free:
             retain, forgets = [scale_free(f) for f in retain], [scale_free(f) for f in forgets]
         if self.calibration is None:
-            new_weights, stats = _unlearn_per_alpha(weights, retain, forgets, cfg,
-                                                    [outcome.model_alphas.get(i, cfg.alpha) for i in ids])
+            new_weights, stats = _unlearn_per_candidate(
+                weights, retain, forgets, cfg, [outcome.model_candidates.get(i, (cfg.alpha, cfg.lam)) for i in ids])
         else:
             new_weights, stats = self._calibrated(weights, retain, forgets, cfg, outcome)
         outcome.server_models = ids
@@ -706,7 +706,7 @@ class UnlearningStrategy(DelegatingStrategy):
             retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration,
             check=check)
         outcome.fiun = dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam)
-        outcome.model_alphas = dict(choice.per_model)
+        outcome.model_candidates = dict(choice.per_model)
         outcome.scale_free = True
         outcome.calibration = choice.to_dict()
         outcome.alphas = [choice.alpha]
@@ -724,13 +724,14 @@ class UnlearningStrategy(DelegatingStrategy):
         return dataclasses.replace(cfg, alpha=float(alpha))
 
 
-def _unlearn_per_alpha(weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
-                       alphas: list[float]) -> tuple[list[Tensors], list[Any]]:
-    """``fl_unlearn.calibrate.unlearn_with_alphas``, each model's stats with its alpha."""
-    from fl_unlearn.calibrate import unlearn_with_alphas
+def _unlearn_per_candidate(weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
+                           candidates: list[tuple[float, float]]) -> tuple[list[Tensors], list[Any]]:
+    """``fl_unlearn.calibrate.unlearn_with_candidates``, each model's stats with its alpha and lambda."""
+    from fl_unlearn.calibrate import unlearn_with_candidates
 
-    new_weights, stats = unlearn_with_alphas(weights, retain, forgets, cfg, alphas)
-    return new_weights, [{**_as_dict(st), "alpha": float(a)} for st, a in zip(stats, alphas)]
+    candidates = [(float(a), float(v)) for a, v in candidates]
+    new_weights, stats = unlearn_with_candidates(weights, retain, forgets, cfg, candidates)
+    return new_weights, [{**_as_dict(st), "alpha": a, "lam": v} for st, (a, v) in zip(stats, candidates)]
 
 
 def _is_digest(value: Any) -> bool:

@@ -217,12 +217,12 @@ def test_repair_config_lists_every_bad_value():
 # --- every affected model forgets: the per-model check of a class request -------------------------------------
 
 from fl_unlearn.calibrate import (  # noqa: E402
-    GRID_ALPHAS,
     check_models,
+    check_sequence,
     count_correct,
     count_correct_split,
-    mildest_meeting,
-    per_model_alpha,
+    per_model_candidate,
+    unlearn_with_candidates,
 )
 
 
@@ -240,31 +240,52 @@ def _tiny(bias0: float) -> dict:
     return {"fc.weight": torch.tensor([[2.0, 0.0], [0.0, 0.0]]), "fc.bias": torch.tensor([bias0, 0.5])}
 
 
-def test_check_models_walks_down_to_the_mildest_alpha_that_forgets_and_reports_none_honestly():
-    retain = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
-    forget = {"fc.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]]), "fc.bias": torch.zeros(2)}
-    # scale-free: the forget entry of w00 is 6 x the mean, the retain-Fisher 1 everywhere, so alphas < 6 select it
-    forget_set = (torch.tensor([[1.0, 0.0]] * 3), torch.zeros(3, dtype=torch.long))
+_RETAIN = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
+# scale-free: the forget entry of w00 is 6 x the mean, the retain-Fisher 1 everywhere, so alphas < 6 select it
+_FORGET = {"fc.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]]), "fc.bias": torch.zeros(2)}
+_FORGET_SET = (torch.tensor([[1.0, 0.0]] * 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_check_sequence_goes_from_the_choice_to_stronger_candidates():
+    assert check_sequence(4.0, 1.0, (1.0, 2.0, 4.0, 8.0), (1.0, 0.0)) == [
+        (4.0, 1.0), (2.0, 1.0), (1.0, 1.0), (4.0, 0.0), (2.0, 0.0), (1.0, 0.0)]
+    assert check_sequence(2.0, 0.0, (1.0, 2.0, 4.0), (1.0, 0.0)) == [(2.0, 0.0), (1.0, 0.0)]
+
+
+def test_check_models_finds_the_first_candidate_that_forgets_and_reports_none_honestly():
     forgettable, stubborn = _tiny(0.0), _tiny(0.6)  # zeroing w00 flips the first, not the second
-    found = check_models(_Tiny(), [forgettable, stubborn], retain, [forget, forget], forget_set, {0.0: 16.0},
-                         alphas=GRID_ALPHAS)
-    assert found == [{0.0: 4.0}, {0.0: 0.0}]
-    # the reported alpha forgets, the next milder one does not (so it is the mildest)
-    for alpha, expect in ((4.0, 0), (8.0, 3)):
-        (w,), _ = unlearn_many([forgettable], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha, lam=0.0))
-        assert count_correct(_Tiny(), w, forget_set) == expect
-    # the walk never goes milder than its start
-    assert check_models(_Tiny(), [forgettable], retain, [forget], forget_set, {0.0: 2.0}) == [{0.0: 2.0}]
+    # lambda 1 only scales w00 by F_D / F_f (= 1/6 here): [2/6, 0.5] already flips the forgettable model, so make
+    # the walk need lambda 0 with a larger margin
+    forgettable["fc.weight"][0, 0] = 4.0  # 4/6 + 0 > 0.5 at lambda 1; zeroed: 0 < 0.5
+    seq = check_sequence(16.0, 1.0, (1.0, 2.0, 4.0, 8.0, 16.0), (1.0, 0.0))
+    found = check_models(_Tiny(), [forgettable, stubborn], _RETAIN, [_FORGET, _FORGET], _FORGET_SET, seq)
+    assert seq[found[0]] == (4.0, 0.0) and found[1] == -1
+    # that candidate forgets, every milder one in the sequence does not
+    for i, (alpha, lam) in enumerate(seq[: found[0] + 1]):
+        (w,), _ = unlearn_many([forgettable], [scale_free(_RETAIN)], scale_free(_FORGET), FIUnConfig(alpha=alpha, lam=lam))
+        assert (count_correct(_Tiny(), w, _FORGET_SET) == 0) == (i == found[0])
+    # a model that forgets at the choice costs one step
+    assert check_models(_Tiny(), [forgettable], _RETAIN, [_FORGET], _FORGET_SET, [(4.0, 0.0), (2.0, 0.0)]) == [0]
     with pytest.raises(ConfigError):
-        check_models(_Tiny(), [forgettable], retain, [], forget_set, {0.0: 2.0})
+        check_models(_Tiny(), [forgettable], _RETAIN, [], _FORGET_SET, seq)
 
 
-def test_mildest_meeting_and_per_model_alpha():
-    counts = GridCounts(((1.0, 0.0), (2.0, 0.0), (4.0, 0.0), (1.0, 1.0), (2.0, 1.0)), [0, 0, 3, 1, 2], [0] * 5, 10, 0)
-    assert mildest_meeting(counts) == {0.0: 2.0}  # lambda 1 forgets nothing fully: absent
-    assert per_model_alpha(4.0, [8.0, 4.0], 0.5) == (4.0, True)  # never milder than the federation's choice
-    assert per_model_alpha(4.0, [2.0, 8.0], 0.5) == (2.0, True)
-    assert per_model_alpha(4.0, [2.0, 0.0], 0.5) == (0.5, False)
+def test_per_model_candidate_is_the_strongest_holder_report_never_milder_than_the_choice():
+    seq = [(4.0, 1.0), (2.0, 1.0), (4.0, 0.0)]
+    assert per_model_candidate(seq, [0, 0]) == ((4.0, 1.0), True)
+    assert per_model_candidate(seq, [2, 1]) == ((4.0, 0.0), True)
+    assert per_model_candidate(seq, [1, -1]) == ((4.0, 0.0), False)
+
+
+def test_unlearn_with_candidates_equals_unlearn_many_per_model():
+    models, retain, forget = _models(3)
+    cands = [(2.0, 1.0), (0.5, 0.0), (2.0, 1.0)]
+    got, stats = unlearn_with_candidates(models, retain, [forget] * 3, FIUnConfig(), cands)
+    for m, r, (alpha, lam), w in zip(models, retain, cands, got):
+        (ref,), _ = unlearn_many([m], [r], forget, FIUnConfig(alpha=alpha, lam=lam))
+        assert all(torch.equal(w[k], ref[k]) for k in ref)
+    with pytest.raises(ConfigError):
+        unlearn_with_candidates(models, retain, [forget] * 3, FIUnConfig(), cands[:2])
 
 
 def test_one_forward_pass_counts_what_two_do():

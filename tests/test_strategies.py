@@ -223,15 +223,20 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     else:
         assert not meeting
     assert res["timing"]["calibrate_s"] > 0
-    # every other server-held affected model was checked per model: never milder than the choice, dampened with it
+    # every other server-held affected model was checked per model: as strong as the choice or stronger (in the
+    # check's order), and dampened with what the check gave it
+    from fl_unlearn.calibrate import check_sequence
+
     server_held = {m["id"] for m in res["affected_models"] if m["kind"] != "derived"}
     if auto["target_met"]:
+        sequence = check_sequence(auto["alpha"], auto["lam"])
         assert set(auto["per_model"]) == server_held - {res["final_global"]["id"]}
         for m in res["affected_models"]:
             if m["id"] in auto["per_model"]:
-                assert m["dampening"]["alpha"] == auto["per_model"][m["id"]] <= auto["alpha"]
-                if not auto["per_model_met"][m["id"]]:  # no alpha forgot it at some holder: the strongest one
-                    assert m["dampening"]["alpha"] == min(a for a, _ in candidate_grid())
+                given = (auto["per_model"][m["id"]]["alpha"], auto["per_model"][m["id"]]["lam"])
+                assert given in sequence and (m["dampening"]["alpha"], m["dampening"]["lam"]) == given
+                if not auto["per_model_met"][m["id"]]:  # no candidate forgot it at some holder: the strongest
+                    assert given == sequence[-1]
     derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
     assert derived and all(m["version"] for m in derived)  # client-held models unlearned with the same alpha
     # repair=auto runs exactly when calibration gave up more than a point of kept accuracy; then it is reported
