@@ -70,6 +70,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     choose_candidate,
     count_correct_split,
     per_model_candidate,
+    scale_free,
     score_alpha_grid,
     unlearn_with_candidates,
 )
@@ -305,7 +306,9 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     target, lam = None, None
     if alpha == "auto":
         candidates, met, target = _auto_alpha(ctx, model, retain, forgets, newest)
-        new, _ = unlearn_with_candidates(models, retain, forgets, FIUnConfig(), candidates)
+        # the candidates were scored on mean-normalised Fishers (as the App's train.unlearn / server step dampen)
+        new, _ = unlearn_with_candidates(models, [scale_free(r) for r in retain], [scale_free(f) for f in forgets],
+                                         FIUnConfig(), candidates)
         alphas, lam = [a for a, _ in candidates], [v for _, v in candidates]
     else:
         new, _ = unlearn_many(models, retain, forgets, FIUnConfig(alpha=float(alpha)))

@@ -211,3 +211,25 @@ def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
     scaling = result["scaling"]["rows"]
     assert [r["n"] for r in scaling] == [2, 4] and scaling[1]["elements"] == 2 * scaling[0]["elements"]
     assert all(r["vectorised_s"] > 0 and r["per_model_s"] > 0 for r in scaling)
+
+
+def test_benchmark_fiun_auto_forgets_the_calibration_samples_it_chose_on() -> None:
+    """The newest global, dampened as the benchmark returns it, forgets every forget sample its holders scored
+    (the choice met target 0 on them)."""
+    from fl_unlearn.calibrate import count_correct
+
+    bench = _load_benchmark()
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_forget=16,
+                        calibration_retain=16, check_samples=8)
+    net = bench.Network(setup)
+    weights, _ = net.train()
+    forget = bench.class_request(net, setup.forget_class)
+    ctx = bench.make_context(net, weights, forget)
+    new, _, details = bench.run_fiun(ctx, "auto")
+    newest = [n for n in ctx.targets if n.startswith("g")][-1]
+    assert details["target_met"][newest]
+    model = net.new_model()
+    for k in range(setup.clients):
+        if len(forget.forgotten[k]):
+            x, y = bench._head(forget.forgotten[k], setup.calibration_forget, setup.seed + k)
+            assert count_correct(model, new[newest], (x, y)) == 0
