@@ -35,7 +35,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -339,6 +339,11 @@ def _check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
     for i, (node_id, _, _) in enumerate(check):
         candidate, met = per_model_candidate(sequence, [r[i] for r in reports])
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
+    unmet = sorted(k for k, ok in choice.per_model_met.items() if not ok)
+    if unmet:  # dampening with this forget-Fisher cannot reach these models' class; say so, do not hide it
+        log(WARNING, "unlearn: per-model check: no candidate forgot the class on %s at every holder; they get the "
+            "strongest one (alpha %g, lambda %g) and are reported with per_model_met = false", unmet,
+            *check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)[-1])
     stronger = {k: v for k, v in choice.per_model.items() if v != (choice.alpha, choice.lam)}
     log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger dampening%s", len(check),
         len(reports), len(stronger),
