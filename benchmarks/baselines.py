@@ -303,9 +303,10 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
                                       num_samples=[per_holder[k].info.num_samples for k in hs])
     forgets = [merged_by[ctx.holders[n]] for n in ctx.targets]
     models = [ctx.weights[n] for n in ctx.targets]
-    target, lam = None, None
+    target, lam, own_fisher = None, None, []
     if alpha == "auto":
-        candidates, met, target = _auto_alpha(ctx, model, retain, forgets, newest)
+        forgets = list(forgets)
+        candidates, met, target, own_fisher = _auto_alpha(ctx, model, retain, forgets, newest)
         # the candidates were scored on mean-normalised Fishers (as the App's train.unlearn / server step dampen)
         new, _ = unlearn_with_candidates(models, [scale_free(r) for r in retain], [scale_free(f) for f in forgets],
                                          FIUnConfig(), candidates)
@@ -316,7 +317,7 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     t3 = time.perf_counter()
     details = {"cache_s": t1 - t0, "forget_fisher_s": t2 - t1, "merge_dampen_s": t3 - t2,
                "alphas": dict(zip(ctx.targets, alphas)),
-               "lam": lam, "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
+               "lam": lam, "own_fisher": own_fisher, "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
     return dict(zip(ctx.targets, new)), t3 - t1, details
 
 
@@ -327,15 +328,16 @@ def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str]):
 
 
 def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
-                newest: str) -> tuple[list[tuple[float, float]], list[bool], float]:
+                newest: str) -> tuple[list[tuple[float, float]], list[bool], float, list[str]]:
     """``alpha="auto"`` as the Flower App runs it, each client in turn (``strategies.calibration``).
 
     Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
     it forgets, 32 it keeps; ``score_alpha_grid``); the summed counts choose one candidate (target 0 for a class,
     the kept-sample accuracy before unlearning for a client). For a class, every holder then checks the other
     models from the chosen candidate towards stronger ones (``check_models`` on 32 forget samples) and each model
-    gets the mildest candidate every holder forgot at (``per_model_candidate``). Returns per target its
-    ``(alpha, lambda)`` and whether it met the target, and the target.
+    gets the mildest candidate every holder forgot at (``per_model_candidate``); a model none forgets gets its own
+    forget-Fisher (``forgets`` is updated in place) and is checked again. Returns per target its
+    ``(alpha, lambda)`` and whether it met the target, the target, and the models given their own forget-Fisher.
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
@@ -354,15 +356,30 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     target = 0.0 if ctx.forget.request.kind == "classes" else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
+    own: list[int] = []
     if ctx.forget.request.kind == "classes" and met:
-        others = [i for i in range(len(ctx.targets)) if i != i_new]
         sequence = check_sequence(alpha, lam)
-        reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in others], [retain[i] for i in others],
-                                [forgets[i] for i in others], (x[:s.check_samples], y[:s.check_samples]), sequence)
-                   for x, y in forget_sets.values()]
-        for j, i in enumerate(others):
-            candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
-    return candidates, mets, target
+
+        def check(indices: list[int]) -> None:
+            reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in indices], [retain[i] for i in indices],
+                                    [forgets[i] for i in indices], (x[:s.check_samples], y[:s.check_samples]),
+                                    sequence) for x, y in forget_sets.values()]
+            for j, i in enumerate(indices):
+                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
+
+        check([i for i in range(len(ctx.targets)) if i != i_new])
+        # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
+        # itself, merged, and checked again (strategies.server._own_forget_fishers)
+        own = [i for i, ok in enumerate(mets) if not ok]
+        params = select_parameters(model, "all")
+        for i in own:
+            name = ctx.targets[i]
+            parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params) for k in ctx.holders[name]]
+            forgets[i] = merge_fishers([dict(p) for p in parts], mode="weighted_mean",
+                                       num_samples=[p.info.num_samples for p in parts])
+        if own:
+            check(own)
+    return candidates, mets, target, [ctx.targets[i] for i in own]
 
 
 def run_finetune(ctx: Context) -> tuple[dict[str, Weights], float, dict]:

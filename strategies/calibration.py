@@ -117,6 +117,8 @@ class CalibrationChoice:
     retain_before: float = float("nan")
     per_model: dict[str, tuple[float, float]] = field(default_factory=dict)
     per_model_met: dict[str, bool] = field(default_factory=dict)
+    holders: list[int] = field(default_factory=list)
+    own_fisher: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         f_acc, r_acc = self.counts.accuracies()
@@ -127,7 +129,7 @@ class CalibrationChoice:
                 "grid": [{"alpha": a, "lam": v, "forget_acc": f, "retain_acc": r}
                          for (a, v), f, r in zip(self.counts.candidates, f_acc, r_acc)],
                 "per_model": {k: {"alpha": a, "lam": v} for k, (a, v) in self.per_model.items()},
-                "per_model_met": dict(self.per_model_met),
+                "per_model_met": dict(self.per_model_met), "own_fisher": list(self.own_fisher),
                 "seconds": self.seconds, "client_max_s": self.client_max_s}
 
 
@@ -291,7 +293,8 @@ def calibrate_at_clients(
                                max(client_seconds, default=0.0), before_retain / max(total.retain_num, 1))
     check = _checkable(check, request_kind, settings) if met else []
     if check:
-        _check_at_clients(grid, nodes, sorted(holders), request_configs, retain_fisher, check, choice, base, settings)
+        choice.holders = sorted(holders)
+        check_at_clients(grid, nodes, choice.holders, request_configs, retain_fisher, check, choice, base, settings)
         choice.seconds = time.perf_counter() - start
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
@@ -311,11 +314,12 @@ def _checkable(check: Sequence[tuple[str, Tensors, Tensors]], request_kind: str,
     return list(check)
 
 
-def _check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
-                      request_configs: dict[int, dict[str, Any]], retain_fisher: Tensors,
-                      check: Sequence[tuple[str, Tensors, Tensors]], choice: CalibrationChoice, base: FIUnConfig,
-                      settings: ClientCalibration) -> None:
-    """``query.checkforget`` to the holders: fill ``choice.per_model`` with each check model's alpha."""
+def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
+                     request_configs: dict[int, dict[str, Any]], retain_fisher: Tensors,
+                     check: Sequence[tuple[str, Tensors, Tensors]], choice: CalibrationChoice, base: FIUnConfig,
+                     settings: ClientCalibration) -> None:
+    """``query.checkforget`` to ``holders``: set ``choice.per_model`` / ``per_model_met`` of every model in
+    ``check`` (node id, weights, the forget-Fisher it is dampened with) from the chosen candidate on."""
     from strategies.nodes import checked_replies
     from strategies.server import fiun_config
 
@@ -339,10 +343,10 @@ def _check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
     for i, (node_id, _, _) in enumerate(check):
         candidate, met = per_model_candidate(sequence, [r[i] for r in reports])
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
-    unmet = sorted(k for k, ok in choice.per_model_met.items() if not ok)
+    unmet = sorted(k for node_id, _, _ in check if not choice.per_model_met[k := node_id])
     if unmet:  # dampening with this forget-Fisher cannot reach these models' class; say so, do not hide it
         log(WARNING, "unlearn: per-model check: no candidate forgot the class on %s at every holder; they get the "
-            "strongest one (alpha %g, lambda %g) and are reported with per_model_met = false", unmet,
+            "strongest one (alpha %g, lambda %g) and per_model_met = false", unmet,
             *check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)[-1])
     stronger = {k: v for k, v in choice.per_model.items() if v != (choice.alpha, choice.lam)}
     log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger dampening%s", len(check),

@@ -705,12 +705,54 @@ class UnlearningStrategy(DelegatingStrategy):
             grid, self.nodes, pids, {p: request_config(request, p) for p in pids}, self.store.get(node.weights),
             retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration,
             check=check)
+        unmet = [k for k, ok in choice.per_model_met.items() if not ok]
+        if unmet:
+            self._own_forget_fishers(grid, request, unmet, forget_of, retain, choice, base, outcome.roots)
         outcome.fiun = dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam)
         outcome.model_candidates = dict(choice.per_model)
         outcome.scale_free = True
         outcome.calibration = choice.to_dict()
         outcome.alphas = [choice.alpha]
         outcome.timing["calibrate_s"] = choice.seconds
+
+    def _own_forget_fishers(self, grid: Grid, request: UnlearningRequest, node_ids: list[str],
+                            forget_of: dict[str, Tensors], retain: Tensors, choice: Any, base: FIUnConfig,
+                            roots: list[str]) -> None:
+        """Models the per-model check could not forget with the newest global's forget-Fisher get their own.
+
+        The holders compute the forget-Fisher on each such model (``query.fisher``, a round trip per model, every
+        reply checked as in :meth:`_gather_fishers`), the server merges them per model (MFIM) and checks the models
+        again with them (``query.checkforget``); ``forget_of`` then holds each model's own merge, so it is dampened
+        with it. Only runs when the check failed somewhere.
+        """
+        from strategies.calibration import check_at_clients
+
+        parts: dict[str, list[tuple[Tensors, int]]] = {}
+        allowed = self._forget_allowance(request, roots)
+        for node_id in node_ids:  # one round trip per model: a rare path
+            weights = self.store.get(self.graph.node(node_id).weights)
+            arrays = R.tensors_to_record(weights)
+            msgs = [Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: ConfigRecord({
+                R.NODE_ID: node_id, **self._fisher_config(), R.WANT_RETAIN: False, **request_config(request, pid)})}),
+                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER) for pid in choice.holders]
+            replies, failed = send_with_retries(grid, msgs, R.MSG_FISHER, timeout=self.nodes.timeout,
+                                                retries=self.reply_retries,
+                                                check=lambda r, w=weights: self._check_fisher_reply(r, w, allowed))
+            if failed:
+                raise ClientFailure({self.nodes.partition.get(n, n): why for n, why in failed.items()})
+            parts[node_id] = [(R.record_to_tensors(r.content.array_records[R.FORGET_FISHER_KEY]),
+                               int(r.content.metric_records[R.METRICS_KEY][R.FORGET_NUM])) for r in replies
+                              if int(r.content.metric_records[R.METRICS_KEY][R.FORGET_NUM]) > 0]
+        own = {k: merge_fishers([f for f, _ in v], num_samples=[n for _, n in v], mode=self.mfim_mode)
+               for k, v in parts.items() if v}
+        check = [(k, self.store.get(self.graph.node(k).weights), own[k]) for k in node_ids if k in own]
+        pids = sorted(self.nodes.partition.values())
+        check_at_clients(grid, self.nodes, choice.holders, {p: request_config(request, p) for p in pids}, retain,
+                         check, choice, base, self.client_calibration)
+        forget_of.update(own)
+        choice.own_fisher = sorted(own)
+        log(INFO, "unlearn: own forget-Fishers for %s; forgotten now: %s", sorted(own),
+            sorted(k for k in own if choice.per_model_met[k]))
 
     def _client_fiun(self, outcome: UnlearnOutcome) -> FIUnConfig:
         """FIUn settings for client-held models: with alpha=auto, the alpha of the newest affected global."""

@@ -603,3 +603,57 @@ def test_hostile_fisher_replies_are_refused_and_change_nothing(hostile, error, m
         _strategy(store_dir).unlearn(grid, CLASS_REQUEST)
     assert (_tree(store_dir / "lineage"), _tree(store_dir / "refs"), _tree(store_dir / "objects")) == before
     assert RequestJournal.for_store(Store(store_dir)).state(CLASS_REQUEST.id) == "incomplete"  # says why it stopped
+
+
+def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, tmp_path, task_identity, monkeypatch):
+    from flwr.serverapp.strategy import FedAvg
+
+    import strategies.server as server
+    from fl_unlearn.calibrate import scale_free
+    from strategies import records as R
+    from strategies.calibration import ClientCalibration
+    from strategies.server import UnlearningStrategy
+
+    merges, dampened = [], {}  # every MFIM merge the server makes; the forget-Fisher each model is dampened with
+    real_merge, real_unlearn = server.merge_fishers, server._unlearn_per_candidate
+    monkeypatch.setattr(server, "merge_fishers", lambda *a, **k: merges.append(real_merge(*a, **k)) or merges[-1])
+
+    def unlearn(weights, retain, forgets, cfg, candidates):
+        dampened["forgets"] = forgets
+        return real_unlearn(weights, retain, forgets, cfg, candidates)
+
+    monkeypatch.setattr(server, "_unlearn_per_candidate", unlearn)
+
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+
+    def nothing_forgets(reply):  # partition 0 says no candidate forgets any model with the shared forget-Fisher
+        metrics = reply.content.metric_records[R.METRICS_KEY]
+        metrics[R.CHECK_INDEX] = [-1] * len(metrics[R.CHECK_INDEX])
+        return reply
+
+    grid.faults[(0, R.MSG_CHECK)] = [nothing_forgets]  # the first check only; the re-check is honest
+    sent: list[str] = []
+    send = grid.send_and_receive
+    grid.send_and_receive = lambda msgs, timeout=None: send(
+        [m for m in msgs if not sent.append(m.metadata.message_type)], timeout=timeout)
+    strategy = UnlearningStrategy(
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
+        LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10, node_timeout=1.0,
+        client_calibration=ClientCalibration(forget_samples=32, retain_samples=16, check_samples=16))
+    outcome = strategy.unlearn(grid, CLASS_REQUEST)
+    cal = outcome.calibration
+    assert outcome.state == "verified" and cal["target_met"]
+    checked = sorted(cal["per_model"])
+    holders = sorted(p for p, n in outcome.holders.items() if n > 0)
+    assert checked and cal["own_fisher"] == checked  # every checked model fell back to its own forget-Fisher
+    # the first query.fisher goes to every client; then one per fallback model and holder; two checks
+    assert sent.count(R.MSG_FISHER) == NUM_CLIENTS + len(checked) * len(holders)
+    assert sent.count(R.MSG_CHECK) == 2 * len(holders)
+    own = dict(zip(checked, merges[-len(checked):]))  # the fallback merges, one per model, in order
+    for i, node_id in enumerate(outcome.server_models):
+        if node_id in own:  # dampened with its own (scale-free) forget-Fisher, at what the re-check gave it
+            used = dampened["forgets"][i]
+            assert all(torch.equal(used[k], v) for k, v in scale_free(own[node_id]).items())
+            given = cal["per_model"][node_id]
+            assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
