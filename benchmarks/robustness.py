@@ -12,8 +12,8 @@ scratch without that class (same seed, same schedule):
 ``auto``         the project default, the rule the Flower App runs: every client scores the
                  ``(alpha, lambda)`` grid (``fl_unlearn.calibrate.candidate_grid``) on its own samples
                  (``score_alpha_grid``), the summed counts choose (``choose_candidate``, target 0 %)
-``auto+repair``  ``auto``, then a short capped repair on the clients' kept samples
-                 (``fl_unlearn.calibrate.repair``; its time is reported in the row, apart from ``auto``'s)
+``auto+repair``  ``auto``, then the App's repair: capped FedAvg rounds of SGD steps on 1,024 kept rows per
+                 client (``fl_unlearn.calibrate.repair``, 16 rounds at lr 0.05; time reported in the row)
 ``retrain``      FedAvg from scratch without the class (the gold standard)
 ===============  ===========================================================================================
 
@@ -91,6 +91,11 @@ class Setup:
     fisher_samples: int = 256
     calibration_forget: int = 64
     calibration_retain: int = 32
+    # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr)
+    repair_samples: int = 1024
+    repair_rounds: int = 16
+    repair_steps: int = 8
+    repair_lr: float = 0.05
     assd_percentile: float = 99.0
     max_train: int | None = None
 
@@ -202,6 +207,11 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
     cal_retain = [_tensors(without_classes(p, [forget_class]), s.calibration_retain, s.seed + 100 + i)
                   for i, p in enumerate(fed.parts)]
     cal_forget_all = (torch.cat([x for x, _ in cal_forget]), torch.cat([y for _, y in cal_forget]))
+    # the repair draws its own kept rows per client (a quarter held back for its validation loss), as the App does
+    rep_retain = [_tensors(without_classes(p, [forget_class]), s.repair_samples, s.seed + 200 + i)
+                  for i, p in enumerate(fed.parts)]
+    rep_cfg = RepairConfig(max_rounds=s.repair_rounds, local_steps=s.repair_steps, lr=s.repair_lr,
+                           batch_size=s.batch_size, seed=s.seed)
     auto = None
     for method in methods:
         extra: dict = {}
@@ -220,7 +230,7 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
             extra.update({k: v for k, v in auto.items() if k not in ("weights", "seconds")})
             if method == "auto+repair":
                 t0 = time.perf_counter()
-                new, info = repair(fed.new_model(), new, cal_retain, cal_forget_all, RepairConfig(seed=s.seed))
+                new, info = repair(fed.new_model(), new, rep_retain, cal_forget_all, rep_cfg)
                 extra.update(repair_s=time.perf_counter() - t0, repair_rounds=info["repair_rounds"],
                              repair_forget_acc=info["repair_forget_acc"][-1])
                 sec += extra["repair_s"]
@@ -321,7 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--assd-percentile", type=float, default=99.0)
     parser.add_argument("--fisher-samples", type=int, default=256, help="cap per client on each Fisher pass")
     parser.add_argument("--calibration-forget", type=int, default=64, help="forget samples per client (auto)")
-    parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto, repair)")
+    parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto)")
+    parser.add_argument("--repair-samples", type=int, default=1024, help="kept rows per client for the repair")
+    parser.add_argument("--repair-rounds", type=int, default=16, help="cap on repair rounds")
+    parser.add_argument("--repair-lr", type=float, default=0.05)
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", help="write rows and summary as JSON")
@@ -332,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = Setup(source=args.source, num_clients=args.clients, rounds=args.rounds, local_epochs=args.epochs,
                   seed=args.seed, fisher_layers=args.fisher_layers, fisher_estimator=args.fisher_estimator,
                   assd_percentile=args.assd_percentile, max_train=args.max_train, fisher_samples=args.fisher_samples,
-                  calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain)
+                  calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain,
+                  repair_samples=args.repair_samples, repair_rounds=args.repair_rounds, repair_lr=args.repair_lr)
     fed = Federation(setup)
     weights, train_s = fed.train()
     classes = range(fed.data.num_classes) if args.classes == "all" else [int(c) for c in args.classes.split(",")]
