@@ -25,8 +25,9 @@ data to forget: each walks, per model, from the chosen candidate to stronger one
 :func:`fl_unlearn.calibrate.check_sequence`) on a few of its forget samples until the model forgets them all
 (:func:`fl_unlearn.calibrate.check_models`: one forward pass for a model that already forgets), and the server
 dampens each model at the mildest candidate at which every holder forgot all its samples, never milder than the
-federation's choice (:func:`fl_unlearn.calibrate.per_model_candidate`). Client and sample requests have a target relative to each
-model's own generalisation, which the clients cannot score per model in one pass: they keep the one choice.
+federation's choice (:func:`fl_unlearn.calibrate.per_model_candidate`). Client and sample requests have a target
+relative to each model's own generalisation, which the clients cannot score per model in one pass: they keep the
+one choice.
 """
 
 from __future__ import annotations
@@ -343,11 +344,10 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
     for i, (node_id, _, _) in enumerate(check):
         candidate, met = per_model_candidate(sequence, [r[i] for r in reports])
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
-    unmet = sorted(k for node_id, _, _ in check if not choice.per_model_met[k := node_id])
+    unmet = sorted(node_id for node_id, _, _ in check if not choice.per_model_met[node_id])
     if unmet:  # dampening with this forget-Fisher cannot reach these models' class; say so, do not hide it
         log(WARNING, "unlearn: per-model check: no candidate forgot the class on %s at every holder; they get the "
-            "strongest one (alpha %g, lambda %g) and per_model_met = false", unmet,
-            *check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)[-1])
+            "strongest one (alpha %g, lambda %g) and per_model_met = false", unmet, *sequence[-1])
     stronger = {k: v for k, v in choice.per_model.items() if v != (choice.alpha, choice.lam)}
     log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger dampening%s", len(check),
         len(reports), len(stronger),

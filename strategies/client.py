@@ -17,9 +17,9 @@ One handler per message type (``DESIGN.md`` §3):
 
 The handlers need a model and the client's data: a :class:`ClientSpec` supplies them. Training settings come
 from the run-config keys of ``strategies.config.DEFAULTS`` (``lr``, ``local-epochs``, ``batch-size``,
-``momentum``           , ``seed``, ``dp-noise-multiplier``, ``dp-max-grad-norm``) when present. State that must outlive a
+``momentum``, ``seed``, ``dp-noise-multiplier``, ``dp-max-grad-norm``) when present. State that must outlive a
 run (derived models, their retain-Fishers) lives in a per-client :class:`~fl_unlearn.store.Store` under
-``<store-dir>/clients/<partition-id>/``(``node_config["unlearn-dir"]`` overrides the location).
+``<store-dir>/clients/<partition-id>/`` (``node_config["unlearn-dir"]`` overrides the location).
 
 Bad messages get an error reply naming what was wrong (as Flower's mods do); nothing is changed then.
 """

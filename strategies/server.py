@@ -475,10 +475,8 @@ class UnlearningStrategy(DelegatingStrategy):
         arrays = R.tensors_to_record(weights)
         msgs, failures = [], {}
         for pid in pids:
-            cfg = ConfigRecord({R.NODE_ID: model.id, **self._fisher_config(), **request_config(request, pid)})
             try:
-                msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
-                                    dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER))
+                msgs.append(self._fisher_message(model.id, arrays, pid, request))
             except UnlearnError as err:  # the partition's node is not connected
                 failures[pid] = str(err)
         allowed = self._forget_allowance(request, roots)
@@ -538,6 +536,15 @@ class UnlearningStrategy(DelegatingStrategy):
             problems = check_fisher(R.record_to_tensors(content.array_records[key]), weights)
             if problems:
                 raise FisherError(f"partition {pid} sent a bad {key}: " + "; ".join(str(p) for p in problems[:5]))
+
+    def _fisher_message(self, node_id: str, arrays: ArrayRecord, pid: int, request: UnlearningRequest, *,
+                        want_retain: bool | None = None) -> Message:
+        """``query.fisher`` for partition ``pid`` on model ``node_id`` (retain-Fisher as configured, or as asked)."""
+        cfg = {R.NODE_ID: node_id, **self._fisher_config(), **request_config(request, pid)}
+        if want_retain is not None:
+            cfg[R.WANT_RETAIN] = want_retain
+        return Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: ConfigRecord(cfg)}),
+                       dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER)
 
     def _fisher_config(self) -> dict[str, Any]:
         return {R.FISHER_LAYERS: self.fisher_layers, R.FISHER_ESTIMATOR: self.fisher_estimator,
@@ -732,17 +739,15 @@ class UnlearningStrategy(DelegatingStrategy):
         for node_id in node_ids:  # one round trip per model: a rare path
             weights = self.store.get(self.graph.node(node_id).weights)
             arrays = R.tensors_to_record(weights)
-            msgs = [Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: ConfigRecord({
-                R.NODE_ID: node_id, **self._fisher_config(), R.WANT_RETAIN: False, **request_config(request, pid)})}),
-                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER) for pid in choice.holders]
+            msgs = [self._fisher_message(node_id, arrays, pid, request, want_retain=False) for pid in choice.holders]
             replies, failed = send_with_retries(grid, msgs, R.MSG_FISHER, timeout=self.nodes.timeout,
                                                 retries=self.reply_retries,
                                                 check=lambda r, w=weights: self._check_fisher_reply(r, w, allowed))
             if failed:
                 raise ClientFailure({self.nodes.partition.get(n, n): why for n, why in failed.items()})
-            parts[node_id] = [(R.record_to_tensors(r.content.array_records[R.FORGET_FISHER_KEY]),
-                               int(r.content.metric_records[R.METRICS_KEY][R.FORGET_NUM])) for r in replies
-                              if int(r.content.metric_records[R.METRICS_KEY][R.FORGET_NUM]) > 0]
+            counts = [int(r.content.metric_records[R.METRICS_KEY][R.FORGET_NUM]) for r in replies]
+            parts[node_id] = [(R.record_to_tensors(r.content.array_records[R.FORGET_FISHER_KEY]), n)
+                              for r, n in zip(replies, counts) if n > 0]
         own = {k: merge_fishers([f for f, _ in v], num_samples=[n for _, n in v], mode=self.mfim_mode)
                for k, v in parts.items() if v}
         check = [(k, self.store.get(self.graph.node(k).weights), own[k]) for k in node_ids if k in own]
