@@ -13,6 +13,7 @@ Examples
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,7 +74,7 @@ def with_run_config(overrides: Mapping[str, Any] | None) -> Any:
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """The App's ClientApp: fl_unlearn's handlers (FIUn and SISA) over the App's data and model."""
     spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
-    app = ClientApp(mods=[with_run_config(overrides), sisa_mod(spec)])  # sisa_mod: `train` rounds of a shard-model
+    app = ClientApp(mods=[freeze_after_startup, with_run_config(overrides), sisa_mod(spec)])  # sisa_mod: `train` rounds of a shard-model
     register_unlearning_handlers(app, spec)
     register_sisa_handlers(app, spec)
     return app
@@ -88,4 +89,38 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         run_experiment(grid, AppConfig.from_run_config({**context.run_config, **extra}))
 
+    _freeze_imported_objects()
     return app
+
+
+def _freeze_imported_objects() -> None:
+    """Exclude the objects alive now from the garbage collector's full collections (``gc.freeze``).
+
+    torch, flwr and datasets leave about 550,000 long-lived objects, and each full collection walks them all:
+    0.27-0.45 s, measured in the client actors and the ServerApp, at moments the collector picks (mid-round, or
+    in the middle of a sub-second unlearning round trip). Frozen, they are never walked; objects created later
+    (messages, models, tensors) are collected as before. Garbage is collected first, so none is kept.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+_startup_messages = 0  # per process: messages handled, up to 2 (a Ray actor unpickles the ClientApp, never builds it)
+
+
+def freeze_after_startup(msg: Message, context: Context, call_next: Handler) -> Message:
+    """ClientApp mod: freeze the process's long-lived objects before and after its first message.
+
+    Before: what the imports made. After: what the first handler loaded on demand (the dataset, its modules).
+    Both are one-off costs at a client's start; every later message skips the collector's 0.3 s walks.
+    """
+    global _startup_messages
+    if _startup_messages == 0:
+        _freeze_imported_objects()
+    try:
+        return call_next(msg, context)
+    finally:
+        if _startup_messages < 2:
+            _startup_messages += 1
+            if _startup_messages == 1:
+                _freeze_imported_objects()

@@ -167,7 +167,7 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
     base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
     candidates = _candidates(config)
     counts = score_alpha_grid(model, weights, retain_fisher, forget_fisher, forget_set, retain_set,
-                              base=base, candidates=candidates)
+                              base=base, candidates=candidates, stop_when_kept=bool(config.get(R.CALIBRATION_STOP)))
     before_forget, before_retain = count_correct_split(model, weights, forget_set, retain_set)
     metrics = MetricRecord({
         R.FORGET_CORRECT: counts.forget_correct, R.RETAIN_CORRECT: counts.retain_correct,
@@ -175,8 +175,9 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
         R.BEFORE + R.FORGET_CORRECT: before_forget, R.BEFORE + R.RETAIN_CORRECT: before_retain,
     })
     metrics[R.SECONDS] = time.perf_counter() - start
-    log(INFO, "query.calibrate: partition %d scored %d candidates on %d forget / %d kept samples in %.2f s",
-        partition_id(context), len(candidates), counts.forget_num, counts.retain_num, metrics[R.SECONDS])
+    log(INFO, "query.calibrate: partition %d scored %d of %d candidates on %d forget / %d kept samples in %.2f s",
+        partition_id(context), sum(counts.scored()), len(candidates), counts.forget_num, counts.retain_num,
+        metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -261,7 +262,7 @@ def calibrate_at_clients(
     -------
     CalibrationChoice
     """
-    from strategies.nodes import checked_replies
+    from strategies.nodes import checked_replies, exchange
     from strategies.server import fiun_config
 
     start = time.perf_counter()
@@ -273,12 +274,13 @@ def calibrate_at_clients(
     for pid in pids:
         cfg = ConfigRecord({R.ALPHAS: [a for a, _ in candidates], R.LAMS: [v for _, v in candidates],
                             R.CALIBRATION_FORGET: int(settings.forget_samples),
-                            R.CALIBRATION_RETAIN: int(settings.retain_samples), **fiun, **request_configs[pid]})
+                            R.CALIBRATION_RETAIN: int(settings.retain_samples),
+                            R.CALIBRATION_STOP: request_kind == "classes", **fiun, **request_configs[pid]})
         msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                             message_type=R.MSG_CALIBRATE))
     total = GridCounts(candidates, [0] * len(candidates), [0] * len(candidates))
     before_retain, client_seconds, holders = 0, [], []
-    for reply in checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "query.calibrate"):
+    for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.calibrate"):
         m = reply.content.metric_records[R.METRICS_KEY]
         total = total + GridCounts(candidates, [int(v) for v in m[R.FORGET_CORRECT]],
                                    [int(v) for v in m[R.RETAIN_CORRECT]], int(m[R.FORGET_NUM]), int(m[R.RETAIN_NUM]))
@@ -321,7 +323,7 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
                      settings: ClientCalibration) -> None:
     """``query.checkforget`` to ``holders``: set ``choice.per_model`` / ``per_model_met`` of every model in
     ``check`` (node id, weights, the forget-Fisher it is dampened with) from the chosen candidate on."""
-    from strategies.nodes import checked_replies
+    from strategies.nodes import checked_replies, exchange
     from strategies.server import fiun_config
 
     content: dict[str, Any] = {R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
@@ -333,7 +335,7 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
         **request_configs[pid]})}), dst_node_id=nodes.node_of(pid), message_type=R.MSG_CHECK) for pid in holders]
     sequence = check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)
     reports = []
-    for reply in checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "query.checkforget"):
+    for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.checkforget"):
         m = reply.content.metric_records[R.METRICS_KEY]
         if int(m[R.FORGET_NUM]) > 0:
             values = [int(v) for v in m[R.CHECK_INDEX]]

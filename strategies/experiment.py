@@ -34,7 +34,7 @@ from strategies import records as R
 from strategies.config import AppConfig
 from strategies.forget import request_config
 from strategies.report import write_results
-from strategies.nodes import checked_replies
+from strategies.nodes import checked_replies, exchange
 from strategies.retrain import RetrainStrategy
 from fl_unlearn.calibrate import RepairConfig
 from strategies.calibration import ClientCalibration
@@ -123,7 +123,7 @@ class Evaluator:
                         dst_node_id=nodes.node_of(pid), message_type=R.MSG_EVAL_FORGET) for pid in pids]
         totals = [0.0] * len(weights_list)
         count = 0
-        for reply in checked_replies(self.grid.send_and_receive(msgs), "query.evalforget"):
+        for reply in checked_replies(exchange(self.grid, msgs), "query.evalforget"):
             metrics = reply.content.metric_records[R.METRICS_KEY]
             n = int(metrics[R.FORGET_NUM])
             count += n

@@ -124,7 +124,7 @@ def repair_at_clients(
         ``info``: ``rounds`` (training rounds run), ``val_loss`` (per model version, index 0 = the input),
         ``chosen`` (index of the returned version), ``seconds``.
     """
-    from strategies.nodes import checked_replies
+    from strategies.nodes import checked_replies, exchange
 
     start = time.perf_counter()
     steps = settings.steps
@@ -133,7 +133,7 @@ def repair_at_clients(
     for rnd in range(steps.max_rounds + 1):
         local_steps = steps.local_steps if rnd < steps.max_rounds else 0  # the last round only validates
         msgs = [_repair_message(nodes, pid, current, request_configs[pid], settings, rnd, local_steps) for pid in pids]
-        replies = list(checked_replies(grid.send_and_receive(msgs, timeout=nodes.timeout), "train.repair"))
+        replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "train.repair"))
         metrics = [r.content.metric_records[R.METRICS_KEY] for r in replies]
         n_val = sum(int(m[R.VAL_NUM]) for m in metrics)
         if n_val == 0:

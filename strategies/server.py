@@ -54,7 +54,7 @@ from strategies.base import DelegatingStrategy
 from strategies.calibration import ClientCalibration, calibrate_at_clients
 from strategies.forget import forget_count, request_config, retain_from_whole
 from strategies.journaled import ServerSteps, fill_outcome
-from strategies.nodes import checked_replies, send_with_retries
+from strategies.nodes import checked_replies, exchange, send_with_retries
 from strategies.strategy_utils import reset_optimiser_state
 
 Tensors = dict[str, torch.Tensor]
@@ -378,7 +378,7 @@ class UnlearningStrategy(DelegatingStrategy):
             msgs.append(Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_DERIVE))
         new: list[str] = []
-        replies = checked_replies(grid.send_and_receive(msgs, timeout=self.nodes.timeout), "train.derive")
+        replies = checked_replies(exchange(grid, msgs, timeout=self.nodes.timeout), "train.derive")
         for reply in self._in_partition_order(replies):
             pid = self.nodes.partition[reply.metadata.src_node_id]
             for key in sorted(k for k in reply.content.config_records if k.startswith(R.NODE_KEY_PREFIX)):

@@ -54,7 +54,7 @@ from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.sisa import (Ensemble, RoundRecord, ShardLedger, SisaConfig, SisaLayout, fedavg, initial_weights)
 from fl_unlearn.store import Store
 from strategies import records as R
-from strategies.nodes import NodeDirectory, checked_replies
+from strategies.nodes import NodeDirectory, checked_replies, exchange
 
 Weights = dict[str, Tensor]
 Revocation = Mapping[int, Iterable[int]]
@@ -187,7 +187,7 @@ class FlowerSisaFederation:
         """Send one message per partition; replies by partition id (errors raised together)."""
         msgs = [Message(content, dst_node_id=self.directory.node_of(pid), message_type=message_type)
                 for pid, content in contents.items()]
-        replies = checked_replies(self.grid.send_and_receive(msgs), message_type)
+        replies = checked_replies(exchange(self.grid, msgs), message_type)
         by_node = {self.directory.node_of(pid): pid for pid in contents}
         return {by_node[r.metadata.src_node_id]: r for r in replies}
 

@@ -96,6 +96,7 @@ def test_bisection_finds_the_last_index_meeting_a_monotone_predicate():
 # --- calibration at the clients: per-alpha counts, summed, then one choice ------------------------------------
 
 from fl_unlearn.calibrate import (  # noqa: E402
+    UNSCORED,
     GridCounts,
     RepairConfig,
     candidate_grid,
@@ -188,6 +189,46 @@ def test_client_grid_counts_match_dampening_each_alpha_by_hand():
         (w,), _ = unlearn_many([weights], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha, lam=lam))
         logits = torch.func.functional_call(model, w, (x,))
         assert got == int((logits.argmax(1) == y).sum())
+
+
+def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_the_full_grid():
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _, retain, forget = _models(1)
+    retain = retain[0]
+    forget_set, retain_set = _data(30, 4), _data(40, 5)
+    grid = candidate_grid((0.0, 0.25, 1.0, 4.0, 16.0, 1e9), (1.0, 0.0))
+    full = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
+    walked = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid,
+                              stop_when_kept=True)
+    assert walked.scored() != full.scored()  # alpha 1e9 dampens nothing, so every walk stops before the end
+    for lam in (0.0, 1.0):
+        idx = [i for i, (_, v) in enumerate(grid) if v == lam]
+        scored = [i for i in idx if walked.scored()[i]]
+        assert scored == idx[:len(scored)] and scored  # a prefix, strongest first, never empty
+        for i in scored:  # scored candidates are scored exactly as the full grid scores them
+            assert (walked.forget_correct[i], walked.retain_correct[i]) == (full.forget_correct[i], full.retain_correct[i])
+        # the walk stopped at the first candidate keeping a forget sample, and only there
+        assert all(full.forget_correct[i] == 0 for i in scored[:-1]) and full.forget_correct[scored[-1]] > 0
+    # the choice is the full grid's whenever the milder alphas past a miss miss too (monotone here)
+    assert choose_candidate(walked, 0.0) == choose_candidate(full, 0.0)
+    # a client without forget samples cannot walk: it scores everything
+    assert all(score_alpha_grid(model, weights, retain, forget, None, retain_set, candidates=grid,
+                                stop_when_kept=True).scored())
+
+
+def test_unscored_candidates_stay_unscored_in_sums_and_are_never_chosen():
+    a = GridCounts(_pairs(1, 2, 4), [0, 0, 3], [50, 80, 90], 10, 100)
+    b = GridCounts(_pairs(1, 2, 4), [0, 2, UNSCORED], [40, 70, UNSCORED], 10, 100)
+    total = a + b
+    assert total.scored() == [True, True, False] and total.forget_correct == [0, 2, UNSCORED]
+    f_acc, r_acc = total.accuracies()
+    assert f_acc[2] is None and r_acc[2] is None
+    assert choose_candidate(total, 0.0) == (1.0, 1.0, True)
+    assert choose_candidate(total, 0.5) == (2.0, 1.0, True)  # the unscored milder one is not chosen
+    with pytest.raises(ConfigError):
+        choose_candidate(GridCounts(_pairs(1), [UNSCORED], [UNSCORED]), 0.0)
 
 
 def test_repair_keeps_the_best_validation_loss_and_never_mutates_its_input():

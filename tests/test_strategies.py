@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -215,7 +216,11 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     assert 0 < auto["forget_samples"] <= 80 and auto["retain_samples"] == 60
     assert [(g["alpha"], g["lam"]) for g in auto["grid"]] == list(candidate_grid()) and auto["target"] == 0.0
     # the choice is the grid's best kept accuracy among candidates that forget down to the target (ties: later)
-    meeting = [g for g in auto["grid"] if g["forget_acc"] <= auto["target"]]
+    # class request: each lambda's alphas were walked strongest first, up to the first that kept a forget sample
+    meeting = [g for g in auto["grid"] if g["forget_acc"] is not None and g["forget_acc"] <= auto["target"]]
+    for lam in {g["lam"] for g in auto["grid"]}:
+        walk = [g["forget_acc"] is not None for g in auto["grid"] if g["lam"] == lam]
+        assert walk[0] and walk == sorted(walk, reverse=True)
     if auto["target_met"]:
         best = max(g["retain_acc"] for g in meeting)
         last = [g for g in meeting if g["retain_acc"] == best][-1]
@@ -506,6 +511,78 @@ def test_train_reply_is_stripped_to_flowers_contract(task_identity):
     fisher, lineage = UnlearningStrategy._strip(reply)
     assert fisher is not None and lineage[R.PARTITION_ID] == 0
     assert list(reply.content.array_records) == ["arrays"] and list(reply.content.metric_records) == ["metrics"]
+
+
+class _PushPullGrid:
+    """Replies become pullable ``delay`` seconds after the push; counts pulls (Flower's Grid push / pull API)."""
+
+    def __init__(self, delay: float, silent: tuple[int, ...] = ()):
+        self.delay, self.silent, self.pulls, self.pushed = delay, silent, 0, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            mid = f"m{len(self.pushed) + i}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.pushed[mid] = (m, time.monotonic() + self.delay)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        out = []
+        for mid in list(message_ids):
+            m, ready = self.pushed[mid]
+            if time.monotonic() >= ready and m.metadata.dst_node_id not in self.silent:
+                out.append(Message(RecordDict(), reply_to=m))
+        return out
+
+    def send_and_receive(self, messages, timeout=None):  # pragma: no cover - exchange must not use it
+        raise AssertionError("exchange should push and pull itself")
+
+
+def test_exchange_pulls_soon_after_the_replies_arrive_and_honours_the_timeout(task_identity):
+    from strategies.nodes import exchange
+
+    grid = _PushPullGrid(delay=0.05)
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in (1, 2)]
+    start = time.monotonic()
+    replies = exchange(grid, msgs, timeout=5.0)
+    # Flower's simulation grid pulls every 0.1 s, a SuperLink's every 3 s; exchange starts at 5 ms
+    assert len(replies) == 2 and time.monotonic() - start < 0.09 and grid.pulls >= 2
+    silent = _PushPullGrid(delay=0.0, silent=(2,))
+    start = time.monotonic()
+    replies = exchange(silent, [Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in (1, 2)],
+                       timeout=0.3)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and 0.3 <= time.monotonic() - start < 1.0
+
+
+def test_exchange_uses_send_and_receive_of_a_grid_without_push_and_pull(task_identity):
+    from strategies.nodes import exchange
+
+    grid = _SilentGrid(answers_from=1)
+    replies = exchange(grid, [Message(RecordDict(), dst_node_id=1, message_type="query.info")], timeout=0.1)
+    assert len(replies) == 1 and grid.calls == 1
+
+
+def test_freeze_after_startup_freezes_the_long_lived_objects_once_around_the_first_message(monkeypatch):
+    import gc
+
+    import strategies.app as app_module
+
+    real_freeze = app_module._freeze_imported_objects
+    monkeypatch.setattr(app_module, "_startup_messages", 0)
+    frozen = []
+    monkeypatch.setattr(app_module, "_freeze_imported_objects", lambda: frozen.append(len(handled)))
+    handled: list = []
+    for _ in range(3):
+        assert app_module.freeze_after_startup(None, None, lambda msg, ctx: handled.append(msg) or "r") == "r"
+    assert frozen == [0, 1] and len(handled) == 3  # before and after the first message, never again
+    try:
+        real_freeze()
+        assert gc.get_freeze_count() > 10_000  # the imports' objects (torch, flwr, datasets)
+    finally:
+        gc.unfreeze()
 
 
 class _SilentGrid:
