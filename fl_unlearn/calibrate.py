@@ -635,6 +635,91 @@ def check_models(
     return found
 
 
+#: :func:`walk_models` report for a lambda the holder did not walk (no candidate there forgot all its samples).
+NOT_WALKED = -2.0
+#: :func:`walk_models` report where the model kept a sample down to the smallest alpha.
+NONE_FORGETS = -1.0
+
+
+def feasible_starts(counts: GridCounts) -> dict[float, float]:
+    """Per lambda: the mildest alpha at which one client's calibration forgot every forget sample it scored.
+
+    The federation's choice for a class forgets everything at every holder, so at its lambda its alpha is at
+    most this one: where the holder starts :func:`walk_models`. Lambdas without such an alpha are absent.
+
+    Examples
+    --------
+    >>> feasible_starts(GridCounts(((1.0, 0.0), (2.0, 0.0), (1.0, 1.0)), [0, 0, 3], [9, 9, 9], 5, 10))
+    {0.0: 2.0}
+    """
+    starts: dict[float, float] = {}
+    for (alpha, lam), f, r in zip(counts.candidates, counts.forget_correct, counts.retain_correct):
+        if f == 0 and r != UNSCORED:
+            starts[lam] = max(alpha, starts.get(lam, alpha))
+    return starts
+
+
+def walk_models(
+    model: torch.nn.Module,
+    models: Sequence[Weights],
+    retain_fisher: Mapping[str, Tensor],
+    forget_fishers: Sequence[Mapping[str, Tensor]],
+    forget_set: tuple[Tensor, Tensor],
+    starts: Mapping[float, float],
+    alphas: Sequence[float],
+    *,
+    base: FIUnConfig = FIUnConfig(),
+) -> list[dict[float, float]]:
+    """Per model and per lambda of ``starts``: the mildest alpha, walking down from the start, at which the
+    model forgets every sample of ``forget_set`` (:data:`NONE_FORGETS` where none does).
+
+    The per-model check in the same round trip as the calibration: the holder does not know the federation's
+    choice yet, only that it is at most ``starts[lam]`` (:func:`feasible_starts`), so it walks from there; a
+    model that forgets at the start costs one forward pass per lambda. :func:`first_forgetting` then answers,
+    for the choice, what :func:`check_models` would have. Fishers are made scale-free here.
+    """
+    if len(forget_fishers) != len(models):
+        raise ConfigError(f"walk_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
+    retain = scale_free(retain_fisher)
+    normalised: dict[int, dict[str, Tensor]] = {}
+    model = model.eval()
+    reports = []
+    for weights, forget in zip(models, forget_fishers):
+        forget_sf = normalised.setdefault(id(forget), scale_free(forget))
+        report = {}
+        for lam, start in starts.items():
+            report[lam] = NONE_FORGETS
+            for alpha in sorted({float(a) for a in alphas if a <= start} | {float(start)}, reverse=True):
+                (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
+                if count_correct(model, candidate, forget_set) == 0:
+                    report[lam] = alpha
+                    break
+        reports.append(report)
+    return reports
+
+
+def first_forgetting(sequence: Sequence[tuple[float, float]], report: Mapping[float, float]) -> int:
+    """The index into ``sequence`` (:func:`check_sequence`) at which a holder's :func:`walk_models` report says
+    the model first forgets, or -1.
+
+    ``(alpha, lam)`` forgets when the walk at ``lam`` found a forgetting alpha at least as large: the walk tried
+    every alpha from its start down to that one, and a smaller alpha selects more weights (forgetting is
+    monotone in alpha, as :func:`per_model_candidate` assumes). Alphas above the start were not tried and count
+    as not forgetting.
+
+    Examples
+    --------
+    >>> seq = check_sequence(4.0, 1.0, (1.0, 2.0, 4.0), (1.0, 0.0))
+    >>> first_forgetting(seq, {1.0: 2.0, 0.0: 4.0}), first_forgetting(seq, {1.0: -1.0, 0.0: 1.0})
+    (1, 5)
+    """
+    for i, (alpha, lam) in enumerate(sequence):
+        found = report.get(lam, NOT_WALKED)
+        if found >= 0 and alpha <= found:
+            return i
+    return -1
+
+
 def per_model_candidate(sequence: Sequence[tuple[float, float]],
                         reports: Sequence[int]) -> tuple[tuple[float, float], bool]:
     """One model's ``(alpha, lambda)`` from the holders' :func:`check_models` indices, and whether it forgets.

@@ -1,13 +1,15 @@
-"""``alpha="auto"`` in a federation: choose FIUn's dampening on data the clients hold, in one round trip.
+"""``alpha="auto"`` in a federation: choose FIUn's dampening on data the clients hold and check it on every
+affected model, in one round trip.
 
 The server holds no data. So it sends every client the model to calibrate on (the newest affected global),
 the merged forget-Fisher and the retain-Fisher, and a grid of candidate ``(alpha, lambda)`` pairs
 (``query.calibrate``; ``fl_unlearn.calibrate.candidate_grid``: alphas 0.5..512, lambda 1 or 0). Each client
-dampens the model with every candidate and counts correct predictions on a capped sample of its own data: the
-data to forget, where it holds some, and a small sample of its kept data (its retained validation sample). The
-server sums the counts over clients and picks the candidate with the best kept accuracy among those that bring
-the forgotten data down to the level of a model that never saw it
-(:func:`fl_unlearn.calibrate.choose_candidate`):
+dampens the model with the candidates and counts correct predictions on a capped sample of its own data: the
+data to forget, where it holds some, and a small sample of its kept data (its retained validation sample). For a
+class, a holder walks each lambda's alphas strongest first and stops at the first that still predicts one of its
+forget samples (milder ones cannot forget it either). The server sums the counts over clients and picks the
+candidate with the best kept accuracy among those that bring the forgotten data down to the level of a model that
+never saw it (:func:`fl_unlearn.calibrate.choose_candidate`):
 
 - a class: 0 % (a model that never saw a class never predicts it);
 - a client's or a user's samples: the model's accuracy on kept data of the same federation (what it
@@ -19,15 +21,20 @@ depend on which model the Fishers were computed on; the chosen pair then dampens
 server-held and client-held (``scale-free`` in ``train.unlearn``).
 
 The choice is scored on the newest affected global model; an early model in the lineage can keep a class at the
-same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So for a class request a second,
-cheaper round trip (``query.checkforget``) sends the other affected server-held models to the clients holding
-data to forget: each walks, per model, from the chosen candidate to stronger ones (smaller alphas, then lambda 0,
-:func:`fl_unlearn.calibrate.check_sequence`) on a few of its forget samples until the model forgets them all
-(:func:`fl_unlearn.calibrate.check_models`: one forward pass for a model that already forgets), and the server
-dampens each model at the mildest candidate at which every holder forgot all its samples, never milder than the
-federation's choice (:func:`fl_unlearn.calibrate.per_model_candidate`). Client and sample requests have a target
-relative to each model's own generalisation, which the clients cannot score per model in one pass: they keep the
-one choice.
+same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So for a class request the same
+round trip also carries the other affected server-held models to the clients holding data to forget. A holder
+does not know the federation's choice yet, only that it forgets all of the holder's samples, so its alpha is at
+most the mildest one that did so here (:func:`fl_unlearn.calibrate.feasible_starts`). From there each holder
+walks, per model and lambda, to smaller alphas on a few of its forget samples until the model forgets them all
+(:func:`fl_unlearn.calibrate.walk_models`: one forward pass per lambda for a model that already forgets). The
+server reads, for its choice, the first candidate from it towards stronger ones (smaller alphas, then lambda 0,
+:func:`fl_unlearn.calibrate.check_sequence`) at which each holder's model forgets
+(:func:`fl_unlearn.calibrate.first_forgetting`), and dampens each model at the mildest candidate at which every
+holder forgot all its samples, never milder than the federation's choice
+(:func:`fl_unlearn.calibrate.per_model_candidate`). Models that no candidate makes forget get their own
+forget-Fisher and a second check (``query.checkforget``, :func:`check_at_clients`, from the choice on). Client and
+sample requests have a target relative to each model's own generalisation, which the clients cannot score per
+model in one pass: they keep the one choice.
 """
 
 from __future__ import annotations
@@ -49,12 +56,17 @@ from fl_unlearn.calibrate import (
     GRID_ALPHAS,
     GridCounts,
     candidate_grid,
+    NONE_FORGETS,
+    NOT_WALKED,
     check_models,
     check_sequence,
     choose_candidate,
     count_correct_split,
+    feasible_starts,
+    first_forgetting,
     per_model_candidate,
     score_alpha_grid,
+    walk_models,
 )
 from fl_unlearn.data import make_loader
 from fl_unlearn.errors import UnlearnError
@@ -174,11 +186,45 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
         R.FORGET_NUM: counts.forget_num, R.RETAIN_NUM: counts.retain_num,
         R.BEFORE + R.FORGET_CORRECT: before_forget, R.BEFORE + R.RETAIN_CORRECT: before_retain,
     })
+    walked = _walk_check_models(model, arrays, config, retain_fisher, forget_set, counts, base, metrics)
     metrics[R.SECONDS] = time.perf_counter() - start
-    log(INFO, "query.calibrate: partition %d scored %d of %d candidates on %d forget / %d kept samples in %.2f s",
+    log(INFO, "query.calibrate: partition %d scored %d of %d candidates on %d forget / %d kept samples%s in %.2f s",
         partition_id(context), sum(counts.scored()), len(candidates), counts.forget_num, counts.retain_num,
-        metrics[R.SECONDS])
+        f", checked {walked} more models" if walked else "", metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_fisher: Tensors,
+                       forget_set: tuple[torch.Tensor, torch.Tensor] | None, counts: GridCounts, base: FIUnConfig,
+                       metrics: MetricRecord) -> int:
+    """The per-model check inside ``query.calibrate`` (class requests): for every other affected model the
+    server sent, :func:`fl_unlearn.calibrate.walk_models` from this client's feasible starts on the first
+    ``calibration-check-samples`` of its forget samples; ``check-walk`` holds the reports, model-major, lambdas
+    in :func:`_walk_lams` order. Returns how many models it checked (0 without check models or forget data)."""
+    models, fishers = _check_content(arrays, config, "query.calibrate") if R.CHECK_FISHER_OF in config else ([], [])
+    if not models or forget_set is None:
+        return 0
+    n = int(config[R.CALIBRATION_CHECK])
+    starts = feasible_starts(counts)
+    reports = walk_models(model, models, retain_fisher, fishers, (forget_set[0][:n], forget_set[1][:n]), starts,
+                          sorted({a for a, _ in counts.candidates}), base=base)
+    metrics[R.CHECK_WALK] = [r.get(v, NOT_WALKED) for r in reports for v in _walk_lams(counts.candidates)]
+    return len(models)
+
+
+def _walk_lams(candidates: Sequence[tuple[float, float]]) -> list[float]:
+    """The lambdas of a ``check-walk`` report, in order (largest first)."""
+    return sorted({v for _, v in candidates}, reverse=True)
+
+
+def _check_content(arrays: Any, config: Any, what: str) -> tuple[list[Tensors], list[Tensors]]:
+    """The check models a message carries and, per model, the forget-Fisher it is dampened with."""
+    keys = sorted((k for k in arrays if k.startswith(R.CHECK_MODEL_PREFIX)), key=lambda k: int(k.rsplit("-", 1)[1]))
+    fisher_of = [int(i) for i in config[R.CHECK_FISHER_OF]]
+    if not keys or len(fisher_of) != len(keys):
+        raise UnlearnError(f"{what}: {len(keys)} check models and {len(fisher_of)} check-fisher-of entries")
+    fishers = {i: R.record_to_tensors(arrays[f"{R.CHECK_FISHER_PREFIX}{i}"]) for i in sorted(set(fisher_of))}
+    return [R.record_to_tensors(arrays[k]) for k in keys], [fishers[i] for i in fisher_of]
 
 
 def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
@@ -190,25 +236,20 @@ def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config = R.first_config(msg)
     arrays = msg.content.array_records
-    keys = sorted((k for k in arrays if k.startswith(R.CHECK_MODEL_PREFIX)), key=lambda k: int(k.rsplit("-", 1)[1]))
-    fisher_of = [int(i) for i in config[R.CHECK_FISHER_OF]]
-    if not keys or len(fisher_of) != len(keys):
-        raise UnlearnError(f"query.checkforget: {len(keys)} models and {len(fisher_of)} check-fisher-of entries")
+    models, fishers = _check_content(arrays, config, "query.checkforget")
     forget_ds, _ = ForgetSpec.from_config(config).split(spec.data_fn(context))
     forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
     metrics = MetricRecord({R.FORGET_NUM: 0 if forget_set is None else len(forget_set[1])})
     if forget_set is not None:
-        fishers = {i: R.record_to_tensors(arrays[f"{R.CHECK_FISHER_PREFIX}{i}"]) for i in sorted(set(fisher_of))}
-        models = [R.record_to_tensors(arrays[k]) for k in keys]
         base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
         sequence = check_sequence(base.alpha, base.lam, [float(a) for a in config[R.ALPHAS]],
                                   [float(v) for v in config[R.LAMS]])
         metrics[R.CHECK_INDEX] = check_models(
             load_model(spec, context, models[0]), models, R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]),
-            [fishers[i] for i in fisher_of], forget_set, sequence, base=base)
+            fishers, forget_set, sequence, base=base)
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.checkforget: partition %d checked %d models on %d forget samples in %.2f s",
-        partition_id(context), len(keys), metrics[R.FORGET_NUM], metrics[R.SECONDS])
+        partition_id(context), len(models), metrics[R.FORGET_NUM], metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -235,8 +276,9 @@ def calibrate_at_clients(
     base: FIUnConfig,
     settings: ClientCalibration = ClientCalibration(),
     check: Sequence[tuple[str, Tensors, Tensors]] = (),
+    holders: Sequence[int] | None = None,
 ) -> CalibrationChoice:
-    """One ``query.calibrate`` to every client in ``pids``; sum their counts; choose alpha.
+    """One ``query.calibrate`` to every client in ``pids``; sum their counts; choose alpha; check every model.
 
     Parameters
     ----------
@@ -255,8 +297,10 @@ def calibrate_at_clients(
         The other dampening settings (``lam``, ``exponent``, ...); its alpha is ignored.
     settings : ClientCalibration
     check : sequence of (node id, weights, forget-Fisher)
-        The other affected models to check per model (class requests; dampened with ``retain_fisher``). The
-        choice's ``per_model`` gives each its alpha.
+        The other affected models to check per model (class requests; dampened with ``retain_fisher``), in the
+        same round trip. The choice's ``per_model`` gives each its alpha.
+    holders : sequence of int | None (default: None)
+        The partitions holding data to forget (the only ones sent the check models); ``None``: all of ``pids``.
 
     Returns
     -------
@@ -270,16 +314,21 @@ def calibrate_at_clients(
     content = {R.ARRAYS_KEY: R.tensors_to_record(weights), R.FORGET_FISHER_KEY: R.tensors_to_record(forget_fisher),
                R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
     fiun = {k: v for k, v in fiun_config(base).items() if k != R.FIUN_ALPHA}
+    check = _checkable(check, request_kind, settings)
+    check_content: dict[str, Any] = {}
+    check_cfg = {**_add_check_models(check_content, check), R.CALIBRATION_CHECK: int(settings.check_samples)}
+    walkers = set(pids if holders is None else holders) if check else set()
     msgs = []
     for pid in pids:
         cfg = ConfigRecord({R.ALPHAS: [a for a, _ in candidates], R.LAMS: [v for _, v in candidates],
                             R.CALIBRATION_FORGET: int(settings.forget_samples),
                             R.CALIBRATION_RETAIN: int(settings.retain_samples),
-                            R.CALIBRATION_STOP: request_kind == "classes", **fiun, **request_configs[pid]})
-        msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
-                            message_type=R.MSG_CALIBRATE))
+                            R.CALIBRATION_STOP: request_kind == "classes", **fiun, **request_configs[pid],
+                            **(check_cfg if pid in walkers else {})})
+        msgs.append(Message(RecordDict({**content, **(check_content if pid in walkers else {}), R.CONFIG_KEY: cfg}),
+                            dst_node_id=nodes.node_of(pid), message_type=R.MSG_CALIBRATE))
     total = GridCounts(candidates, [0] * len(candidates), [0] * len(candidates))
-    before_retain, client_seconds, holders = 0, [], []
+    before_retain, client_seconds, replied_holders, walks = 0, [], [], []
     for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.calibrate"):
         m = reply.content.metric_records[R.METRICS_KEY]
         total = total + GridCounts(candidates, [int(v) for v in m[R.FORGET_CORRECT]],
@@ -287,21 +336,37 @@ def calibrate_at_clients(
         before_retain += int(m[R.BEFORE + R.RETAIN_CORRECT])
         client_seconds.append(float(m[R.SECONDS]))
         if int(m[R.FORGET_NUM]) > 0:
-            holders.append(nodes.partition[reply.metadata.src_node_id])
+            pid = nodes.partition[reply.metadata.src_node_id]
+            replied_holders.append(pid)
+            if check:
+                walks.append(_walk_reports(m, pid, len(check), candidates))
     if total.forget_num == 0:
         raise UnlearnError("query.calibrate: no client scored any forget sample; cannot calibrate alpha")
     target = 0.0 if request_kind == "classes" else before_retain / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     choice = CalibrationChoice(alpha, lam, target, met, total, time.perf_counter() - start,
                                max(client_seconds, default=0.0), before_retain / max(total.retain_num, 1))
-    check = _checkable(check, request_kind, settings) if met else []
-    if check:
-        choice.holders = sorted(holders)
-        check_at_clients(grid, nodes, choice.holders, request_configs, retain_fisher, check, choice, base, settings)
-        choice.seconds = time.perf_counter() - start
+    if check and met:
+        choice.holders = sorted(replied_holders)
+        sequence = check_sequence(alpha, lam, settings.alphas, settings.lams)
+        _set_per_model(choice, check, sequence,
+                       [[first_forgetting(sequence, walk[i]) for i in range(len(check))] for walk in walks])
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
     return choice
+
+
+def _walk_reports(metrics: Any, pid: int, num_models: int,
+                  candidates: Sequence[tuple[float, float]]) -> list[dict[float, float]]:
+    """A holder's ``check-walk`` as one ``{lambda: alpha}`` per check model; refused unless every value is an alpha
+    of the grid, ``NONE_FORGETS`` or ``NOT_WALKED``."""
+    lams = _walk_lams(candidates)
+    values = [float(v) for v in metrics.get(R.CHECK_WALK, [])]
+    allowed = {a for a, _ in candidates} | {NONE_FORGETS, NOT_WALKED}
+    if len(values) != num_models * len(lams) or any(v not in allowed for v in values):
+        raise UnlearnError(f"query.calibrate: partition {pid} holds data to forget but sent a check-walk of "
+                           f"{len(values)} values, not {num_models} models x {len(lams)} lambdas of grid alphas")
+    return [dict(zip(lams, values[i * len(lams):(i + 1) * len(lams)])) for i in range(num_models)]
 
 
 def _checkable(check: Sequence[tuple[str, Tensors, Tensors]], request_kind: str,
@@ -343,6 +408,12 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
                 raise UnlearnError(f"query.checkforget: indices {values} for {len(check)} models and a sequence of "
                                    f"{len(sequence)} candidates")
             reports.append(values)
+    _set_per_model(choice, check, sequence, reports)
+
+
+def _set_per_model(choice: CalibrationChoice, check: Sequence[tuple[str, Tensors, Tensors]],
+                   sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[int]]) -> None:
+    """Set ``choice.per_model`` / ``per_model_met`` from every holder's first forgetting index per model."""
     for i, (node_id, _, _) in enumerate(check):
         candidate, met = per_model_candidate(sequence, [r[i] for r in reports])
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met

@@ -694,7 +694,8 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _auto_alpha(self, grid: Grid, request: UnlearningRequest, forget_of: dict[str, Tensors],
                     shared_retain: Tensors | None, outcome: UnlearnOutcome) -> None:
-        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model."""
+        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model, which also
+        checks every other affected server-held model at the holders (class requests)."""
         if self.client_calibration is None or self.calibration is not None:
             return
         node = self._newest_affected_global(outcome.affected)
@@ -711,7 +712,7 @@ class UnlearningStrategy(DelegatingStrategy):
         choice = calibrate_at_clients(
             grid, self.nodes, pids, {p: request_config(request, p) for p in pids}, self.store.get(node.weights),
             retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration,
-            check=check)
+            check=check, holders=sorted(p for p, n in outcome.holders.items() if n > 0))
         unmet = [k for k, ok in choice.per_model_met.items() if not ok]
         if unmet:
             self._own_forget_fishers(grid, request, unmet, forget_of, retain, choice, base, outcome.roots)

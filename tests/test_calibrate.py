@@ -258,8 +258,13 @@ def test_repair_config_lists_every_bad_value():
 # --- every affected model forgets: the per-model check of a class request -------------------------------------
 
 from fl_unlearn.calibrate import (  # noqa: E402
+    NONE_FORGETS,
+    NOT_WALKED,
     check_models,
     check_sequence,
+    feasible_starts,
+    first_forgetting,
+    walk_models,
     count_correct,
     count_correct_split,
     per_model_candidate,
@@ -309,6 +314,33 @@ def test_check_models_finds_the_first_candidate_that_forgets_and_reports_none_ho
     assert check_models(_Tiny(), [forgettable], _RETAIN, [_FORGET], _FORGET_SET, [(4.0, 0.0), (2.0, 0.0)]) == [0]
     with pytest.raises(ConfigError):
         check_models(_Tiny(), [forgettable], _RETAIN, [], _FORGET_SET, seq)
+
+
+def test_walk_from_the_feasible_start_answers_for_any_choice_what_the_check_would():
+    forgettable, stubborn = _tiny(0.0), _tiny(0.6)
+    forgettable["fc.weight"][0, 0] = 4.0  # forgets only at lambda 0 with alpha < 6 (see the test above)
+    alphas = (1.0, 2.0, 4.0, 8.0, 16.0)
+    starts = {1.0: 16.0, 0.0: 8.0}
+    models = [forgettable, stubborn]
+    reports = walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, starts, alphas)
+    assert reports == [{1.0: NONE_FORGETS, 0.0: 4.0}, {1.0: NONE_FORGETS, 0.0: NONE_FORGETS}]
+    for alpha, lam in candidate_grid(alphas, (1.0, 0.0)):
+        if alpha > starts[lam]:
+            continue  # never the choice: this holder keeps a sample there
+        seq = check_sequence(alpha, lam, alphas, (1.0, 0.0))
+        expected = check_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, seq)
+        assert [first_forgetting(seq, r) for r in reports] == expected
+    # a lambda the holder did not walk, and alphas above its start, never count as forgetting
+    assert first_forgetting([(8.0, 1.0), (8.0, 0.0)], {0.0: 4.0}) == -1
+    assert first_forgetting([(4.0, 1.0)], {1.0: NOT_WALKED}) == -1
+    with pytest.raises(ConfigError):
+        walk_models(_Tiny(), models, _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)
+
+
+def test_feasible_starts_are_the_mildest_scored_alphas_that_forget_everything():
+    counts = GridCounts(((1.0, 0.0), (4.0, 0.0), (8.0, 0.0), (1.0, 1.0), (4.0, 1.0)),
+                        [0, 0, 2, 1, UNSCORED], [5, 6, 7, 8, UNSCORED], 4, 8)
+    assert feasible_starts(counts) == {0.0: 4.0}
 
 
 def test_per_model_candidate_is_the_strongest_holder_report_never_milder_than_the_choice():

@@ -627,12 +627,14 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     store_dir = _copy(federation, tmp_path)
     grid = _grid()
 
-    def nothing_forgets(reply):  # partition 0 says no candidate forgets any model with the shared forget-Fisher
+    def nothing_forgets(reply):  # partition 0 says no alpha forgets any model with the shared forget-Fisher
+        from fl_unlearn.calibrate import NONE_FORGETS
+
         metrics = reply.content.metric_records[R.METRICS_KEY]
-        metrics[R.CHECK_INDEX] = [-1] * len(metrics[R.CHECK_INDEX])
+        metrics[R.CHECK_WALK] = [NONE_FORGETS] * len(metrics[R.CHECK_WALK])
         return reply
 
-    grid.faults[(0, R.MSG_CHECK)] = [nothing_forgets]  # the first check only; the re-check is honest
+    grid.faults[(0, R.MSG_CALIBRATE)] = [nothing_forgets]  # the check inside calibration; the re-check is honest
     sent: list[str] = []
     send = grid.send_and_receive
     grid.send_and_receive = lambda msgs, timeout=None: send(
@@ -647,9 +649,10 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     checked = sorted(cal["per_model"])
     holders = sorted(p for p, n in outcome.holders.items() if n > 0)
     assert checked and cal["own_fisher"] == checked  # every checked model fell back to its own forget-Fisher
-    # the first query.fisher goes to every client; then one per fallback model and holder; two checks
+    # the first query.fisher goes to every client; then one per fallback model and holder; one calibration (with
+    # the first check), and one re-check
     assert sent.count(R.MSG_FISHER) == NUM_CLIENTS + len(checked) * len(holders)
-    assert sent.count(R.MSG_CHECK) == 2 * len(holders)
+    assert sent.count(R.MSG_CALIBRATE) == NUM_CLIENTS and sent.count(R.MSG_CHECK) == len(holders)
     own = dict(zip(checked, merges[-len(checked):]))  # the fallback merges, one per model, in order
     for i, node_id in enumerate(outcome.server_models):
         if node_id in own:  # dampened with its own (scale-free) forget-Fisher, at what the re-check gave it
