@@ -64,15 +64,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
+    GRID_ALPHAS,
     candidate_grid,
     check_models,
     check_sequence,
     choose_candidate,
     count_correct_split,
+    feasible_starts,
+    first_forgetting,
     per_model_candidate,
     scale_free,
     score_alpha_grid,
     unlearn_with_candidates,
+    walk_models,
 )
 from fl_unlearn.data import (  # noqa: E402
     DataConfig,
@@ -332,44 +336,46 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     """``alpha="auto"`` as the Flower App runs it, each client in turn (``strategies.calibration``).
 
     Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
-    it forgets, 32 it keeps; ``score_alpha_grid``); the summed counts choose one candidate (target 0 for a class,
-    the kept-sample accuracy before unlearning for a client). For a class, every holder then checks the other
-    models from the chosen candidate towards stronger ones (``check_models`` on 32 forget samples) and each model
-    gets the mildest candidate every holder forgot at (``per_model_candidate``); a model none forgets gets its own
-    forget-Fisher (``forgets`` is updated in place) and is checked again. Returns per target its
-    ``(alpha, lambda)`` and whether it met the target, the target, and the models given their own forget-Fisher.
+    it forgets, 32 it keeps; ``score_alpha_grid``; for a class each lambda's alphas strongest first, up to the
+    first that keeps a forget sample); the summed counts choose one candidate (target 0 for a class, the
+    kept-sample accuracy before unlearning for a client). For a class, in the same pass, every holder walks the
+    other models from its feasible starts (``walk_models`` on 32 forget samples) and each model gets the mildest
+    candidate from the choice on that every holder forgot at (``first_forgetting``, ``per_model_candidate``); a
+    model none forgets gets its own forget-Fisher (``forgets`` is updated in place) and is checked again
+    (``check_models``). Returns per target its ``(alpha, lambda)`` and whether it met the target, the target, and
+    the models given their own forget-Fisher.
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
     grid = candidate_grid()
-    total, before_kept, forget_sets = None, 0, {}
+    is_class = ctx.forget.request.kind == "classes"
+    others = [i for i in range(len(ctx.targets)) if i != i_new]
+    total, before_kept, forget_sets, walks = None, 0, {}, {}
     for k in range(s.clients):
         forgotten, kept = ctx.forget.forgotten[k], ctx.forget.kept[k]
         fset = _head(forgotten, s.calibration_forget, s.seed + k) if len(forgotten) else None
         rset = _head(kept, s.calibration_retain, s.seed + k) if len(kept) else None
         counts = score_alpha_grid(model, ctx.weights[newest], retain[i_new], forgets[i_new], fset, rset,
-                                  candidates=grid)
+                                  candidates=grid, stop_when_kept=is_class)
         total = counts if total is None else total + counts
         before_kept += count_correct_split(model, ctx.weights[newest], None, rset)[1]
         if fset is not None:
-            forget_sets[k] = fset
-    target = 0.0 if ctx.forget.request.kind == "classes" else before_kept / max(total.retain_num, 1)
+            forget_sets[k] = (fset[0][:s.check_samples], fset[1][:s.check_samples])
+            if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
+                starts = feasible_starts(counts)
+                walks[k] = [walk_models(model, [ctx.weights[ctx.targets[i]]], retain[i], [forgets[i]],
+                                        forget_sets[k], starts, GRID_ALPHAS)[0] for i in others]
+    target = 0.0 if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     own: list[int] = []
-    if ctx.forget.request.kind == "classes" and met:
+    if is_class and met:
         sequence = check_sequence(alpha, lam)
-
-        def check(indices: list[int]) -> None:
-            reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in indices], [retain[i] for i in indices],
-                                    [forgets[i] for i in indices], (x[:s.check_samples], y[:s.check_samples]),
-                                    sequence) for x, y in forget_sets.values()]
-            for j, i in enumerate(indices):
-                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
-
-        check([i for i in range(len(ctx.targets)) if i != i_new])
+        for j, i in enumerate(others):
+            candidates[i], mets[i] = per_model_candidate(sequence, [first_forgetting(sequence, w[j])
+                                                                    for w in walks.values()])
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
-        # itself, merged, and checked again (strategies.server._own_forget_fishers)
+        # itself, merged, and checked again (strategies.server._own_forget_fishers, query.checkforget)
         own = [i for i, ok in enumerate(mets) if not ok]
         params = select_parameters(model, "all")
         for i in own:
@@ -378,7 +384,10 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             forgets[i] = merge_fishers([dict(p) for p in parts], mode="weighted_mean",
                                        num_samples=[p.info.num_samples for p in parts])
         if own:
-            check(own)
+            reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in own], [retain[i] for i in own],
+                                    [forgets[i] for i in own], fset, sequence) for fset in forget_sets.values()]
+            for j, i in enumerate(own):
+                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
     return candidates, mets, target, [ctx.targets[i] for i in own]
 
 
