@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
@@ -215,6 +215,44 @@ def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_
 def _walk_lams(candidates: Sequence[tuple[float, float]]) -> list[float]:
     """The lambdas of a ``check-walk`` report, in order (largest first)."""
     return sorted({v for _, v in candidates}, reverse=True)
+
+
+def check_held_models(
+    model: torch.nn.Module,
+    weights: Sequence[Tensors],
+    retains: Sequence[Tensors],
+    forget_fisher: Tensors,
+    forget_set: tuple[torch.Tensor, torch.Tensor],
+    config: Any,
+    own_fisher: Callable[[Tensors], Tensors],
+) -> tuple[list[tuple[float, float]], list[Tensors], list[str]]:
+    """``train.unlearn`` of a class request at a holder: the per-model check of the models this client holds
+    (derived models), on its own forget samples, with no round trip.
+
+    Each model walks from the federation's choice (the ``fiun-alpha`` / ``fiun-lam`` of ``config``) towards
+    stronger candidates (:func:`fl_unlearn.calibrate.check_models` over ``alphas`` / ``lams``); one that no
+    candidate makes forget every sample of ``forget_set`` gets the forget-Fisher this client takes on the model
+    itself (``own_fisher(weights)``: it holds the data) and walks again, as the server does for its models.
+
+    Returns
+    -------
+    tuple
+        Per model: its ``(alpha, lambda)``, the forget-Fisher to dampen it with, and ``"met"``, ``"own-fisher"``
+        or ``"not-met"`` (the strongest candidate with its own forget-Fisher, still keeping a sample).
+    """
+    base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+    sequence = check_sequence(base.alpha, base.lam, [float(a) for a in config[R.ALPHAS]],
+                              [float(v) for v in config[R.LAMS]])
+    found = check_models(model, weights, list(retains), [forget_fisher] * len(weights), forget_set, sequence,
+                         base=base)
+    forgets, status = [forget_fisher] * len(weights), ["met"] * len(weights)
+    for j, index in enumerate(found):
+        if index >= 0:
+            continue
+        forgets[j] = own_fisher(weights[j])
+        (found[j],) = check_models(model, [weights[j]], [retains[j]], [forgets[j]], forget_set, sequence, base=base)
+        status[j] = "own-fisher" if found[j] >= 0 else "not-met"
+    return [tuple(sequence[i]) for i in found], forgets, status
 
 
 def _check_content(arrays: Any, config: Any, what: str) -> tuple[list[Tensors], list[Tensors]]:

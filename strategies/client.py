@@ -44,7 +44,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from torch import nn
 
-from fl_unlearn.calibrate import scale_free
+from fl_unlearn.calibrate import scale_free, unlearn_with_candidates
 from fl_unlearn.data import class_histogram, make_loader, sample_ids, samples_of_classes, without_classes, without_samples
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
@@ -419,11 +419,26 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
         retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
                                     _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
     cfg = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
-    if config.get(R.SCALE_FREE):  # alpha="auto" chose alpha on mean-normalised Fishers (strategies.calibration)
-        retain, forget_fisher = [scale_free(f) for f in retain], scale_free(forget_fisher)
-    new_weights, stats = unlearn_many(weights, retain, [forget_fisher] * len(ids), cfg)
+    checks = [""] * len(ids)
+    check_n = int(config.get(R.CALIBRATION_CHECK, 0))
+    if config.get(R.SCALE_FREE) and check_n > 0 and forget.classes and len(forget_ds):
+        # alpha="auto", a class: check each model here, on this client's own forget samples (no round trip)
+        from strategies.calibration import _sample_tensors, check_held_models
+
+        candidates, forgets, checks = check_held_models(
+            load_model(spec, context, weights[0]), weights, retain, forget_fisher,
+            _sample_tensors(forget_ds, check_n, _seed(context, -3)), config,
+            own_fisher=lambda w: fisher_of(load_model(spec, context, w), forget_ds, context, config,
+                                           seed=_seed(context, -2)))
+        new_weights, stats = unlearn_with_candidates(weights, [scale_free(f) for f in retain],
+                                                     [scale_free(f) for f in forgets], cfg, candidates)
+        stats = [{**_as_plain(st), "alpha": a, "lam": v} for st, (a, v) in zip(stats, candidates)]
+    else:
+        if config.get(R.SCALE_FREE):  # alpha="auto" chose alpha on mean-normalised Fishers (strategies.calibration)
+            retain, forget_fisher = [scale_free(f) for f in retain], scale_free(forget_fisher)
+        new_weights, stats = unlearn_many(weights, retain, [forget_fisher] * len(ids), cfg)
     out = {}
-    for n, (old, new, w_old, w_new, st) in enumerate(zip(ids, new_ids, weights, new_weights, stats)):
+    for n, (old, new, w_old, w_new, st, check) in enumerate(zip(ids, new_ids, weights, new_weights, stats, checks)):
         before = _evaluate_split(spec, context, load_model(spec, context, w_old), forget, forget_ds)
         after = _evaluate_split(spec, context, load_model(spec, context, w_new), forget, forget_ds)
         digest = store.put(w_new, {"node": new, "unlearned-from": old})
@@ -431,7 +446,7 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
             R.PARENT_ID: old, R.NODE_ID: new, R.WEIGHTS_DIGEST: digest,
             **{R.BEFORE + k: float(v) for k, v in before.items()}, **{R.AFTER + k: float(v) for k, v in after.items()},
-            **{k: v for k, v in _stats_items(st)},
+            **{k: v for k, v in _stats_items(st)}, **({R.CHECK: check} if check else {}),
         })
     store.put_json(MODELS_DOC, index)
     log(INFO, "train.unlearn: partition %d unlearned %d models", partition_id(context), len(ids))
@@ -445,10 +460,14 @@ def _rho(forget: ForgetSpec, lineage: Mapping[str, Any], forget_ds: Dataset) -> 
     return forget.fraction(hist, n, held=len(forget_ds))
 
 
-def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
+def _as_plain(stats: Any) -> dict[str, Any]:
     import dataclasses
 
-    items = dataclasses.asdict(stats).items() if dataclasses.is_dataclass(stats) else dict(stats).items()
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+
+
+def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
+    items = _as_plain(stats).items()
     return [(str(k).replace("_", "-"), v) for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 

@@ -307,6 +307,8 @@ def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evalua
             entry["before"], entry["after"] = figures[node_id]
         elif node_id in outcome.client_results:
             rep = outcome.client_results[node_id]
+            if "alpha" in rep:  # the holder's own per-model check (alpha="auto", a class)
+                entry["dampening"] = {"alpha": rep["alpha"], "lam": rep.get("lam"), "check": rep.get(R.CHECK)}
             entry["before"] = {"forget_acc": rep.get(R.BEFORE + R.FORGET_ACC), "retain_acc": rep.get(R.BEFORE + R.RETAIN_ACC)}
             entry["after"] = {"forget_acc": rep.get(R.AFTER + R.FORGET_ACC), "retain_acc": rep.get(R.AFTER + R.RETAIN_ACC)}
         models.append(entry)

@@ -103,6 +103,7 @@ CHECK_MODEL_PREFIX = "check-model-"  # query.checkforget: the other affected mod
 CHECK_FISHER_PREFIX = "check-fisher-"  # query.checkforget: their distinct forget-Fishers, check-fisher-0, ...
 CHECK_FISHER_OF = "check-fisher-of"  # query.checkforget: per check model, the index of its forget-Fisher
 CHECK_INDEX = "check-index"  # query.checkforget reply: per model, the first candidate that forgets (-1: none)
+CHECK = "check"  # train.unlearn reply, per model: met | own-fisher | not-met (the holder's own per-model check)
 CHECK_WALK = "check-walk"  # query.calibrate reply: per check model and lambda, the mildest alpha that forgets
 SCALE_FREE = "scale-free"  # train.unlearn: alpha applies to mean-normalised Fishers (alpha="auto")
 AFTER = "after-"

@@ -658,7 +658,7 @@ class UnlearningStrategy(DelegatingStrategy):
             forget = forget_of[ids[-1]]  # the newest of a client's models inherits from every relevant root
             cfg = ConfigRecord({R.MODEL_IDS: ids, R.NODE_ID: [version_id(i, request) for i in ids],
                                 R.STORE_DIR: str(self.store.root), R.SCALE_FREE: outcome.scale_free,
-                                **self._fisher_config(),
+                                **self._fisher_config(), **self._client_check_config(request, outcome),
                                 **fiun_config(self._client_fiun(outcome)), **request_config(request, pid)})
             msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
                                 dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))
@@ -676,6 +676,14 @@ class UnlearningStrategy(DelegatingStrategy):
         log(INFO, "unlearn: %d client-held models unlearned on %d clients%s", len(versions), len(by_client),
             f"; failed: {failures}" if failures else "")
         return versions, failures
+
+    def _client_check_config(self, request: UnlearningRequest, outcome: UnlearnOutcome) -> dict[str, Any]:
+        """alpha="auto" and a class: the grid and sample count with which holders check the models they hold."""
+        settings = self.client_calibration
+        if not outcome.scale_free or request.kind != "classes" or settings is None or settings.check_samples <= 0:
+            return {}
+        return {R.ALPHAS: [float(a) for a in settings.alphas], R.LAMS: [float(v) for v in settings.lams],
+                R.CALIBRATION_CHECK: int(settings.check_samples)}
 
     def _check_unlearn_reply(self, reply: Message, by_client: dict[int, list[str]], request: UnlearningRequest) -> None:
         """Refuse a ``train.unlearn`` reply that names models other than those sent, or invalid digests."""

@@ -337,6 +337,27 @@ def test_walk_from_the_feasible_start_answers_for_any_choice_what_the_check_woul
         walk_models(_Tiny(), models, _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)
 
 
+def test_a_holder_checks_the_models_it_holds_and_takes_their_own_fisher_where_none_forgets():
+    from strategies import records as R
+    from strategies.calibration import check_held_models
+
+    forgettable, stubborn = _tiny(0.0), _tiny(0.6)
+    forgettable["fc.weight"][0, 0] = 4.0  # forgets only at lambda 0 with alpha < 6
+    own = {"fc.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]]), "fc.bias": torch.tensor([5.0, 0.0])}
+    asked = []
+    config = {R.ALPHAS: [1.0, 2.0, 4.0, 8.0, 16.0], R.LAMS: [1.0, 0.0], "fiun-alpha": 16.0, "fiun-lam": 1.0}
+    candidates, forgets, status = check_held_models(
+        _Tiny(), [forgettable, stubborn], [_RETAIN, _RETAIN], _FORGET, _FORGET_SET, config,
+        own_fisher=lambda w: asked.append(w) or own)
+    # the first forgets from (4, 0) on with the shared forget-Fisher; the second only once its own one selects
+    # the bias too (zeroing w00 alone leaves it at class 0), and only it cost a Fisher pass
+    assert candidates[0] == (4.0, 0.0) and forgets[0] is _FORGET and status[0] == "met"
+    assert forgets[1] is own and status[1] == "own-fisher" and len(asked) == 1 and asked[0] is stubborn
+    (w,), _ = unlearn_many([stubborn], [scale_free(_RETAIN)], scale_free(own),
+                           FIUnConfig(alpha=candidates[1][0], lam=candidates[1][1]))
+    assert count_correct(_Tiny(), w, _FORGET_SET) == 0
+
+
 def test_feasible_starts_are_the_mildest_scored_alphas_that_forget_everything():
     counts = GridCounts(((1.0, 0.0), (4.0, 0.0), (8.0, 0.0), (1.0, 1.0), (4.0, 1.0)),
                         [0, 0, 2, 1, UNSCORED], [5, 6, 7, 8, UNSCORED], 4, 8)

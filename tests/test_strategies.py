@@ -243,7 +243,13 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
                 if not auto["per_model_met"][m["id"]]:  # no candidate forgot it at some holder: the strongest
                     assert given == sequence[-1]
     derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
-    assert derived and all(m["version"] for m in derived)  # client-held models unlearned with the same alpha
+    assert derived and all(m["version"] for m in derived)
+    if auto["target_met"]:  # client-held models: checked where they live, from the choice towards stronger ones
+        for m in derived:
+            d = m["dampening"]
+            assert d["check"] in ("met", "own-fisher", "not-met") and (d["alpha"], d["lam"]) in sequence
+            if d["check"] == "not-met":
+                assert (d["alpha"], d["lam"]) == sequence[-1]
     # repair=auto runs exactly when calibration gave up more than a point of kept accuracy; then it is reported
     gave_up = auto["retain_before"] - auto["retain_after"] > 0.01
     assert ("repair" in res) == gave_up
