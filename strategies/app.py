@@ -74,7 +74,8 @@ def with_run_config(overrides: Mapping[str, Any] | None) -> Any:
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """The App's ClientApp: fl_unlearn's handlers (FIUn and SISA) over the App's data and model."""
     spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
-    app = ClientApp(mods=[freeze_after_startup, with_run_config(overrides), sisa_mod(spec)])  # sisa_mod: `train` rounds of a shard-model
+    # sisa_mod: `train` rounds of a shard-model
+    app = ClientApp(mods=[freeze_after_startup, with_run_config(overrides), sisa_mod(spec)])
     register_unlearning_handlers(app, spec)
     register_sisa_handlers(app, spec)
     return app

@@ -438,18 +438,34 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
             retain, forget_fisher = [scale_free(f) for f in retain], scale_free(forget_fisher)
         new_weights, stats = unlearn_many(weights, retain, [forget_fisher] * len(ids), cfg)
     out = {}
-    for n, (old, new, w_old, w_new, st, check) in enumerate(zip(ids, new_ids, weights, new_weights, stats, checks)):
-        before = _evaluate_split(spec, context, load_model(spec, context, w_old), forget, forget_ds)
-        after = _evaluate_split(spec, context, load_model(spec, context, w_new), forget, forget_ds)
+    for n, (old, new, w_new, st, check) in enumerate(zip(ids, new_ids, new_weights, stats, checks)):
         digest = store.put(w_new, {"node": new, "unlearned-from": old})
         index[new] = {**index[old], "weights": digest, "parent": old}
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
             R.PARENT_ID: old, R.NODE_ID: new, R.WEIGHTS_DIGEST: digest,
-            **{R.BEFORE + k: float(v) for k, v in before.items()}, **{R.AFTER + k: float(v) for k, v in after.items()},
             **{k: v for k, v in _stats_items(st)}, **({R.CHECK: check} if check else {}),
         })
     store.put_json(MODELS_DOC, index)
     log(INFO, "train.unlearn: partition %d unlearned %d models", partition_id(context), len(ids))
+    return Message(RecordDict(out), reply_to=msg)
+
+
+def handle_eval_held(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``query.evalheld``: held-out forget / kept accuracy of models this client holds, by id (for the report;
+    ``train.unlearn`` only unlearns, so its round trip times the unlearning alone)."""
+    config = R.first_config(msg)
+    store, forget = client_store(context, config), ForgetSpec.from_config(config)
+    index = store.get_json(MODELS_DOC, {})
+    ids = [str(i) for i in config[R.MODEL_IDS]]
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise UnlearnError(f"this client holds no models {unknown}; it holds {sorted(index)}")
+    forget_ds, _ = forget.split(spec.data_fn(context))
+    out = {}
+    for n, node_id in enumerate(ids):
+        figures = _evaluate_split(spec, context, load_model(spec, context, store.get(index[node_id]["weights"])),
+                                  forget, forget_ds)
+        out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({R.NODE_ID: node_id, **{k: float(v) for k, v in figures.items()}})
     return Message(RecordDict(out), reply_to=msg)
 
 
@@ -482,8 +498,8 @@ def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
     from strategies.repair import handle_repair
 
     table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
-             R.MSG_UNLEARN: handle_unlearn, R.MSG_DERIVE: handle_derive, R.MSG_CALIBRATE: handle_calibrate,
-             R.MSG_CHECK: handle_check, R.MSG_REPAIR: handle_repair}
+             R.MSG_UNLEARN: handle_unlearn, R.MSG_EVAL_HELD: handle_eval_held, R.MSG_DERIVE: handle_derive,
+             R.MSG_CALIBRATE: handle_calibrate, R.MSG_CHECK: handle_check, R.MSG_REPAIR: handle_repair}
     return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
 
 

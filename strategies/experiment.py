@@ -213,7 +213,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if outcome.calibration:
         results["alpha_auto"] = outcome.calibration
     evaluator = Evaluator(new_model, test, request, grid, strategy)
-    results.update(_describe(outcome, graph, store, evaluator, final_before.id))
+    held = strategy.evaluate_client_models(grid, outcome)  # the clients' own models, after the timed phase
+    results.update(_describe(outcome, graph, store, evaluator, final_before.id, held))
 
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
     settings = repair_settings(cfg)
@@ -292,8 +293,9 @@ def _retrain(grid: Grid, cfg: AppConfig, request: UnlearningRequest, store: Stor
 
 
 def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evaluate: Evaluator,
-              final_id: str) -> dict[str, Any]:
-    """Per affected model before/after figures (server-held: evaluated here; client-held: as reported)."""
+              final_id: str, held: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per affected model before/after figures (server-held: evaluated here; client-held: ``held``, as their
+    clients measured them)."""
     ids = [i for i in outcome.server_models if i in outcome.versions]
     befores = evaluate([store.get(graph.node(i).weights) for i in ids])
     afters = evaluate([store.get(graph.node(outcome.versions[i]).weights) for i in ids])
@@ -309,8 +311,7 @@ def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evalua
             rep = outcome.client_results[node_id]
             if "alpha" in rep:  # the holder's own per-model check (alpha="auto", a class)
                 entry["dampening"] = {"alpha": rep["alpha"], "lam": rep.get("lam"), "check": rep.get(R.CHECK)}
-            entry["before"] = {"forget_acc": rep.get(R.BEFORE + R.FORGET_ACC), "retain_acc": rep.get(R.BEFORE + R.RETAIN_ACC)}
-            entry["after"] = {"forget_acc": rep.get(R.AFTER + R.FORGET_ACC), "retain_acc": rep.get(R.AFTER + R.RETAIN_ACC)}
+            entry["before"], entry["after"] = held[node_id]["before"], held[node_id]["after"]
         models.append(entry)
     before, after = figures.get(final_id, (None, None))
     final_version = outcome.versions.get(final_id)

@@ -30,6 +30,7 @@ MSG_INFO = "query.info"
 MSG_FISHER = "query.fisher"
 MSG_EVAL_FORGET = "query.evalforget"
 MSG_UNLEARN = "train.unlearn"
+MSG_EVAL_HELD = "query.evalheld"  # held-out accuracy of models a client holds (derived), by id, for the report
 MSG_CALIBRATE = "query.calibrate"  # alpha="auto": score every candidate alpha on the client's own samples
 MSG_CHECK = "query.checkforget"  # alpha="auto", classes: per other affected model, the alpha that forgets
 MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on kept data (strategies.repair)

@@ -29,7 +29,7 @@ import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import torch
@@ -676,6 +676,37 @@ class UnlearningStrategy(DelegatingStrategy):
         log(INFO, "unlearn: %d client-held models unlearned on %d clients%s", len(versions), len(by_client),
             f"; failed: {failures}" if failures else "")
         return versions, failures
+
+    def evaluate_client_models(self, grid: Grid, outcome: UnlearnOutcome) -> dict[str, dict[str, Any]]:
+        """Held-out figures of the client-held models ``outcome`` unlearned, before and after (``query.evalheld``,
+        one round trip; not part of ``unlearn_s``). Returns old id -> ``{"before": ..., "after": ...}``, each with
+        ``forget_acc`` / ``retain_acc`` as the clients measure them."""
+        by_client: dict[int, list[str]] = {}
+        for old in outcome.client_results:
+            by_client.setdefault(self.graph.node(old).client, []).append(old)
+        msgs, wanted = [], {}
+        for pid, olds in sorted(by_client.items()):
+            ids = olds + [str(outcome.client_results[o][R.NODE_ID]) for o in olds]
+            wanted[pid] = ids
+            cfg = ConfigRecord({R.MODEL_IDS: ids, R.STORE_DIR: str(self.store.root),
+                                **request_config(outcome.request, pid)})
+            msgs.append(Message(RecordDict({R.CONFIG_KEY: cfg}), dst_node_id=self.nodes.node_of(pid),
+                                message_type=R.MSG_EVAL_HELD))
+        figures: dict[str, dict[str, Any]] = {}
+        for reply in exchange(grid, msgs, timeout=self.nodes.timeout):
+            if reply.has_error():
+                continue
+            for key, cfg in reply.content.config_records.items():
+                if key.startswith(R.NODE_KEY_PREFIX):
+                    figures[str(cfg[R.NODE_ID])] = {k: cfg.get(r) for k, r in (("forget_acc", R.FORGET_ACC),
+                                                                                 ("retain_acc", R.RETAIN_ACC))}
+        missing = [i for ids in wanted.values() for i in ids if i not in figures]
+        if missing:  # the models are unlearned and recorded; only the report lacks their figures
+            log(WARNING, "%s: no figures for %s (reported as null)", R.MSG_EVAL_HELD, missing)
+        unknown = {"forget_acc": None, "retain_acc": None}
+        return {old: {"before": figures.get(old, unknown),
+                      "after": figures.get(str(outcome.client_results[old][R.NODE_ID]), unknown)}
+                for old in outcome.client_results}
 
     def _client_check_config(self, request: UnlearningRequest, outcome: UnlearnOutcome) -> dict[str, Any]:
         """alpha="auto" and a class: the grid and sample count with which holders check the models they hold."""
