@@ -38,7 +38,7 @@ from strategies.nodes import checked_replies, exchange
 from strategies.retrain import RetrainStrategy
 from fl_unlearn.calibrate import RepairConfig
 from strategies.calibration import ClientCalibration
-from strategies.repair import RepairSettings, repair_at_clients
+from strategies.repair import RepairSettings, repair_at_clients, repair_held_at_clients
 from strategies.server import UnlearningStrategy, UnlearnOutcome
 
 Tensors = dict[str, torch.Tensor]
@@ -220,8 +220,15 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     settings = repair_settings(cfg)
     if outcome.calibration and settings.wanted(outcome.calibration):
         repaired, results["repair"] = _repair(grid, strategy, request, settings)
-        results["timing"]["repair_s"] = results["repair"]["seconds"]
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
+        if outcome.client_results:  # the clients' own (derived) models, each on its holder's kept data
+            held, held_s = _repair_held(grid, strategy, outcome, settings)
+            results["repair"]["held"], results["repair"]["seconds"] = held, results["repair"]["seconds"] + held_s
+            figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()])
+            for entry in results["affected_models"]:
+                if entry["id"] in held:
+                    entry["after_repair"] = figures[held[entry["id"]]["node"]]
+        results["timing"]["repair_s"] = results["repair"]["seconds"]
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
@@ -256,6 +263,31 @@ def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest
     strategy.current = node_id
     store.set_ref("latest-global", digest)
     return weights, {**info, "node": node_id}
+
+
+def _repair_held(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutcome,
+                 settings: RepairSettings) -> tuple[dict[str, dict[str, Any]], float]:
+    """Repair every client-held unlearned model where it lives (``train.repairheld``); record each result as a
+    new lineage node below its unlearned version. Returns affected model id -> report, and the seconds taken."""
+    start = time.perf_counter()
+    graph, request = strategy.graph, outcome.request
+    version_of = {old: str(rep[R.NODE_ID]) for old, rep in outcome.client_results.items()}
+    held: dict[int, list[tuple[str, str]]] = {}
+    for old, version in version_of.items():
+        held.setdefault(graph.node(version).client, []).append((version, f"{version}~repair"))
+    done = repair_held_at_clients(grid, strategy.nodes, held, {p: request_config(request, p) for p in held},
+                                  str(strategy.store.root), settings)
+    report = {}
+    for old, version in version_of.items():
+        rep, node = done[version], graph.node(version)
+        graph.add_node(rep["node"], node.kind, round=node.round, shard=node.shard, owner=node.owner,
+                       parents=(version,), weights=None, request_id=request.id,
+                       meta={"repair-of": version, "held-by": node.meta.get("held-by", ""),
+                             "client-weights": rep["digest"]})
+        report[old] = {"node": rep["node"], "rounds": rep["rounds"], "val_loss": rep["val_loss"]}
+    seconds = time.perf_counter() - start
+    log(INFO, "repair: %d client-held models repaired on %d clients (%.2f s)", len(report), len(held), seconds)
+    return report, seconds
 
 
 def _fiun_config(cfg: AppConfig) -> FIUnConfig:

@@ -33,6 +33,7 @@ MSG_UNLEARN = "train.unlearn"
 MSG_EVAL_HELD = "query.evalheld"  # held-out accuracy of models a client holds (derived), by id, for the report
 MSG_CALIBRATE = "query.calibrate"  # alpha="auto": score every candidate alpha on the client's own samples
 MSG_CHECK = "query.checkforget"  # alpha="auto", classes: per other affected model, the alpha that forgets
+MSG_REPAIR_HELD = "train.repairheld"  # repair of client-held (derived) models on their holder's kept data, locally
 MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on kept data (strategies.repair)
 MSG_DERIVE = "train.derive"
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
@@ -91,6 +92,7 @@ REPAIR_LR = "repair-lr"
 REPAIR_MOMENTUM = "repair-momentum"
 REPAIR_BATCH = "repair-batch-size"
 REPAIR_ROUND = "repair-round"
+REPAIR_ROUNDS = "repair-rounds"  # train.repairheld: cap on local repair rounds
 REPAIR_VAL_FRACTION = "repair-validation-fraction"
 VAL_LOSS = "val-loss-sum"  # train.repair reply: summed cross-entropy of the received weights on held-back rows
 VAL_NUM = "val-num-examples"

@@ -105,6 +105,44 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
     return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(new), R.METRICS_KEY: metrics}), reply_to=msg)
 
 
+def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``train.repairheld``: repair the models this client holds (derived models, just unlearned) on its own kept
+    data, with no round trip per step: :func:`fl_unlearn.calibrate.repair` on one kept sample (a quarter held back;
+    SGD steps until the validation loss stops improving, the best version kept). Each is stored as a new version
+    under the id the server gave it."""
+    from fl_unlearn.calibrate import repair
+    from strategies.calibration import _sample_tensors
+    from strategies.client import MODELS_DOC, _seed, client_store, load_model, partition_id
+
+    config = R.first_config(msg)
+    store, forget = client_store(context, config), ForgetSpec.from_config(config)
+    index = store.get_json(MODELS_DOC, {})
+    ids, new_ids = [str(i) for i in config[R.MODEL_IDS]], [str(i) for i in config[R.NODE_ID]]
+    unknown = [i for i in ids if i not in index]
+    if unknown or len(ids) != len(new_ids):
+        raise UnlearnError(f"train.repairheld: this client holds {sorted(index)}; asked for {ids} -> {new_ids}")
+    _, retain_ds = forget.split(spec.data_fn(context))
+    kept = _sample_tensors(retain_ds, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
+    if kept is None:
+        raise UnlearnError("train.repairheld: this client holds no kept data to repair on")
+    cfg = RepairConfig(max_rounds=int(config[R.REPAIR_ROUNDS]), local_steps=int(config[R.REPAIR_STEPS]),
+                       lr=float(config[R.REPAIR_LR]), momentum=float(config[R.REPAIR_MOMENTUM]),
+                       batch_size=int(config[R.REPAIR_BATCH]),
+                       validation_fraction=float(config[R.REPAIR_VAL_FRACTION]), seed=partition_id(context))
+    out = {}
+    for n, (old, new) in enumerate(zip(ids, new_ids)):
+        weights = store.get(index[old]["weights"])
+        repaired, info = repair(load_model(spec, context, weights), weights, [kept], cfg=cfg)
+        digest = store.put(repaired, {"node": new, "repair-of": old})
+        index[new] = {**index[old], "weights": digest, "parent": old}
+        out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
+            R.PARENT_ID: old, R.NODE_ID: new, R.WEIGHTS_DIGEST: digest, R.REPAIR_ROUND: int(info["repair_rounds"]),
+            R.VAL_LOSS: [float(v) for v in info["val_loss"]]})
+    store.put_json(MODELS_DOC, index)
+    log(INFO, "train.repairheld: partition %d repaired %d models", partition_id(context), len(ids))
+    return Message(RecordDict(out), reply_to=msg)
+
+
 # --- server side -----------------------------------------------------------------------------------------
 
 
@@ -162,3 +200,37 @@ def _repair_message(nodes: NodeDirectory, pid: int, weights: Tensors, request_co
                         R.REPAIR_VAL_FRACTION: steps.validation_fraction, **request_config})
     return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.CONFIG_KEY: cfg}),
                    dst_node_id=nodes.node_of(pid), message_type=R.MSG_REPAIR)
+
+
+def repair_held_at_clients(grid: Grid, nodes: NodeDirectory, held: dict[int, list[tuple[str, str]]],
+                           request_configs: dict[int, dict[str, Any]], store_dir: str,
+                           settings: RepairSettings = RepairSettings()) -> dict[str, dict[str, Any]]:
+    """One ``train.repairheld`` per client holding models to repair (``held``: partition -> [(model id, id of its
+    repaired version)]), all at once. Returns model id -> ``{"node", "digest", "rounds", "val_loss"}``."""
+    from strategies.nodes import checked_replies, exchange
+
+    steps = settings.steps
+    msgs = []
+    for pid, pairs in sorted(held.items()):
+        cfg = ConfigRecord({R.MODEL_IDS: [a for a, _ in pairs], R.NODE_ID: [b for _, b in pairs],
+                            R.STORE_DIR: store_dir, R.REPAIR_SAMPLES: settings.samples,
+                            R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
+                            R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
+                            R.REPAIR_VAL_FRACTION: steps.validation_fraction, **request_configs[pid]})
+        msgs.append(Message(RecordDict({R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
+                            message_type=R.MSG_REPAIR_HELD))
+    asked = {a: b for pairs in held.values() for a, b in pairs}
+    out: dict[str, dict[str, Any]] = {}
+    for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR_HELD):
+        for key, cfg in reply.content.config_records.items():
+            if not key.startswith(R.NODE_KEY_PREFIX):
+                continue
+            old, new, digest = str(cfg[R.PARENT_ID]), str(cfg[R.NODE_ID]), str(cfg[R.WEIGHTS_DIGEST])
+            if asked.get(old) != new or len(digest) != 64:
+                raise UnlearnError(f"{R.MSG_REPAIR_HELD}: a reply for {old!r} -> {new!r} that was not asked for")
+            out[old] = {"node": new, "digest": digest, "rounds": int(cfg[R.REPAIR_ROUND]),
+                        "val_loss": [float(v) for v in cfg[R.VAL_LOSS]]}
+    missing = sorted(set(asked) - set(out))
+    if missing:
+        raise UnlearnError(f"{R.MSG_REPAIR_HELD}: no repaired version of {missing}")
+    return out

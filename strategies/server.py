@@ -680,18 +680,21 @@ class UnlearningStrategy(DelegatingStrategy):
     def evaluate_client_models(self, grid: Grid, outcome: UnlearnOutcome) -> dict[str, dict[str, Any]]:
         """Held-out figures of the client-held models ``outcome`` unlearned, before and after (``query.evalheld``,
         one round trip; not part of ``unlearn_s``). Returns old id -> ``{"before": ..., "after": ...}``, each with
-        ``forget_acc`` / ``retain_acc`` as the clients measure them."""
+        ``forget_acc`` / ``retain_acc`` as the clients measure them (``None`` where a client could not answer)."""
+        new_of = {old: str(rep[R.NODE_ID]) for old, rep in outcome.client_results.items()}
+        figures = self.evaluate_held(grid, outcome.request, list(new_of) + list(new_of.values()))
+        return {old: {"before": figures[old], "after": figures[new]} for old, new in new_of.items()}
+
+    def evaluate_held(self, grid: Grid, request: UnlearningRequest, node_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """``query.evalheld`` to the clients holding ``node_ids`` (client-held lineage nodes), all at once: node id ->
+        ``{"forget_acc", "retain_acc"}`` on held-out data; ``None`` values where a client could not answer."""
         by_client: dict[int, list[str]] = {}
-        for old in outcome.client_results:
-            by_client.setdefault(self.graph.node(old).client, []).append(old)
-        msgs, wanted = [], {}
-        for pid, olds in sorted(by_client.items()):
-            ids = olds + [str(outcome.client_results[o][R.NODE_ID]) for o in olds]
-            wanted[pid] = ids
-            cfg = ConfigRecord({R.MODEL_IDS: ids, R.STORE_DIR: str(self.store.root),
-                                **request_config(outcome.request, pid)})
-            msgs.append(Message(RecordDict({R.CONFIG_KEY: cfg}), dst_node_id=self.nodes.node_of(pid),
-                                message_type=R.MSG_EVAL_HELD))
+        for node_id in node_ids:
+            by_client.setdefault(self.graph.node(node_id).client, []).append(node_id)
+        msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord({R.MODEL_IDS: ids, R.STORE_DIR: str(self.store.root),
+                                                                **request_config(request, pid)})}),
+                        dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_EVAL_HELD)
+                for pid, ids in sorted(by_client.items())]
         figures: dict[str, dict[str, Any]] = {}
         for reply in exchange(grid, msgs, timeout=self.nodes.timeout):
             if reply.has_error():
@@ -700,13 +703,10 @@ class UnlearningStrategy(DelegatingStrategy):
                 if key.startswith(R.NODE_KEY_PREFIX):
                     figures[str(cfg[R.NODE_ID])] = {k: cfg.get(r) for k, r in (("forget_acc", R.FORGET_ACC),
                                                                                  ("retain_acc", R.RETAIN_ACC))}
-        missing = [i for ids in wanted.values() for i in ids if i not in figures]
-        if missing:  # the models are unlearned and recorded; only the report lacks their figures
+        missing = [i for i in node_ids if i not in figures]
+        if missing:  # the models are recorded; only the report lacks their figures
             log(WARNING, "%s: no figures for %s (reported as null)", R.MSG_EVAL_HELD, missing)
-        unknown = {"forget_acc": None, "retain_acc": None}
-        return {old: {"before": figures.get(old, unknown),
-                      "after": figures.get(str(outcome.client_results[old][R.NODE_ID]), unknown)}
-                for old in outcome.client_results}
+        return {i: figures.get(i, {"forget_acc": None, "retain_acc": None}) for i in node_ids}
 
     def _client_check_config(self, request: UnlearningRequest, outcome: UnlearnOutcome) -> dict[str, Any]:
         """alpha="auto" and a class: the grid and sample count with which holders check the models they hold."""

@@ -259,6 +259,12 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
         assert rep["val_loss"][rep["chosen"]] == min(rep["val_loss"])
         graph = LineageGraph.load(store / "lineage")
         assert graph.node(rep["node"]).parents == (res["final_global"]["version"],)
+        # the clients' own models are repaired where they live, each a new node below its unlearned version
+        assert set(rep["held"]) == {m["id"] for m in derived}
+        for m in derived:
+            node = graph.node(rep["held"][m["id"]]["node"])
+            assert node.parents == (m["version"],) and node.meta["client-weights"] and node.owner == m["owner"]
+            assert m["after_repair"]["retain_acc"] is not None
 
 
 def test_repair_settings_decide_from_the_calibration_report():
