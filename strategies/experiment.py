@@ -218,17 +218,23 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
     settings = repair_settings(cfg)
+    repair_s = 0.0
     if outcome.calibration and settings.wanted(outcome.calibration):
         repaired, results["repair"] = _repair(grid, strategy, request, settings)
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
-        if outcome.client_results:  # the clients' own (derived) models, each on its holder's kept data
-            held, held_s = _repair_held(grid, strategy, outcome, settings)
-            results["repair"]["held"], results["repair"]["seconds"] = held, results["repair"]["seconds"] + held_s
-            figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()])
-            for entry in results["affected_models"]:
-                if entry["id"] in held:
-                    entry["after_repair"] = figures[held[entry["id"]]["node"]]
-        results["timing"]["repair_s"] = results["repair"]["seconds"]
+        repair_s += results["repair"]["seconds"]
+    if outcome.calibration and outcome.client_results and settings.mode != "off":
+        # the clients' own (derived) models, each on its holder's kept data; the calibration on the newest global
+        # says nothing about them, and a repair that does not lower the validation loss keeps the model as it is
+        held, held_s = _repair_held(grid, strategy, outcome, settings)
+        results["repair_held"] = {"models": held, "seconds": held_s}
+        figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()])
+        for entry in results["affected_models"]:
+            if entry["id"] in held:
+                entry["after_repair"] = figures[held[entry["id"]]["node"]]
+        repair_s += held_s
+    if repair_s:
+        results["timing"]["repair_s"] = repair_s
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
