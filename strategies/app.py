@@ -106,7 +106,7 @@ def _freeze_imported_objects() -> None:
     gc.freeze()
 
 
-_startup_messages = 0  # per process: messages handled, up to 2 (a Ray actor unpickles the ClientApp, never builds it)
+_started = False  # per process: the first message was handled (a Ray actor unpickles the ClientApp, never builds it)
 
 
 def freeze_after_startup(msg: Message, context: Context, call_next: Handler) -> Message:
@@ -115,13 +115,12 @@ def freeze_after_startup(msg: Message, context: Context, call_next: Handler) -> 
     Before: what the imports made. After: what the first handler loaded on demand (the dataset, its modules).
     Both are one-off costs at a client's start; every later message skips the collector's 0.3 s walks.
     """
-    global _startup_messages
-    if _startup_messages == 0:
-        _freeze_imported_objects()
+    global _started
+    if _started:
+        return call_next(msg, context)
+    _freeze_imported_objects()
     try:
         return call_next(msg, context)
     finally:
-        if _startup_messages < 2:
-            _startup_messages += 1
-            if _startup_messages == 1:
-                _freeze_imported_objects()
+        _started = True
+        _freeze_imported_objects()

@@ -54,10 +54,10 @@ from flwr.common.logger import log
 from fl_unlearn.calibrate import (
     DEFAULT_LAMS,
     GRID_ALPHAS,
-    GridCounts,
-    candidate_grid,
     NONE_FORGETS,
     NOT_WALKED,
+    GridCounts,
+    candidate_grid,
     check_models,
     check_sequence,
     choose_candidate,
@@ -176,7 +176,7 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
     forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_FORGET]), _seed(context, -3))
     retain_set = _sample_tensors(retain_ds, int(config[R.CALIBRATION_RETAIN]), _seed(context, -4))
     model = load_model(spec, context, weights)
-    base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+    base = R.fiun_from_config(config)
     candidates = _candidates(config)
     counts = score_alpha_grid(model, weights, retain_fisher, forget_fisher, forget_set, retain_set,
                               base=base, candidates=candidates, stop_when_kept=bool(config.get(R.CALIBRATION_STOP)))
@@ -240,9 +240,7 @@ def check_held_models(
         Per model: its ``(alpha, lambda)``, the forget-Fisher to dampen it with, and ``"met"``, ``"own-fisher"``
         or ``"not-met"`` (the strongest candidate with its own forget-Fisher, still keeping a sample).
     """
-    base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
-    sequence = check_sequence(base.alpha, base.lam, [float(a) for a in config[R.ALPHAS]],
-                              [float(v) for v in config[R.LAMS]])
+    base, sequence = _chosen_sequence(config)
     found = check_models(model, weights, list(retains), [forget_fisher] * len(weights), forget_set, sequence,
                          base=base)
     forgets, status = [forget_fisher] * len(weights), ["met"] * len(weights)
@@ -253,6 +251,13 @@ def check_held_models(
         (found[j],) = check_models(model, [weights[j]], [retains[j]], [forgets[j]], forget_set, sequence, base=base)
         status[j] = "own-fisher" if found[j] >= 0 else "not-met"
     return [tuple(sequence[i]) for i in found], forgets, status
+
+
+def _chosen_sequence(config: Any) -> tuple[FIUnConfig, list[tuple[float, float]]]:
+    """The federation's choice a message carries (``fiun-*``) and the check sequence from it over its grid."""
+    base = R.fiun_from_config(config)
+    return base, check_sequence(base.alpha, base.lam, [float(a) for a in config[R.ALPHAS]],
+                                [float(v) for v in config[R.LAMS]])
 
 
 def _check_content(arrays: Any, config: Any, what: str) -> tuple[list[Tensors], list[Tensors]]:
@@ -279,9 +284,7 @@ def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
     forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
     metrics = MetricRecord({R.FORGET_NUM: 0 if forget_set is None else len(forget_set[1])})
     if forget_set is not None:
-        base = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
-        sequence = check_sequence(base.alpha, base.lam, [float(a) for a in config[R.ALPHAS]],
-                                  [float(v) for v in config[R.LAMS]])
+        base, sequence = _chosen_sequence(config)
         metrics[R.CHECK_INDEX] = check_models(
             load_model(spec, context, models[0]), models, R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]),
             fishers, forget_set, sequence, base=base)

@@ -49,7 +49,7 @@ from fl_unlearn.data import class_histogram, make_loader, sample_ids, samples_of
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
 from fl_unlearn.fisher import FisherAccumulator, compute_fisher, select_parameters
-from fl_unlearn.fiun import FIUnConfig, unlearn_many
+from fl_unlearn.fiun import unlearn_many
 from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything, train_local
 from strategies import records as R
@@ -401,11 +401,8 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     """``train.unlearn``: dampen the listed models this client holds, in one ``unlearn_many`` step."""
     config = R.first_config(msg)
     store, forget = client_store(context, config), ForgetSpec.from_config(config)
-    index = store.get_json(MODELS_DOC, {})
     ids, new_ids = [str(i) for i in config[R.MODEL_IDS]], [str(i) for i in config[R.NODE_ID]]
-    unknown = [i for i in ids if i not in index]
-    if unknown:
-        raise UnlearnError(f"this client holds no models {unknown}; it holds {sorted(index)}")
+    index = held_index(store, ids)
     forget_fisher = R.record_to_tensors(msg.content.array_records[R.FORGET_FISHER_KEY])
     forget_ds, retain_ds = forget.split(spec.data_fn(context))
     weights = [store.get(index[i]["weights"]) for i in ids]
@@ -418,7 +415,7 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
             raise UnlearnError(f"models {missing} were derived without accumulating a Fisher; use retain-fisher=fresh")
         retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
                                     _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
-    cfg = FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
+    cfg = R.fiun_from_config(config)
     checks = [""] * len(ids)
     check_n = int(config.get(R.CALIBRATION_CHECK, 0))
     if config.get(R.SCALE_FREE) and check_n > 0 and forget.classes and len(forget_ds):
@@ -455,11 +452,8 @@ def handle_eval_held(spec: ClientSpec, msg: Message, context: Context) -> Messag
     ``train.unlearn`` only unlearns, so its round trip times the unlearning alone)."""
     config = R.first_config(msg)
     store, forget = client_store(context, config), ForgetSpec.from_config(config)
-    index = store.get_json(MODELS_DOC, {})
     ids = [str(i) for i in config[R.MODEL_IDS]]
-    unknown = [i for i in ids if i not in index]
-    if unknown:
-        raise UnlearnError(f"this client holds no models {unknown}; it holds {sorted(index)}")
+    index = held_index(store, ids)
     forget_ds, _ = forget.split(spec.data_fn(context))
     out = {}
     for n, node_id in enumerate(ids):
@@ -467,6 +461,15 @@ def handle_eval_held(spec: ClientSpec, msg: Message, context: Context) -> Messag
                                   forget, forget_ds)
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({R.NODE_ID: node_id, **{k: float(v) for k, v in figures.items()}})
     return Message(RecordDict(out), reply_to=msg)
+
+
+def held_index(store: Store, ids: list[str]) -> dict[str, Any]:
+    """This client's index of the models it holds; ``UnlearnError`` when ``ids`` names one it does not hold."""
+    index = store.get_json(MODELS_DOC, {})
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise UnlearnError(f"this client holds no models {unknown}; it holds {sorted(index)}")
+    return index
 
 
 def _rho(forget: ForgetSpec, lineage: Mapping[str, Any], forget_ds: Dataset) -> float:

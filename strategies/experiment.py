@@ -277,7 +277,7 @@ def _repair_held(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutco
     new lineage node below its unlearned version. Returns affected model id -> report, and the seconds taken."""
     start = time.perf_counter()
     graph, request = strategy.graph, outcome.request
-    version_of = {old: str(rep[R.NODE_ID]) for old, rep in outcome.client_results.items()}
+    version_of = {old: outcome.versions[old] for old in outcome.client_results}
     held: dict[int, list[tuple[str, str]]] = {}
     for old, version in version_of.items():
         held.setdefault(graph.node(version).client, []).append((version, f"{version}~repair"))

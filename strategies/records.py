@@ -24,6 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fl_unlearn.errors import RecordError
+from fl_unlearn.fiun import FIUnConfig
 
 # --- message types ------------------------------------------------------------------------------------
 MSG_INFO = "query.info"
@@ -205,6 +206,16 @@ def int_list(value: object) -> list[int]:
     if bad:
         raise RecordError(f"expected non-negative integer ids or counts, got {bad[:10]!r:.200}")
     return [int(v) for v in values]
+
+
+def is_digest(value: object) -> bool:
+    """Whether ``value`` is a sha256 hex digest (how stores name weights)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def fiun_from_config(config: Mapping) -> FIUnConfig:
+    """The ``FIUnConfig`` a message carries as ``fiun-*`` values (``strategies.server.fiun_config``)."""
+    return FIUnConfig(**{k[len("fiun-"):]: v for k, v in config.items() if k.startswith("fiun-")})
 
 
 def first_config(msg: Message, key: str = CONFIG_KEY) -> ConfigRecord:

@@ -112,15 +112,14 @@ def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Mess
     under the id the server gave it."""
     from fl_unlearn.calibrate import repair
     from strategies.calibration import _sample_tensors
-    from strategies.client import MODELS_DOC, _seed, client_store, load_model, partition_id
+    from strategies.client import MODELS_DOC, _seed, client_store, held_index, load_model, partition_id
 
     config = R.first_config(msg)
     store, forget = client_store(context, config), ForgetSpec.from_config(config)
-    index = store.get_json(MODELS_DOC, {})
     ids, new_ids = [str(i) for i in config[R.MODEL_IDS]], [str(i) for i in config[R.NODE_ID]]
-    unknown = [i for i in ids if i not in index]
-    if unknown or len(ids) != len(new_ids):
-        raise UnlearnError(f"train.repairheld: this client holds {sorted(index)}; asked for {ids} -> {new_ids}")
+    index = held_index(store, ids)
+    if len(ids) != len(new_ids):
+        raise UnlearnError(f"train.repairheld: {len(ids)} models but {len(new_ids)} new ids ({ids} -> {new_ids})")
     _, retain_ds = forget.split(spec.data_fn(context))
     kept = _sample_tensors(retain_ds, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
     if kept is None:
@@ -226,7 +225,7 @@ def repair_held_at_clients(grid: Grid, nodes: NodeDirectory, held: dict[int, lis
             if not key.startswith(R.NODE_KEY_PREFIX):
                 continue
             old, new, digest = str(cfg[R.PARENT_ID]), str(cfg[R.NODE_ID]), str(cfg[R.WEIGHTS_DIGEST])
-            if asked.get(old) != new or len(digest) != 64:
+            if asked.get(old) != new or not R.is_digest(digest):
                 raise UnlearnError(f"{R.MSG_REPAIR_HELD}: a reply for {old!r} -> {new!r} that was not asked for")
             out[old] = {"node": new, "digest": digest, "rounds": int(cfg[R.REPAIR_ROUND]),
                         "val_loss": [float(v) for v in cfg[R.VAL_LOSS]]}

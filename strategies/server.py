@@ -681,7 +681,7 @@ class UnlearningStrategy(DelegatingStrategy):
         """Held-out figures of the client-held models ``outcome`` unlearned, before and after (``query.evalheld``,
         one round trip; not part of ``unlearn_s``). Returns old id -> ``{"before": ..., "after": ...}``, each with
         ``forget_acc`` / ``retain_acc`` as the clients measure them (``None`` where a client could not answer)."""
-        new_of = {old: str(rep[R.NODE_ID]) for old, rep in outcome.client_results.items()}
+        new_of = {old: outcome.versions[old] for old in outcome.client_results}
         figures = self.evaluate_held(grid, outcome.request, list(new_of) + list(new_of.values()))
         return {old: {"before": figures[old], "after": figures[new]} for old, new in new_of.items()}
 
@@ -724,7 +724,7 @@ class UnlearningStrategy(DelegatingStrategy):
         for key, cfg in reply.content.config_records.items():
             if key.startswith(R.NODE_KEY_PREFIX):
                 old, new, digest = cfg.get(R.PARENT_ID), cfg.get(R.NODE_ID), cfg.get(R.WEIGHTS_DIGEST)
-                if old not in sent or new != version_id(str(old), request) or not _is_digest(digest):
+                if old not in sent or new != version_id(str(old), request) or not R.is_digest(digest):
                     raise RecordError(f"train.unlearn reply of partition {pid}: model {old!r:.80} -> {new!r:.80} "
                                       f"({digest!r:.80}) was not asked for, or has no valid digest")
                 got[old] = digest
@@ -819,10 +819,6 @@ def _unlearn_per_candidate(weights: list[Tensors], retain: list[Tensors], forget
     candidates = [(float(a), float(v)) for a, v in candidates]
     new_weights, stats = unlearn_with_candidates(weights, retain, forgets, cfg, candidates)
     return new_weights, [{**_as_dict(st), "alpha": a, "lam": v} for st, (a, v) in zip(stats, candidates)]
-
-
-def _is_digest(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def fiun_config(cfg: Any) -> dict[str, Any]:

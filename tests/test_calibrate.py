@@ -124,6 +124,15 @@ def _data(n: int, seed: int):
     return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
+def _linear_with_fishers():
+    """A seeded ``_Linear``, its weights, and one retain- and one forget-Fisher for it."""
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _, retain, forget = _models(1)
+    return model, weights, retain[0], forget
+
+
 def test_choose_candidate_keeps_most_among_candidates_that_forget_enough():
     counts = GridCounts(_pairs(1, 2, 4, 8), forget_correct=[0, 0, 1, 9], retain_correct=[50, 70, 90, 99],
                         forget_num=10, retain_num=100)
@@ -163,11 +172,7 @@ def test_counts_add_up_like_one_party_holding_all_samples():
 @settings(max_examples=20, deadline=None)
 @given(c_forget=st.floats(1e-6, 1e6), c_retain=st.floats(1e-6, 1e6))
 def test_client_grid_counts_do_not_change_when_either_fisher_is_rescaled(c_forget, c_retain):
-    torch.manual_seed(0)
-    model = _Linear()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _, retain, forget = _models(1)
-    retain = retain[0]
+    model, weights, retain, forget = _linear_with_fishers()
     forget_set, retain_set = _data(40, 1), _data(60, 2)
     ref = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set)
     scaled = score_alpha_grid(model, weights, {k: v * c_retain for k, v in retain.items()},
@@ -176,11 +181,7 @@ def test_client_grid_counts_do_not_change_when_either_fisher_is_rescaled(c_forge
 
 
 def test_client_grid_counts_match_dampening_each_alpha_by_hand():
-    torch.manual_seed(0)
-    model = _Linear()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _, retain, forget = _models(1)
-    retain = retain[0]
+    model, weights, retain, forget = _linear_with_fishers()
     x, y = _data(50, 3)
     grid = ((0.5, 0.0), (2.0, 1.0), (8.0, 1.0))
     counts = score_alpha_grid(model, weights, retain, forget, (x, y), None, candidates=grid)
@@ -192,11 +193,7 @@ def test_client_grid_counts_match_dampening_each_alpha_by_hand():
 
 
 def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_the_full_grid():
-    torch.manual_seed(0)
-    model = _Linear()
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _, retain, forget = _models(1)
-    retain = retain[0]
+    model, weights, retain, forget = _linear_with_fishers()
     forget_set, retain_set = _data(30, 4), _data(40, 5)
     grid = candidate_grid((0.0, 0.25, 1.0, 4.0, 16.0, 1e9), (1.0, 0.0))
     full = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)

@@ -583,7 +583,7 @@ def test_freeze_after_startup_freezes_the_long_lived_objects_once_around_the_fir
     import strategies.app as app_module
 
     real_freeze = app_module._freeze_imported_objects
-    monkeypatch.setattr(app_module, "_startup_messages", 0)
+    monkeypatch.setattr(app_module, "_started", False)
     frozen = []
     monkeypatch.setattr(app_module, "_freeze_imported_objects", lambda: frozen.append(len(handled)))
     handled: list = []
