@@ -498,7 +498,8 @@ def score_alpha_grid(
             f_correct.append(UNSCORED)
             r_correct.append(UNSCORED)
             continue
-        (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha, lam=lam))
+        (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha, lam=lam),
+                                       check_fishers=not f_correct)  # checked with the first candidate
         f, r = count_correct_split(model, candidate, forget_set, retain_set)
         f_correct.append(f)
         r_correct.append(r)
@@ -532,13 +533,25 @@ def _size(data: tuple[Tensor, Tensor] | None) -> int:
     return 0 if data is None else int(len(data[1]))
 
 
+def _predict(model: torch.nn.Module, weights: Weights, x: Tensor) -> Tensor:
+    """Predicted classes of ``model`` with ``weights`` on ``x``.
+
+    The calibration and the per-model checks are little else but these forward passes. On CPU the convolution
+    weights go channels-last, a layout oneDNN's convolutions and max-pooling keep: 0.8-0.9x the time for the
+    small CNN at one thread (ResNet-18 unchanged); the logits agree with the plain pass to ~1e-7.
+    """
+    if x.device.type == "cpu":
+        weights = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                   for k, v in weights.items()}
+    return torch.func.functional_call(model, dict(weights), (x,)).argmax(1)
+
+
 @torch.no_grad()
 def count_correct(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor] | None) -> int:
     """Correct predictions of ``model`` with ``weights`` on ``(x, y)`` (0 for ``None`` or no rows)."""
     if data is None or len(data[1]) == 0:
         return 0
-    logits = torch.func.functional_call(model, dict(weights), (data[0],))
-    return int((logits.argmax(1) == data[1]).sum())
+    return int((_predict(model, weights, data[0]) == data[1]).sum())
 
 
 @torch.no_grad()
@@ -550,7 +563,7 @@ def count_correct_split(model: torch.nn.Module, weights: Weights, forget_set: tu
     if len(parts) < 2:
         return count_correct(model, weights, forget_set), count_correct(model, weights, retain_set)
     x = torch.cat([forget_set[0], retain_set[0]])
-    hits = torch.func.functional_call(model, dict(weights), (x,)).argmax(1) == torch.cat([forget_set[1], retain_set[1]])
+    hits = _predict(model, weights, x) == torch.cat([forget_set[1], retain_set[1]])
     n = len(forget_set[1])
     return int(hits[:n].sum()), int(hits[n:].sum())
 
@@ -682,20 +695,41 @@ def walk_models(
         raise ConfigError(f"walk_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
     retain = scale_free(retain_fisher)
     normalised: dict[int, dict[str, Tensor]] = {}
+    forgets = [normalised.setdefault(id(f), scale_free(f)) for f in forget_fishers]
     model = model.eval()
-    reports = []
-    for weights, forget in zip(models, forget_fishers):
-        forget_sf = normalised.setdefault(id(forget), scale_free(forget))
-        report = {}
-        for lam, start in starts.items():
-            report[lam] = NONE_FORGETS
-            for alpha in sorted({float(a) for a in alphas if a <= start} | {float(start)}, reverse=True):
-                (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
-                if count_correct(model, candidate, forget_set) == 0:
-                    report[lam] = alpha
-                    break
-        reports.append(report)
+    reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
+    checked: set[int] = set()  # models whose Fishers an earlier step validated
+    for lam, start in starts.items():
+        walking = list(range(len(models)))
+        for alpha in sorted({float(a) for a in alphas if a <= start} | {float(start)}, reverse=True):
+            cfg, still = replace(base, alpha=alpha, lam=lam), []
+            for chunk in _chunks(walking, models):  # the models still walking share each dampening step
+                dampened, _ = unlearn_many([models[i] for i in chunk], [retain] * len(chunk),
+                                           [forgets[i] for i in chunk], cfg,
+                                           check_fishers=not checked.issuperset(chunk))
+                checked.update(chunk)
+                for i, candidate in zip(chunk, dampened):
+                    if count_correct(model, candidate, forget_set) == 0:
+                        reports[i][lam] = alpha
+                    else:
+                        still.append(i)
+            walking = still
+            if not walking:
+                break
     return reports
+
+
+#: Weights dampened in one stacked step of a walk (bytes): bounds the walk's memory for large models.
+WALK_STEP_BYTES = 256 * 2**20
+
+
+def _chunks(indices: list[int], models: Sequence[Weights]) -> list[list[int]]:
+    """``indices`` in runs whose models, stacked, stay under :data:`WALK_STEP_BYTES` (at least one each)."""
+    if not indices:
+        return []
+    size = sum(t.numel() * t.element_size() for t in models[indices[0]].values())
+    per = max(1, WALK_STEP_BYTES // max(size, 1))
+    return [indices[k:k + per] for k in range(0, len(indices), per)]
 
 
 def first_forgetting(sequence: Sequence[tuple[float, float]], report: Mapping[float, float]) -> int:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -68,7 +69,7 @@ from fl_unlearn.calibrate import (
     score_alpha_grid,
     walk_models,
 )
-from fl_unlearn.data import make_loader
+from fl_unlearn.data import load_rows
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.fiun import FIUnConfig
 from strategies import records as R
@@ -149,13 +150,12 @@ class CalibrationChoice:
 # --- client side -----------------------------------------------------------------------------------------
 
 
-def _sample_tensors(ds: Dataset, cap: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    from strategies.client import capped
+def _sample_tensors(ds: Dataset, rows: np.ndarray, cap: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """At most ``cap`` of ``rows`` (positions in ``ds``; a seeded subset) as one ``(x, y)`` batch; ``None`` if none."""
+    from strategies.client import capped_rows
 
-    rows = capped(ds, cap, seed)
-    if len(rows) == 0:
-        return None
-    return next(iter(make_loader(rows, len(rows))))
+    rows = capped_rows(rows, cap, seed)
+    return load_rows(ds, rows) if len(rows) else None
 
 
 def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Message:
@@ -172,9 +172,10 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
     weights = R.record_to_tensors(arrays[R.ARRAYS_KEY])
     forget_fisher = R.record_to_tensors(arrays[R.FORGET_FISHER_KEY])
     retain_fisher = R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY])
-    forget_ds, retain_ds = ForgetSpec.from_config(config).split(spec.data_fn(context))
-    forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_FORGET]), _seed(context, -3))
-    retain_set = _sample_tensors(retain_ds, int(config[R.CALIBRATION_RETAIN]), _seed(context, -4))
+    data = spec.data_fn(context)
+    forget_rows, retain_rows = ForgetSpec.from_config(config).split_rows(data)
+    forget_set = _sample_tensors(data, forget_rows, int(config[R.CALIBRATION_FORGET]), _seed(context, -3))
+    retain_set = _sample_tensors(data, retain_rows, int(config[R.CALIBRATION_RETAIN]), _seed(context, -4))
     model = load_model(spec, context, weights)
     base = R.fiun_from_config(config)
     candidates = _candidates(config)
@@ -186,11 +187,12 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
         R.FORGET_NUM: counts.forget_num, R.RETAIN_NUM: counts.retain_num,
         R.BEFORE + R.FORGET_CORRECT: before_forget, R.BEFORE + R.RETAIN_CORRECT: before_retain,
     })
+    scored_s = time.perf_counter() - start
     walked = _walk_check_models(model, arrays, config, retain_fisher, forget_set, counts, base, metrics)
     metrics[R.SECONDS] = time.perf_counter() - start
-    log(INFO, "query.calibrate: partition %d scored %d of %d candidates on %d forget / %d kept samples%s in %.2f s",
-        partition_id(context), sum(counts.scored()), len(candidates), counts.forget_num, counts.retain_num,
-        f", checked {walked} more models" if walked else "", metrics[R.SECONDS])
+    log(INFO, "query.calibrate: partition %d scored %d of %d candidates on %d forget / %d kept samples in %.2f s%s",
+        partition_id(context), sum(counts.scored()), len(candidates), counts.forget_num, counts.retain_num, scored_s,
+        f", checked {walked} more models in {metrics[R.SECONDS] - scored_s:.2f} s" if walked else "")
     return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -280,8 +282,9 @@ def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
     config = R.first_config(msg)
     arrays = msg.content.array_records
     models, fishers = _check_content(arrays, config, "query.checkforget")
-    forget_ds, _ = ForgetSpec.from_config(config).split(spec.data_fn(context))
-    forget_set = _sample_tensors(forget_ds, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
+    data = spec.data_fn(context)
+    forget_rows, _ = ForgetSpec.from_config(config).split_rows(data)
+    forget_set = _sample_tensors(data, forget_rows, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
     metrics = MetricRecord({R.FORGET_NUM: 0 if forget_set is None else len(forget_set[1])})
     if forget_set is not None:
         base, sequence = _chosen_sequence(config)

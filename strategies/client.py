@@ -278,22 +278,23 @@ def handle_train(spec: ClientSpec, msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
-def capped(ds: Dataset, cap: int, seed: int) -> Dataset:
-    """At most ``cap`` rows of ``ds`` (a seeded random subset, in order); ``cap=0`` keeps all.
+def capped_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``rows`` (a seeded random subset, in order); ``cap=0`` keeps all.
 
     Subsetting before a loader converts images makes a capped pass cost what its samples cost.
     """
-    if not cap or len(ds) <= cap:
-        return ds
-    return ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), size=cap, replace=False)))
+    if not cap or len(rows) <= cap:
+        return rows
+    return rows[np.sort(np.random.default_rng(seed).choice(len(rows), size=cap, replace=False))]
 
 
-def fisher_of(model: nn.Module, ds: Dataset, context: Context, config: Mapping[str, Any], *, seed: int) -> Tensors:
-    """The Fisher of ``model`` on at most ``fisher-samples`` rows of ``ds``, with the layers and estimator
-    the server asked for (the same batch size for every Fisher, so forget and retain estimates compare)."""
+def fisher_of(model: nn.Module, ds: Dataset, rows: np.ndarray, context: Context, config: Mapping[str, Any], *,
+              seed: int) -> Tensors:
+    """The Fisher of ``model`` on at most ``fisher-samples`` of ``rows`` (positions in ``ds``), with the layers and
+    estimator the server asked for (the same batch size for every Fisher, so forget and retain estimates compare)."""
     names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
-    rows = capped(ds, int(config.get(R.FISHER_SAMPLES, 0)), seed)
-    loader = make_loader(rows, setting(context, "batch-size"))
+    loader = make_loader(ds, setting(context, "batch-size"),
+                         rows=capped_rows(rows, int(config.get(R.FISHER_SAMPLES, 0)), seed))
     return dict(compute_fisher(model, loader, names, estimator=str(config.get(R.FISHER_ESTIMATOR, "batch"))))
 
 
@@ -303,19 +304,20 @@ def handle_fisher(spec: ClientSpec, msg: Message, context: Context) -> Message:
     ``fisher-samples`` samples)."""
     start = time.perf_counter()
     config = R.first_config(msg)
-    forget_ds, retain_ds = ForgetSpec.from_config(config).split(spec.data_fn(context))
+    data = spec.data_fn(context)
+    forget_rows, retain_rows = ForgetSpec.from_config(config).split_rows(data)
     model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
-    metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_ds), R.RETAIN_NUM: len(retain_ds)}
+    metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_rows), R.RETAIN_NUM: len(retain_rows)}
     content: dict[str, Any] = {}
-    if len(forget_ds):
-        fisher = fisher_of(model, forget_ds, context, config, seed=_seed(context, -2))
+    if len(forget_rows):
+        fisher = fisher_of(model, data, forget_rows, context, config, seed=_seed(context, -2))
         content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
-    if config.get(R.WANT_RETAIN) and len(retain_ds):
-        fisher = fisher_of(model, retain_ds, context, config, seed=_seed(context, -1))
+    if config.get(R.WANT_RETAIN) and len(retain_rows):
+        fisher = fisher_of(model, data, retain_rows, context, config, seed=_seed(context, -1))
         content[R.RETAIN_FISHER_KEY] = R.tensors_to_record(fisher)
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.fisher: partition %d, %d forget / %d kept samples, %.2f s", partition_id(context),
-        len(forget_ds), len(retain_ds), metrics[R.SECONDS])
+        len(forget_rows), len(retain_rows), metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics), **content}), reply_to=msg)
 
 
@@ -404,28 +406,29 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     ids, new_ids = [str(i) for i in config[R.MODEL_IDS]], [str(i) for i in config[R.NODE_ID]]
     index = held_index(store, ids)
     forget_fisher = R.record_to_tensors(msg.content.array_records[R.FORGET_FISHER_KEY])
-    forget_ds, retain_ds = forget.split(spec.data_fn(context))
+    data = spec.data_fn(context)
+    forget_rows, retain_rows = forget.split_rows(data)
     weights = [store.get(index[i]["weights"]) for i in ids]
     if config.get(R.WANT_RETAIN):  # retain-fisher=fresh: on the kept data, at each model's own weights
-        retain = [fisher_of(load_model(spec, context, w), retain_ds, context, config, seed=_seed(context, -1))
+        retain = [fisher_of(load_model(spec, context, w), data, retain_rows, context, config, seed=_seed(context, -1))
                   for w in weights]
     else:  # the Fisher accumulated while deriving, corrected for the forgotten share of its data
         missing = [i for i in ids if not index[i].get("retain-fisher")]
         if missing:
             raise UnlearnError(f"models {missing} were derived without accumulating a Fisher; use retain-fisher=fresh")
         retain = [retain_from_whole(store.get(index[i]["retain-fisher"]), forget_fisher,
-                                    _rho(forget, index[i]["lineage"], forget_ds)) for i in ids]
+                                    _rho(forget, index[i]["lineage"], len(forget_rows))) for i in ids]
     cfg = R.fiun_from_config(config)
     checks = [""] * len(ids)
     check_n = int(config.get(R.CALIBRATION_CHECK, 0))
-    if config.get(R.SCALE_FREE) and check_n > 0 and forget.classes and len(forget_ds):
+    if config.get(R.SCALE_FREE) and check_n > 0 and forget.classes and len(forget_rows):
         # alpha="auto", a class: check each model here, on this client's own forget samples (no round trip)
         from strategies.calibration import _sample_tensors, check_held_models
 
         candidates, forgets, checks = check_held_models(
             load_model(spec, context, weights[0]), weights, retain, forget_fisher,
-            _sample_tensors(forget_ds, check_n, _seed(context, -3)), config,
-            own_fisher=lambda w: fisher_of(load_model(spec, context, w), forget_ds, context, config,
+            _sample_tensors(data, forget_rows, check_n, _seed(context, -3)), config,
+            own_fisher=lambda w: fisher_of(load_model(spec, context, w), data, forget_rows, context, config,
                                            seed=_seed(context, -2)))
         new_weights, stats = unlearn_with_candidates(weights, [scale_free(f) for f in retain],
                                                      [scale_free(f) for f in forgets], cfg, candidates)
@@ -472,11 +475,11 @@ def held_index(store: Store, ids: list[str]) -> dict[str, Any]:
     return index
 
 
-def _rho(forget: ForgetSpec, lineage: Mapping[str, Any], forget_ds: Dataset) -> float:
-    """Forgotten share of a derived model's training data."""
+def _rho(forget: ForgetSpec, lineage: Mapping[str, Any], held: int) -> float:
+    """Forgotten share of a derived model's training data (``held``: this client's forget samples)."""
     hist = R.histogram_from_config(lineage)
     n = int(lineage[R.NUM_EXAMPLES])
-    return forget.fraction(hist, n, held=len(forget_ds))
+    return forget.fraction(hist, n, held=held)
 
 
 def _as_plain(stats: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from fl_unlearn.data import sample_ids, samples_of_classes, without_classes
+from fl_unlearn.data import class_labels, sample_ids
 from fl_unlearn.lineage import TrainingData
 from fl_unlearn.requests import UnlearningRequest
 from strategies import records as R
@@ -60,10 +60,17 @@ class ForgetSpec:
         """``(forget, retain)`` rows of ``ds``."""
         if self.everything:
             return ds, ds.select([])
-        if self.classes:
-            return samples_of_classes(ds, self.classes), without_classes(ds, self.classes)
-        mask = np.isin(sample_ids(ds), np.asarray(self.samples, dtype=np.int64))
-        return ds.select(np.flatnonzero(mask)), ds.select(np.flatnonzero(~mask))
+        forget, retain = self.split_rows(ds)
+        return ds.select(forget), ds.select(retain)
+
+    def split_rows(self, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """``(forget, retain)`` positions in ``ds`` (ascending): the rows :meth:`split` selects, for
+        ``fl_unlearn.data.make_loader(ds, ..., rows=...)``, which indexes the partition's cached tensors."""
+        if self.everything:
+            return np.arange(len(ds)), np.arange(0)
+        mask = (np.isin(class_labels(ds), np.asarray(self.classes, dtype=np.int64)) if self.classes
+                else np.isin(sample_ids(ds), np.asarray(self.samples, dtype=np.int64)))
+        return np.flatnonzero(mask), np.flatnonzero(~mask)
 
     def fraction(self, histogram: Mapping[int, int], num_samples: int, held: int | None = None) -> float:
         """Share of a data set (given by its histogram) that is forgotten; ``held`` = forget samples in it."""

@@ -41,8 +41,9 @@ def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0) -> list[i
     return ids
 
 
-#: First and longest wait between two pulls of :func:`exchange` (seconds).
-POLL_FIRST, POLL_MAX = 0.005, 0.1
+#: Shortest and longest wait between two pulls of :func:`exchange` (seconds), and the wait as a share of the time
+#: the round trip has taken so far: a reply waits at most ~5 % of the round trip for its pull.
+POLL_FIRST, POLL_MAX, POLL_SHARE = 0.005, 0.1, 0.05
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
@@ -50,7 +51,8 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
 
     Flower's own loop sleeps a fixed interval between pulls (0.1 s in simulation, 3 s on a SuperLink's
     ``GrpcGrid``), so a round trip whose clients answer in a fraction of a second still costs that interval.
-    Unlearning is a few such round trips, so this pulls after 5 ms, then backs off to at most 0.1 s.
+    Unlearning is a few such round trips, so this pulls after 5 ms, then waits 5 % of the time elapsed (at most
+    0.1 s): a 0.4 s round trip loses ~10 ms to the pull interval, not ~50 ms.
     A grid that only offers ``send_and_receive`` (a test double) is used as it is.
 
     Parameters
@@ -71,15 +73,16 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
     pending = set(push(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
-    wait = POLL_FIRST
+    start = time.monotonic()
     while pending:
         arrived = list(pull(pending))
         replies.extend(arrived)
         pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
-        time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
-        wait = min(wait * 1.5, POLL_MAX)
+        now = time.monotonic()
+        wait = min(max(POLL_SHARE * (now - start), POLL_FIRST), POLL_MAX)
+        time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - now)))
     return replies
 
 

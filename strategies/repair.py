@@ -88,8 +88,9 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
 
     config = R.first_config(msg)
     weights = R.record_to_tensors(msg.content.array_records[R.ARRAYS_KEY])
-    _, retain_ds = ForgetSpec.from_config(config).split(spec.data_fn(context))
-    kept = _sample_tensors(retain_ds, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
+    data = spec.data_fn(context)
+    _, retain_rows = ForgetSpec.from_config(config).split_rows(data)
+    kept = _sample_tensors(data, retain_rows, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
     if kept is None:
         return Message(RecordDict({R.METRICS_KEY: MetricRecord({R.NUM_EXAMPLES: 0, R.VAL_LOSS: 0.0, R.VAL_NUM: 0})}),
                        reply_to=msg)
@@ -120,8 +121,9 @@ def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Mess
     index = held_index(store, ids)
     if len(ids) != len(new_ids):
         raise UnlearnError(f"train.repairheld: {len(ids)} models but {len(new_ids)} new ids ({ids} -> {new_ids})")
-    _, retain_ds = forget.split(spec.data_fn(context))
-    kept = _sample_tensors(retain_ds, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
+    data = spec.data_fn(context)
+    _, retain_rows = forget.split_rows(data)
+    kept = _sample_tensors(data, retain_rows, int(config[R.REPAIR_SAMPLES]), _seed(context, -5))
     if kept is None:
         raise UnlearnError("train.repairheld: this client holds no kept data to repair on")
     cfg = RepairConfig(max_rounds=int(config[R.REPAIR_ROUNDS]), local_steps=int(config[R.REPAIR_STEPS]),

@@ -386,3 +386,34 @@ def test_one_forward_pass_counts_what_two_do():
     f, r = _data(30, 1), _data(20, 2)
     assert count_correct_split(model, weights, f, r) == (count_correct(model, weights, f), count_correct(model, weights, r))
     assert count_correct_split(model, weights, None, r) == (0, count_correct(model, weights, r))
+
+
+def test_walk_in_chunks_and_without_rechecking_fishers_reports_as_one_model_at_a_time(monkeypatch):
+    import fl_unlearn.calibrate as C
+
+    forgettable, stubborn = _tiny(0.0), _tiny(0.6)
+    forgettable["fc.weight"][0, 0] = 4.0
+    models, alphas, starts = [forgettable, stubborn, _tiny(0.0)], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
+    together = walk_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, starts, alphas)
+    alone = [walk_models(_Tiny(), [m], _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)[0] for m in models]
+    monkeypatch.setattr(C, "WALK_STEP_BYTES", 1)  # one model per dampening step
+    assert walk_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, starts, alphas) == together == alone
+    # a bad Fisher is still refused: the walk validates each model's Fishers in its first step
+    bad = {k: v.clone() for k, v in _FORGET.items()}
+    bad["fc.bias"][0] = float("nan")
+    with pytest.raises(Exception, match="NaN|finite"):
+        walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET, bad], _FORGET_SET, starts, alphas)
+
+
+def test_predictions_in_channels_last_equal_the_plain_forward_pass():
+    from fl_unlearn.calibrate import _predict
+    from fl_unlearn.models import cnn
+
+    torch.manual_seed(0)
+    model = cnn(10).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(40, 1, 28, 28)
+    with torch.no_grad():
+        plain = model(x)
+        assert torch.equal(_predict(model, weights, x), plain.argmax(1))
+        assert count_correct(model, weights, (x, plain.argmax(1))) == 40

@@ -366,3 +366,48 @@ def test_make_loader_works_with_opacus(digits: data.FederatedData) -> None:
     )
     x, y = next(iter(loader))  # Poisson-sampled batch, built through ArrayImageDataset.__getitems__
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 8) and len(x) == len(y)
+
+
+# ---- selections read through the whole table --------------------------------------------------------------
+
+
+def _arrow_read(ds: Dataset, name: str) -> np.ndarray:
+    """What a selection's column reads as through Arrow's own take (the path the table cache replaces)."""
+    shape = tuple(ds.features["image"].shape) if name == "image" else ()
+    return data._decode(ds.select_columns([name]).with_format("arrow")[:].column(name), name, shape)
+
+
+def test_selections_read_through_the_whole_table_equal_arrows_take(digits: data.FederatedData) -> None:
+    part = digits.partition(1)
+    nested = without_classes(part, [0, 1]).select([5, 3, 0, 9])  # a selection of a selection, out of order
+    for ds in (part, nested, part.select([])):
+        for name in ("image", "label", "id"):
+            assert np.array_equal(data._read_column(ds, name), _arrow_read(ds, name)), (ds.num_rows, name)
+    assert data._read_column(part.select([]), "image").shape == (0, 8, 8)
+
+
+def test_make_loader_rows_equal_a_selection_and_load_rows_one_batch(digits: data.FederatedData) -> None:
+    part = digits.partition(2)
+    rows = np.array([7, 2, 40, 11])
+    x, y = next(iter(make_loader(part, 64, rows=rows)))
+    x_sel, y_sel = next(iter(make_loader(part.select(rows), 64)))
+    assert torch.equal(x, x_sel) and torch.equal(y, y_sel) and len(y) == 4
+    xb, yb = data.load_rows(part, rows)
+    assert torch.equal(xb, x) and torch.equal(yb, y)
+    assert data.load_rows(part, np.array([], dtype=np.int64))[1].shape == (0,)
+    with pytest.raises(ConfigError, match="positions"):
+        make_loader(part, 4, rows=np.array([part.num_rows]))
+
+
+def test_forget_spec_rows_are_the_rows_its_split_selects(digits: data.FederatedData) -> None:
+    from strategies.forget import ForgetSpec
+
+    part = digits.partition(0)
+    ids = sample_ids(part)
+    for spec in (ForgetSpec(classes=(2, 5)), ForgetSpec(samples=(int(ids[3]), int(ids[10]), -1)),
+                 ForgetSpec(everything=True)):
+        forget_rows, retain_rows = spec.split_rows(part)
+        forget, retain = spec.split(part)
+        assert np.array_equal(sample_ids(forget), ids[forget_rows]) and np.array_equal(sample_ids(retain), ids[retain_rows])
+        assert len(forget_rows) + len(retain_rows) == part.num_rows
+    assert len(ForgetSpec(samples=(int(ids[3]),)).split_rows(part)[0]) == 1
