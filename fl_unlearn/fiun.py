@@ -226,9 +226,11 @@ def _check_config(cfg: object) -> None:
 
 
 def _check_model_fishers(weights: Mapping[str, Tensor], retain: Mapping[str, Tensor],
-                         forget: Mapping[str, Tensor], label: str, *, check_forget: bool = True) -> list[str]:
-    """Validate both Fishers against ``weights``; return the covered names. Raises one FisherError."""
-    problems = [f"retain {p}" for p in check_fisher(retain, weights)]
+                         forget: Mapping[str, Tensor], label: str, *, check_retain: bool = True,
+                         check_forget: bool = True) -> list[str]:
+    """Validate both Fishers against ``weights`` (each unless already checked); return the covered names.
+    Raises one FisherError."""
+    problems = [f"retain {p}" for p in check_fisher(retain, weights)] if check_retain else []
     problems += [f"forget {p}" for p in check_fisher(forget, weights)] if check_forget else []
     if not problems:
         problems += _name_mismatch(retain, forget)
@@ -352,10 +354,10 @@ def _check_all_fishers(reference: Mapping[str, Tensor], retains: list, forgets: 
     for i, (retain, forget) in enumerate(zip(retains, forgets)):
         try:
             _check_model_fishers(reference, retain, forget, label=f"models[{i}]: ",
-                                 check_forget=id(forget) not in checked)
+                                 check_retain=id(retain) not in checked, check_forget=id(forget) not in checked)
         except FisherError as err:
             problems.append(str(err))
-        checked.add(id(forget))
+        checked.update((id(retain), id(forget)))
     if not problems:
         first = set(retains[0])
         problems = [f"models[{i}]: the Fishers differ from models[0]'s on {sorted(set(r) ^ first)}"
@@ -368,13 +370,26 @@ def _check_all_fishers(reference: Mapping[str, Tensor], retains: list, forgets: 
 def _dampen_stacked(name: str, models: list, retains: list, forgets: list, cfg: FIUnConfig, outs: list[dict],
                     stats: list[DampenStats]) -> None:
     w = torch.stack([m[name] for m in models])
-    fd = torch.stack([r[name].to(w.device) for r in retains])
-    shared = all(f is forgets[0] for f in forgets)  # one dict (or the same one N times): broadcast it
-    ff = forgets[0][name] if shared else torch.stack([f[name].to(w.device) for f in forgets])
+    fd, ff = _broadcast_or_stacked(name, retains, w.device), _broadcast_or_stacked(name, forgets, w.device)
     new, sel, beta = _dampen_math(w, fd, ff, cfg)
     n = len(models)
-    selected = sel.reshape(n, -1).sum(dim=1).tolist()
-    zeroed = (sel & (beta == 0)).reshape(n, -1).sum(dim=1).tolist()
+    selected, zeroed = _counts_per_model(sel, n, w), _counts_per_model(sel & (beta == 0), n, w)
     for i in range(n):
         outs[i][name] = new[i].clone()
-        stats[i].add(name, int(selected[i]), int(zeroed[i]), models[i][name].numel())
+        stats[i].add(name, selected[i], zeroed[i], models[i][name].numel())
+
+
+def _broadcast_or_stacked(name: str, fishers: list, device: torch.device) -> Tensor:
+    """One Fisher for every model (the same dict N times): its tensor, broadcast over the models, so the
+    selection and the factors are computed once (a calibration walk dampens 14 models with one pair); else
+    the N tensors stacked."""
+    if all(f is fishers[0] for f in fishers):
+        return fishers[0][name].to(device)
+    return torch.stack([f[name].to(device) for f in fishers])
+
+
+def _counts_per_model(mask: Tensor, n: int, stacked: Tensor) -> list[int]:
+    """True entries of ``mask`` per model; a mask without the model axis (both Fishers shared) counts once."""
+    if mask.dim() < stacked.dim():
+        return [int(mask.sum())] * n
+    return [int(c) for c in mask.reshape(n, -1).sum(dim=1).tolist()]

@@ -247,10 +247,13 @@ def loop(models, retains, forgets, cfg):
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 6), seed=st.integers(0, 10_000), shared=st.booleans(), cfg=configs)
-def test_unlearn_many_equals_the_loop_bitwise(n: int, seed: int, shared: bool, cfg: FIUnConfig) -> None:
+@given(n=st.integers(1, 6), seed=st.integers(0, 10_000), shared=st.booleans(), shared_retain=st.booleans(),
+       cfg=configs)
+def test_unlearn_many_equals_the_loop_bitwise(n: int, seed: int, shared: bool, shared_retain: bool,
+                                              cfg: FIUnConfig) -> None:
+    # shared Fishers are broadcast over the models (selection and factors computed once), not stacked
     models = [make_weights(seed + i) for i in range(n)]
-    retains = [make_fisher(seed + 100 + i) for i in range(n)]
+    retains = [make_fisher(seed + 100)] * n if shared_retain else [make_fisher(seed + 100 + i) for i in range(n)]
     forgets = [make_fisher(seed + 200)] * n if shared else [make_fisher(seed + 200 + i) for i in range(n)]
     before = [snapshot(d) for d in models + retains + forgets]
     outs, stats = unlearn_many(models, retains, forgets[0] if shared else forgets, cfg)
