@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.fiun import DampenStats, FIUnConfig, unlearn_many
+from fl_unlearn.fiun import AlphaSweep, DampenStats, FIUnConfig, unlearn_many
 
 logger = logging.getLogger(__name__)
 
@@ -492,15 +492,16 @@ def score_alpha_grid(
     walk = stop_when_kept and _size(forget_set) > 0
     f_correct, r_correct = [], []
     stopped: set[float] = set()  # lambdas whose walk has stopped
+    sweeps: dict[float, AlphaSweep] = {}  # per lambda: the factors once, a selection per alpha
     model = model.eval()
     for alpha, lam in grid:
         if lam in stopped:
             f_correct.append(UNSCORED)
             r_correct.append(UNSCORED)
             continue
-        (candidate,), _ = unlearn_many([weights], [retain], forget, replace(base, alpha=alpha, lam=lam),
-                                       check_fishers=not f_correct)  # checked with the first candidate
-        f, r = count_correct_split(model, candidate, forget_set, retain_set)
+        if lam not in sweeps:
+            sweeps[lam] = AlphaSweep(weights, retain, forget, replace(base, lam=lam))
+        f, r = count_correct_split(model, sweeps[lam].at(alpha), forget_set, retain_set)
         f_correct.append(f)
         r_correct.append(r)
         if walk and f > 0:

@@ -249,6 +249,62 @@ def _name_mismatch(retain: Mapping[str, Tensor], forget: Mapping[str, Tensor]) -
 
 
 # --------------------------------------------------------------------------------------------
+# One model at many alphas
+# --------------------------------------------------------------------------------------------
+
+
+class AlphaSweep:
+    """One model dampened at many alphas, the Fishers and every other setting fixed (a calibration grid).
+
+    Only the selection ``F_f > alpha * F_D`` depends on alpha: the factors and the dampened values are computed
+    once, and :meth:`at` costs one comparison and one ``where`` per tensor.
+
+    Parameters
+    ----------
+    weights : Mapping[str, Tensor]
+        The model's state dict; not modified.
+    retain_fisher, forget_fisher : Mapping[str, Tensor]
+        F_D and F_f, validated here as :func:`dampen` does.
+    cfg : FIUnConfig
+        Settings; its ``alpha`` is ignored.
+
+    Examples
+    --------
+    >>> w, fd, ff = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([2.0, 4.0])}
+    >>> sweep = AlphaSweep(w, fd, ff, FIUnConfig())
+    >>> sweep.at(3.0)["w"].tolist(), sweep.at(1.0)["w"].tolist()
+    ([1.0, 0.5], [0.5, 0.5])
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor], retain_fisher: Mapping[str, Tensor],
+                 forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig) -> None:
+        _check_config(cfg)
+        names = _check_model_fishers(weights, retain_fisher, forget_fisher, label="")
+        self._weights = weights
+        self._parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        for name in names:
+            w = weights[name]
+            work = torch.float32 if w.device.type == "mps" else torch.float64
+            fd = retain_fisher[name].to(device=w.device, dtype=work)
+            ff = forget_fisher[name].to(device=w.device, dtype=work)
+            eligible = ff > cfg.tau  # selected at any alpha only where F_f > tau (so F_f > 0)
+            ratio = torch.where(eligible, fd, 0.0).mul_(cfg.lam).div_(torch.where(eligible, ff, 1.0))
+            self._parts[name] = (fd, ff, eligible, (w.to(work) * _cap(ratio, cfg)).to(w.dtype))
+
+    def at(self, alpha: float) -> dict[str, Tensor]:
+        """The weights dampened at ``alpha``: ``unlearn_many([weights], [F_D], F_f, cfg with alpha)``'s, bit for
+        bit (new tensors; names the Fishers do not cover are copies)."""
+        out = {}
+        for name, w in self._weights.items():
+            if name in self._parts:
+                fd, ff, eligible, damped = self._parts[name]
+                out[name] = torch.where((ff > alpha * fd) & eligible, damped, w)
+            else:
+                out[name] = w.clone()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # Many models at once
 # --------------------------------------------------------------------------------------------
 

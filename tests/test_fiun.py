@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 from fl_unlearn.errors import ConfigError, FisherError
-from fl_unlearn.fiun import DampenStats, FIUnConfig, dampen, dampen_tensor, unlearn_many
+from fl_unlearn.fiun import AlphaSweep, DampenStats, FIUnConfig, dampen, dampen_tensor, unlearn_many
 
 SHAPES = {"conv.weight": (2, 1, 3, 3), "fc.weight": (4, 6), "fc.bias": (4,)}
 FISHER_NAMES = ["fc.weight", "fc.bias"]
@@ -263,6 +263,21 @@ def test_unlearn_many_equals_the_loop_bitwise(n: int, seed: int, shared: bool, s
     assert stats == expected_stats
     for now, then in zip(models + retains + forgets, before):
         assert_same(now, then)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), cfg=configs)
+def test_an_alpha_sweep_equals_dampening_at_each_alpha_bitwise(seed: int, cfg: FIUnConfig) -> None:
+    weights, retain, forget = make_weights(seed), make_fisher(seed + 1), make_fisher(seed + 2)
+    before = [snapshot(d) for d in (weights, retain, forget)]
+    sweep = AlphaSweep(weights, retain, forget, cfg)
+    for alpha in (0.0, 0.5, 1.0, 3.0, 10.0, 1e9):
+        expected, _ = dampen(weights, retain, forget, dataclasses.replace(cfg, alpha=alpha))
+        assert_same(sweep.at(alpha), expected)
+    for now, then in zip((weights, retain, forget), before):
+        assert_same(now, then)
+    with pytest.raises(FisherError):
+        AlphaSweep(weights, {**retain, "fc.bias": -retain["fc.bias"] - 1}, forget, cfg)
 
 
 def test_unlearn_many_large_tensor_equals_loop() -> None:
