@@ -362,9 +362,9 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         if fset is not None:
             forget_sets[k] = (fset[0][:s.check_samples], fset[1][:s.check_samples])
             if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
-                starts = feasible_starts(counts)
-                walks[k] = [walk_models(model, [ctx.weights[ctx.targets[i]]], retain[i], [forgets[i]],
-                                        forget_sets[k], starts, GRID_ALPHAS)[0] for i in others]
+                walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
+                                       [retain[i] for i in others], [forgets[i] for i in others],
+                                       forget_sets[k], feasible_starts(counts), GRID_ALPHAS)
     target = 0.0 if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)

@@ -676,7 +676,7 @@ def feasible_starts(counts: GridCounts) -> dict[float, float]:
 def walk_models(
     model: torch.nn.Module,
     models: Sequence[Weights],
-    retain_fisher: Mapping[str, Tensor],
+    retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
     forget_fishers: Sequence[Mapping[str, Tensor]],
     forget_set: tuple[Tensor, Tensor],
     starts: Mapping[float, float],
@@ -690,12 +690,15 @@ def walk_models(
     The per-model check in the same round trip as the calibration: the holder does not know the federation's
     choice yet, only that it is at most ``starts[lam]`` (:func:`feasible_starts`), so it walks from there; a
     model that forgets at the start costs one forward pass per lambda. :func:`first_forgetting` then answers,
-    for the choice, what :func:`check_models` would have. Fishers are made scale-free here.
+    for the choice, what :func:`check_models` would have. ``retain_fisher`` is one Fisher for every model (the
+    App's) or one per model; Fishers are made scale-free here.
     """
-    if len(forget_fishers) != len(models):
-        raise ConfigError(f"walk_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
-    retain = scale_free(retain_fisher)
-    normalised: dict[int, dict[str, Tensor]] = {}
+    retains = [retain_fisher] * len(models) if isinstance(retain_fisher, Mapping) else list(retain_fisher)
+    if len(forget_fishers) != len(models) or len(retains) != len(models):
+        raise ConfigError(f"walk_models: {len(models)} models but {len(retains)} retain-Fishers and "
+                          f"{len(forget_fishers)} forget-Fishers")
+    normalised: dict[int, dict[str, Tensor]] = {}  # a Fisher shared by several models stays one object
+    retains = [normalised.setdefault(id(f), scale_free(f)) for f in retains]
     forgets = [normalised.setdefault(id(f), scale_free(f)) for f in forget_fishers]
     model = model.eval()
     reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
@@ -705,7 +708,7 @@ def walk_models(
         for alpha in sorted({float(a) for a in alphas if a <= start} | {float(start)}, reverse=True):
             cfg, still = replace(base, alpha=alpha, lam=lam), []
             for chunk in _chunks(walking, models):  # the models still walking share each dampening step
-                dampened, _ = unlearn_many([models[i] for i in chunk], [retain] * len(chunk),
+                dampened, _ = unlearn_many([models[i] for i in chunk], [retains[i] for i in chunk],
                                            [forgets[i] for i in chunk], cfg,
                                            check_fishers=not checked.issuperset(chunk))
                 checked.update(chunk)

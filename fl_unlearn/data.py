@@ -732,6 +732,13 @@ def make_loader(
     )
 
 
+def preload(ds: Dataset) -> None:
+    """Decode ``ds``'s images and labels now (cached per process), so the first loader over it, or over rows of
+    it, does not pay for the decoding: what a client does when it comes up."""
+    _images_nchw(ds)
+    _column(ds, "label")
+
+
 def load_rows(ds: Dataset, rows: np.ndarray | None = None, *,
               source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` of ``rows`` of ``ds`` (default: all) as one batch: what :func:`make_loader` would yield with

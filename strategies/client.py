@@ -45,7 +45,15 @@ from flwr.common.logger import log
 from torch import nn
 
 from fl_unlearn.calibrate import scale_free, unlearn_with_candidates
-from fl_unlearn.data import class_histogram, make_loader, sample_ids, samples_of_classes, without_classes, without_samples
+from fl_unlearn.data import (
+    class_histogram,
+    make_loader,
+    preload,
+    sample_ids,
+    samples_of_classes,
+    without_classes,
+    without_samples,
+)
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.evaluate import accuracy, forget_retain_accuracy
 from fl_unlearn.fisher import FisherAccumulator, compute_fisher, select_parameters
@@ -242,8 +250,14 @@ def _train_dp(model: nn.Module, loader: Any, context: Context, *, layers: str | 
 
 
 def handle_info(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``query.info``: partition id, number of examples, label histogram."""
+    """``query.info``: partition id, number of examples, label histogram.
+
+    The first message a client answers in a run (the server's node directory): it also decodes the partition
+    (``fl_unlearn.data.preload``), as a client does when it comes up, so a request served by a fresh run
+    (``mode=unlearn``) does not wait for it in its first round trip (0.15-0.25 s per client on MNIST).
+    """
     ds = spec.data_fn(context)
+    preload(ds)
     info = {R.PARTITION_ID: partition_id(context), R.NUM_EXAMPLES: len(ds), **R.histogram_to_config(class_histogram(ds))}
     return Message(RecordDict({R.INFO_KEY: ConfigRecord(info)}), reply_to=msg)
 

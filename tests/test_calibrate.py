@@ -398,6 +398,12 @@ def test_walk_in_chunks_and_without_rechecking_fishers_reports_as_one_model_at_a
     alone = [walk_models(_Tiny(), [m], _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)[0] for m in models]
     monkeypatch.setattr(C, "WALK_STEP_BYTES", 1)  # one model per dampening step
     assert walk_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, starts, alphas) == together == alone
+    # one retain-Fisher per model (stacked, not broadcast) walks the same
+    copies = [{k: v.clone() for k, v in _RETAIN.items()} for _ in models]
+    monkeypatch.setattr(C, "WALK_STEP_BYTES", 2**20)
+    assert walk_models(_Tiny(), models, copies, [_FORGET] * 3, _FORGET_SET, starts, alphas) == together
+    with pytest.raises(ConfigError, match="2 retain-Fishers"):
+        walk_models(_Tiny(), models, copies[:2], [_FORGET] * 3, _FORGET_SET, starts, alphas)
     # a bad Fisher is still refused: the walk validates each model's Fishers in its first step
     bad = {k: v.clone() for k, v in _FORGET.items()}
     bad["fc.bias"][0] = float("nan")

@@ -411,3 +411,12 @@ def test_forget_spec_rows_are_the_rows_its_split_selects(digits: data.FederatedD
         assert np.array_equal(sample_ids(forget), ids[forget_rows]) and np.array_equal(sample_ids(retain), ids[retain_rows])
         assert len(forget_rows) + len(retain_rows) == part.num_rows
     assert len(ForgetSpec(samples=(int(ids[3]),)).split_rows(part)[0]) == 1
+
+
+def test_preload_decodes_a_partition_once_for_every_later_loader(digits: data.FederatedData) -> None:
+    part = digits.partition(3).select(range(10))  # a fresh fingerprint: nothing cached for it yet
+    assert (part._fingerprint, "image_nchw") not in data._CACHE
+    data.preload(part)
+    cached = data._CACHE[(part._fingerprint, "image_nchw")]
+    assert cached.shape == (10, 1, 8, 8) and make_loader(part, 4, rows=np.array([1, 2])).dataset.images.shape[0] == 2
+    assert data._images_nchw(part) is cached
