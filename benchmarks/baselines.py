@@ -114,7 +114,7 @@ class Setup:
     """The federation, the requests and every method's budget."""
 
     source: str = "mnist"
-    max_train: int | None = 20_000
+    max_train: int | None = None  # all 60,000 MNIST images (20,000 before 2026-12-04: a 13.7 s retrain)
     clients: int = 4
     rounds: int = 3
     local_epochs: int = 1
