@@ -423,3 +423,26 @@ def test_predictions_in_channels_last_equal_the_plain_forward_pass():
         plain = model(x)
         assert torch.equal(_predict(model, weights, x), plain.argmax(1))
         assert count_correct(model, weights, (x, plain.argmax(1))) == 40
+
+
+def test_forgets_all_answers_what_count_correct_says_and_stops_at_a_kept_sample(monkeypatch):
+    import fl_unlearn.calibrate as C
+    from fl_unlearn.calibrate import forgets_all
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(20, 5)
+    predicted = model(x).argmax(1).detach()
+    calls = []
+    real = C._predict
+    monkeypatch.setattr(C, "_predict", lambda m, w, rows: calls.append(len(rows)) or real(m, w, rows))
+    for y in (predicted, (predicted + 1) % 3, torch.cat([(predicted[:15] + 1) % 3, predicted[15:]])):
+        calls.clear()
+        assert forgets_all(model, weights, (x, y)) == (count_correct(model, weights, (x, y)) == 0)
+    calls.clear()
+    assert not forgets_all(model, weights, (x, predicted))
+    assert calls == [C.FIRST_ROWS]  # a kept sample among the first rows: the rest is not scored
+    calls.clear()
+    assert forgets_all(model, weights, (x, (predicted + 1) % 3)) and calls == [C.FIRST_ROWS, 20 - C.FIRST_ROWS]
+    assert forgets_all(model, weights, (x[:0], predicted[:0]))
