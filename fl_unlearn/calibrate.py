@@ -663,17 +663,10 @@ def check_models(
     list of int
         Per model, an index into ``sequence`` or -1.
     """
-    if len(forget_fishers) != len(models):
-        raise ConfigError(f"check_models: {len(models)} models but {len(forget_fishers)} forget-Fishers")
-    retains = [retain_fisher] * len(models) if isinstance(retain_fisher, Mapping) else list(retain_fisher)
-    if len(retains) != len(models):
-        raise ConfigError(f"check_models: {len(models)} models but {len(retains)} retain-Fishers")
-    normalised: dict[int, dict[str, Tensor]] = {}
+    retains, forgets = _scale_free_per_model("check_models", len(models), retain_fisher, forget_fishers)
     model = model.eval()
     found: list[int] = []
-    for weights, forget, retain_raw in zip(models, forget_fishers, retains):
-        forget_sf = normalised.setdefault(id(forget), scale_free(forget))
-        retain = normalised.setdefault(id(retain_raw), scale_free(retain_raw))
+    for weights, forget_sf, retain in zip(models, forgets, retains):
         index = -1
         for i, (alpha, lam) in enumerate(sequence):
             (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
@@ -728,13 +721,7 @@ def walk_models(
     for the choice, what :func:`check_models` would have. ``retain_fisher`` is one Fisher for every model (the
     App's) or one per model; Fishers are made scale-free here.
     """
-    retains = [retain_fisher] * len(models) if isinstance(retain_fisher, Mapping) else list(retain_fisher)
-    if len(forget_fishers) != len(models) or len(retains) != len(models):
-        raise ConfigError(f"walk_models: {len(models)} models but {len(retains)} retain-Fishers and "
-                          f"{len(forget_fishers)} forget-Fishers")
-    normalised: dict[int, dict[str, Tensor]] = {}  # a Fisher shared by several models stays one object
-    retains = [normalised.setdefault(id(f), scale_free(f)) for f in retains]
-    forgets = [normalised.setdefault(id(f), scale_free(f)) for f in forget_fishers]
+    retains, forgets = _scale_free_per_model("walk_models", len(models), retain_fisher, forget_fishers)
     model = model.eval()
     reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
     checked: set[int] = set()  # models whose Fishers an earlier step validated
@@ -769,6 +756,20 @@ def _chunks(indices: list[int], models: Sequence[Weights]) -> list[list[int]]:
     size = sum(t.numel() * t.element_size() for t in models[indices[0]].values())
     per = max(1, WALK_STEP_BYTES // max(size, 1))
     return [indices[k:k + per] for k in range(0, len(indices), per)]
+
+
+def _scale_free_per_model(what: str, n: int, retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+                          forget_fishers: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Tensor]],
+                                                                                   list[dict[str, Tensor]]]:
+    """Per model: its scale-free retain- and forget-Fisher (``retain_fisher``: one for all, or one per model). A
+    Fisher shared by several models is normalised once and stays one object (``unlearn_many`` broadcasts it)."""
+    retains = [retain_fisher] * n if isinstance(retain_fisher, Mapping) else list(retain_fisher)
+    if len(forget_fishers) != n or len(retains) != n:
+        raise ConfigError(f"{what}: {n} models but {len(retains)} retain-Fishers and "
+                          f"{len(forget_fishers)} forget-Fishers")
+    normalised: dict[int, dict[str, Tensor]] = {}
+    return ([normalised.setdefault(id(f), scale_free(f)) for f in retains],
+            [normalised.setdefault(id(f), scale_free(f)) for f in forget_fishers])
 
 
 def first_forgetting(sequence: Sequence[tuple[float, float]], report: Mapping[float, float]) -> int:

@@ -493,16 +493,21 @@ _CACHE_LOCK = threading.Lock()
 def _cached(ds: Dataset, name: str, compute: Callable[[], Any]) -> Any:
     """``compute()`` once per (dataset content, name); a small LRU shared by the helpers and loaders."""
     # The fingerprint changes with every transform, so equal keys mean equal content.
-    key = (ds._fingerprint, name)
+    return _lru(_CACHE, _CACHE_SIZE, (ds._fingerprint, name), compute)
+
+
+def _lru(cache: OrderedDict, size: int, key: Any, compute: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed (outside the lock) and stored on a miss; at most ``size`` entries, least recent
+    out first."""
     with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
     value = compute()
     with _CACHE_LOCK:
-        _CACHE[key] = value
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        cache[key] = value
+        while len(cache) > size:
+            cache.popitem(last=False)
     return value
 
 
@@ -558,17 +563,13 @@ def _whole_column(column: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
     selections of one dataset share its table's buffers, while their table wrappers differ."""
     key = (name, tuple((len(c), tuple(b.address if b is not None else 0 for b in c.buffers()))
                        for c in column.chunks))
-    with _CACHE_LOCK:
-        if key in _WHOLE:
-            _WHOLE.move_to_end(key)
-            return _WHOLE[key][1]
-    values = _decode(column, name, shape)
-    values.flags.writeable = False
-    with _CACHE_LOCK:
-        _WHOLE[key] = (column, values)  # holding the column keeps its buffers (and so the key) alive
-        while len(_WHOLE) > _WHOLE_SIZE:
-            _WHOLE.popitem(last=False)
-    return values
+
+    def compute() -> tuple[Any, np.ndarray]:
+        values = _decode(column, name, shape)
+        values.flags.writeable = False
+        return column, values  # holding the column keeps its buffers (and so the key) alive
+
+    return _lru(_WHOLE, _WHOLE_SIZE, key, compute)[1]
 
 
 def _decode(column: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:

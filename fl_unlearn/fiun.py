@@ -152,10 +152,14 @@ def _dampen_math(w: Tensor, fd: Tensor, ff: Tensor, cfg: FIUnConfig) -> tuple[Te
     fd = fd.to(device=w.device, dtype=work)
     ff = ff.to(device=w.device, dtype=work)
     sel = (ff > cfg.alpha * fd) & (ff > cfg.tau)  # F_f > 0 wherever selected
-    ratio = torch.where(sel, fd, 0.0).mul_(cfg.lam).div_(torch.where(sel, ff, 1.0))
-    beta = _cap(ratio, cfg)
+    beta = _factors(fd, ff, sel, cfg)
     new = torch.where(sel, (w.to(work) * beta).to(w.dtype), w)
     return new, sel, torch.where(sel, beta, 1.0)
+
+
+def _factors(fd: Tensor, ff: Tensor, mask: Tensor, cfg: FIUnConfig) -> Tensor:
+    """``min((lam F_D / F_f) ** exponent, lower_bound)`` where ``mask`` (F_f > 0 there); 0 elsewhere."""
+    return _cap(torch.where(mask, fd, 0.0).mul_(cfg.lam).div_(torch.where(mask, ff, 1.0)), cfg)
 
 
 def _cap(ratio: Tensor, cfg: FIUnConfig) -> Tensor:
@@ -288,8 +292,7 @@ class AlphaSweep:
             fd = retain_fisher[name].to(device=w.device, dtype=work)
             ff = forget_fisher[name].to(device=w.device, dtype=work)
             eligible = ff > cfg.tau  # selected at any alpha only where F_f > tau (so F_f > 0)
-            ratio = torch.where(eligible, fd, 0.0).mul_(cfg.lam).div_(torch.where(eligible, ff, 1.0))
-            self._parts[name] = (fd, ff, eligible, (w.to(work) * _cap(ratio, cfg)).to(w.dtype))
+            self._parts[name] = (fd, ff, eligible, (w.to(work) * _factors(fd, ff, eligible, cfg)).to(w.dtype))
 
     def at(self, alpha: float) -> dict[str, Tensor]:
         """The weights dampened at ``alpha``: ``unlearn_many([weights], [F_D], F_f, cfg with alpha)``'s, bit for
