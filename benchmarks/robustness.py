@@ -17,8 +17,10 @@ scratch without that class (same seed, same schedule):
 ``retrain``      FedAvg from scratch without the class (the gold standard)
 ===============  ===========================================================================================
 
-Fishers (forget: the class's training samples at every client; retain: each client's kept samples) are taken
-on the final global model and merged over clients with MFIM's sample-weighted mean. Calibration uses
+Fishers are taken on the final global model as the App takes them (``retain-fisher=prepared``): forget, the
+class's training samples at every client (at most ``--fisher-samples`` each); retain, each client's whole
+partition (at most ``--retain-fisher-samples``; SSD's ``F_D``, the forgotten class included), both merged over
+clients with MFIM's sample-weighted mean. Every method dampens with the same two Fishers. Calibration uses
 training-side data the clients hold: a sample of the forget class and a small validation sample of kept data
 per client; the test split is only used for the reported figures.
 
@@ -88,7 +90,8 @@ class Setup:
     seed: int = 42
     fisher_layers: str = "all"
     fisher_estimator: str = "batch"
-    fisher_samples: int = 256
+    fisher_samples: int = 2048
+    retain_fisher_samples: int = 4096
     calibration_forget: int = 64
     calibration_retain: int = 32
     # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr)
@@ -164,8 +167,8 @@ def _tensors(ds, limit: int, seed: int) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _fisher(fed: Federation, weights: Weights, datasets: Sequence, params: list[str]) -> Weights:
-    """MFIM weighted mean over clients of each client's Fisher on its ``datasets`` entry."""
+def _fisher(fed: Federation, weights: Weights, datasets: Sequence, params: list[str], cap: int) -> Weights:
+    """MFIM weighted mean over clients of each client's Fisher on (at most ``cap`` of) its ``datasets`` entry."""
     s = fed.setup
     model = fed.model_with(weights)
     fishers, counts = [], []
@@ -173,7 +176,7 @@ def _fisher(fed: Federation, weights: Weights, datasets: Sequence, params: list[
         if len(ds) == 0:
             continue
         f = compute_fisher(model, make_loader(ds, s.batch_size), params, estimator=s.fisher_estimator,
-                           max_samples=s.fisher_samples)
+                           max_samples=cap or None)
         fishers.append(dict(f))
         counts.append(f.info.num_samples)
     return merge_fishers(fishers, num_samples=counts, mode="weighted_mean")
@@ -191,8 +194,9 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
     s = fed.setup
     params = select_parameters(fed.new_model(), s.fisher_layers)
     start = time.perf_counter()
-    forget_f = _fisher(fed, weights, [samples_of_classes(p, [forget_class]) for p in fed.parts], params)
-    retain_f = _fisher(fed, weights, [without_classes(p, [forget_class]) for p in fed.parts], params)
+    forget_f = _fisher(fed, weights, [samples_of_classes(p, [forget_class]) for p in fed.parts], params,
+                       s.fisher_samples)
+    retain_f = _fisher(fed, weights, fed.parts, params, s.retain_fisher_samples)  # the App's prepared F_D
     fisher_s = time.perf_counter() - start
     rows: list[Row] = []
 
@@ -329,7 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fisher-layers", default="all")
     parser.add_argument("--fisher-estimator", default="batch")
     parser.add_argument("--assd-percentile", type=float, default=99.0)
-    parser.add_argument("--fisher-samples", type=int, default=256, help="cap per client on each Fisher pass")
+    parser.add_argument("--fisher-samples", type=int, default=2048, help="cap per client on the forget-Fisher (0: all)")
+    parser.add_argument("--retain-fisher-samples", type=int, default=4096,
+                        help="cap per client on the whole-partition retain-Fisher (0: all)")
     parser.add_argument("--calibration-forget", type=int, default=64, help="forget samples per client (auto)")
     parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto)")
     parser.add_argument("--repair-samples", type=int, default=1024, help="kept rows per client for the repair")
@@ -345,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = Setup(source=args.source, num_clients=args.clients, rounds=args.rounds, local_epochs=args.epochs,
                   seed=args.seed, fisher_layers=args.fisher_layers, fisher_estimator=args.fisher_estimator,
                   assd_percentile=args.assd_percentile, max_train=args.max_train, fisher_samples=args.fisher_samples,
+                  retain_fisher_samples=args.retain_fisher_samples,
                   calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain,
                   repair_samples=args.repair_samples, repair_rounds=args.repair_rounds, repair_lr=args.repair_lr)
     fed = Federation(setup)

@@ -169,6 +169,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.fisher_estimator": ("fisher-estimator", _text),
     "unlearning.fisher_samples": ("fisher-samples", _int),
     "unlearning.retain_fisher": ("retain-fisher", _text),
+    "unlearning.retain_fisher_samples": ("retain-fisher-samples", _int),
     "unlearning.mfim_mode": ("mfim-mode", _text),
     "unlearning.derive": ("derive", _text),
     "unlearning.depth": ("derive-depth", _int),

@@ -47,6 +47,7 @@ from torch import nn
 from fl_unlearn.calibrate import scale_free, unlearn_with_candidates
 from fl_unlearn.data import (
     class_histogram,
+    class_labels,
     make_loader,
     preload,
     sample_ids,
@@ -303,36 +304,102 @@ def capped_rows(rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
 
 
 def fisher_of(model: nn.Module, ds: Dataset, rows: np.ndarray, context: Context, config: Mapping[str, Any], *,
-              seed: int) -> Tensors:
-    """The Fisher of ``model`` on at most ``fisher-samples`` of ``rows`` (positions in ``ds``), with the layers and
-    estimator the server asked for (the same batch size for every Fisher, so forget and retain estimates compare)."""
+              seed: int, cap_key: str = R.FISHER_SAMPLES) -> Tensors:
+    """The Fisher of ``model`` on at most ``config[cap_key]`` of ``rows`` (positions in ``ds``; ``fisher-samples``
+    unless the caller names another cap), with the layers and estimator the server asked for (the same batch size
+    for every Fisher, so forget and retain estimates compare)."""
     names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
-    loader = make_loader(ds, setting(context, "batch-size"),
-                         rows=capped_rows(rows, int(config.get(R.FISHER_SAMPLES, 0)), seed))
+    cap = int(config.get(cap_key, config.get(R.FISHER_SAMPLES, 0)))
+    loader = make_loader(ds, setting(context, "batch-size"), rows=capped_rows(rows, cap, seed))
     return dict(compute_fisher(model, loader, names, estimator=str(config.get(R.FISHER_ESTIMATOR, "batch"))))
 
 
 def handle_fisher(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent, and with
-    ``want-retain`` the retain-Fisher of its kept data on the same model (each pass at most
-    ``fisher-samples`` samples)."""
+    """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent (at most
+    ``fisher-samples`` samples), and with ``want-retain`` the retain-Fisher of its kept data on the same model (at
+    most ``retain-samples``, default ``fisher-samples``). Without forget keys in the config every row is kept: the
+    retain-Fisher the server prepares after training (``UnlearningStrategy.prepare_fishers``): see
+    :func:`_prepare_fishers`."""
     start = time.perf_counter()
     config = R.first_config(msg)
     data = spec.data_fn(context)
-    forget_rows, retain_rows = ForgetSpec.from_config(config).split_rows(data)
     model = load_model(spec, context, R.record_to_tensors(only_arrays(msg)))
+    if config.get(R.PREPARE):
+        return _prepare_fishers(model, data, msg, context, config, start)
+    forget = ForgetSpec.from_config(config)
+    forget_rows, retain_rows = forget.split_rows(data)
     metrics: dict[str, float | int] = {R.FORGET_NUM: len(forget_rows), R.RETAIN_NUM: len(retain_rows)}
     content: dict[str, Any] = {}
     if len(forget_rows):
-        fisher = fisher_of(model, data, forget_rows, context, config, seed=_seed(context, -2))
+        fisher = _prepared_forget_fisher(context, config, forget)
+        metrics[R.PREPARED] = int(fisher is not None)
+        if fisher is None:
+            fisher = fisher_of(model, data, forget_rows, context, config, seed=_seed(context, -2))
         content[R.FORGET_FISHER_KEY] = R.tensors_to_record(fisher)
     if config.get(R.WANT_RETAIN) and len(retain_rows):
-        fisher = fisher_of(model, data, retain_rows, context, config, seed=_seed(context, -1))
+        fisher = fisher_of(model, data, retain_rows, context, config, seed=_seed(context, -1),
+                           cap_key=R.RETAIN_SAMPLES)
         content[R.RETAIN_FISHER_KEY] = R.tensors_to_record(fisher)
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.fisher: partition %d, %d forget / %d kept samples, %.2f s", partition_id(context),
         len(forget_rows), len(retain_rows), metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics), **content}), reply_to=msg)
+
+
+#: The per-class forget-Fishers a client prepares stay under this many bytes (ResNet-18 on CIFAR-100 would need
+#: 4.5 GB per client: there the requests compute theirs).
+PREPARED_MAX_BYTES = 512 * 2**20
+_PREPARED_SETTINGS = (R.FISHER_LAYERS, R.FISHER_ESTIMATOR, R.FISHER_SAMPLES)
+
+
+def _prepared_doc(config: Mapping[str, Any]) -> str:
+    return f"prepared/{config[R.WEIGHTS_DIGEST]}"
+
+
+def _prepare_fishers(model: nn.Module, data: Dataset, msg: Message, context: Context, config: Mapping[str, Any],
+                     start: float) -> Message:
+    """``query.fisher`` with ``prepare`` (after training, on the newest global model): store the forget-Fisher of
+    every class this client holds, each the one a later single-class ``query.fisher`` on these weights would
+    compute (the same rows, cap and seed: bit for bit), and reply the Fisher of the whole partition (at most
+    ``retain-samples``), which the server keeps as the retain-Fisher to correct."""
+    store = client_store(context, config)
+    labels = class_labels(data)
+    classes = np.unique(labels)
+    names = select_parameters(model, str(config.get(R.FISHER_LAYERS, "last")))
+    params = dict(model.named_parameters())
+    size = sum(params[n].numel() * params[n].element_size() for n in names)
+    prepared: dict[str, Any] = {}
+    if config.get(R.WEIGHTS_DIGEST) and size * len(classes) <= PREPARED_MAX_BYTES:
+        for k in classes:
+            rows = np.flatnonzero(labels == k)
+            fisher = fisher_of(model, data, rows, context, config, seed=_seed(context, -2))
+            prepared[str(int(k))] = {"fisher": store.put(fisher, {"prepared-class": int(k)}), "samples": len(rows)}
+        store.put_json(_prepared_doc(config), {"classes": prepared,
+                                               "settings": {k: config.get(k) for k in _PREPARED_SETTINGS}})
+    whole = fisher_of(model, data, np.arange(len(data)), context, config, seed=_seed(context, -1),
+                      cap_key=R.RETAIN_SAMPLES)
+    metrics = {R.FORGET_NUM: 0, R.RETAIN_NUM: len(data), R.PREPARED: len(prepared),
+               R.SECONDS: time.perf_counter() - start}
+    log(INFO, "query.fisher (prepare): partition %d, forget-Fishers of %d classes, whole-partition Fisher, %.2f s",
+        partition_id(context), len(prepared), metrics[R.SECONDS])
+    return Message(RecordDict({R.METRICS_KEY: MetricRecord(metrics),
+                               R.RETAIN_FISHER_KEY: R.tensors_to_record(whole)}), reply_to=msg)
+
+
+def _prepared_forget_fisher(context: Context, config: Mapping[str, Any], forget: ForgetSpec) -> Tensors | None:
+    """The prepared forget-Fisher of a single-class request on the weights ``config`` names, or ``None`` (other
+    requests, other weights or settings, nothing prepared): then the caller computes it."""
+    if not config.get(R.WEIGHTS_DIGEST) or len(forget.classes) != 1 or forget.samples or forget.everything:
+        return None
+    try:
+        store = client_store(context, config)
+    except UnlearnError:
+        return None
+    doc = store.get_json(_prepared_doc(config))
+    if not isinstance(doc, dict) or doc.get("settings") != {k: config.get(k) for k in _PREPARED_SETTINGS}:
+        return None
+    entry = (doc.get("classes") or {}).get(str(forget.classes[0]))
+    return store.get(entry["fisher"]) if isinstance(entry, dict) and store.has(str(entry.get("fisher"))) else None
 
 
 def handle_eval_forget(spec: ClientSpec, msg: Message, context: Context) -> Message:

@@ -62,8 +62,9 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
     "fisher-estimator": "batch",
-    "fisher-samples": 256,
-    "retain-fisher": "fresh",
+    "fisher-samples": 2048,
+    "retain-fisher": "prepared",
+    "retain-fisher-samples": 4096,
     "mfim-mode": "weighted_mean",
     "derive": "none",
     "derive-depth": 1,
@@ -84,7 +85,7 @@ MODES = ("train", "unlearn", "train+unlearn")
 REQUEST_KINDS = ("classes", "client", "samples")
 DERIVE_KINDS = ("none", "finetune", "incremental", "transfer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-RETAIN_SOURCES = ("fresh", "accumulated")
+RETAIN_SOURCES = ("prepared", "fresh", "accumulated")
 HYBRID_POLICIES = ("auto", "exact", "approximate")
 REPAIR_MODES = ("auto", "on", "off")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
@@ -148,6 +149,7 @@ class AppConfig:
     fisher_estimator: str
     fisher_samples: int
     retain_fisher: str
+    retain_fisher_samples: int
     mfim_mode: str
     derive: str
     derive_depth: int
@@ -203,6 +205,9 @@ class AppConfig:
         if self.calibration_forget_samples < 1 or self.calibration_retain_samples < 0:
             raise ConfigError("calibration-forget-samples must be >= 1 and calibration-retain-samples >= 0, got "
                               f"{self.calibration_forget_samples} and {self.calibration_retain_samples}")
+        if self.fisher_samples < 0 or self.retain_fisher_samples < 0:
+            raise ConfigError(f"fisher-samples and retain-fisher-samples must be >= 0 (0: all), got "
+                              f"{self.fisher_samples} and {self.retain_fisher_samples}")
         if self.calibration_check_samples < 0:
             raise ConfigError(f"calibration-check-samples must be >= 0 (0: no per-model check), got "
                               f"{self.calibration_check_samples}")

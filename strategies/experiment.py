@@ -182,7 +182,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
         fisher_layers=cfg.fisher_layers, fisher_estimator=cfg.fisher_estimator, mfim_mode=cfg.mfim_mode,
-        retain_fisher=cfg.retain_fisher, fisher_samples=cfg.fisher_samples, fiun=_fiun_config(cfg),
+        retain_fisher=cfg.retain_fisher, fisher_samples=cfg.fisher_samples,
+        retain_fisher_samples=cfg.retain_fisher_samples, fiun=_fiun_config(cfg),
         client_calibration=client_calibration(cfg),
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
@@ -192,6 +193,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     # --- Training (or the record of an earlier training run) --------------------------------------------
     if "train" in cfg.mode.split("+"):
         results["timing"]["train_s"] = _train(grid, cfg, strategy, new_model, store, used, model_name)
+        if cfg.retain_fisher == "prepared":  # once per trained model, for every request that comes later
+            results["timing"]["prepare_s"] = strategy.prepare_fishers(grid)["seconds"]
     else:
         run_doc = store.get_json("run")
         if run_doc is None or len(graph) == 0:
@@ -207,6 +210,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     final_before = graph.node(strategy.current)
     outcome = strategy.unlearn(grid, request)
     results["timing"].update(outcome.timing)
+    results["fisher_sources"] = {"retain": outcome.retain_source, "forget_prepared": outcome.forget_prepared}
     results["request_state"] = {"state": outcome.state, "missing": outcome.missing,
                                 "failures": {str(k): v for k, v in outcome.failures.items()},
                                 "resumed_from": outcome.resumed_from}

@@ -72,9 +72,12 @@ FORGET_SAMPLES = "forget-samples"
 FORGET_ALL = "forget-all"  # the whole partition is to be forgotten (client request)
 EXCLUDE_CLASSES = "exclude-classes"  # retrain baseline: drop these classes before training
 EXCLUDE_SAMPLES = "exclude-samples"  # retrain baseline: drop these sample ids before training
-WANT_RETAIN = "want-retain"  # also send the retain-Fisher (retain-fisher=fresh)
+WANT_RETAIN = "want-retain"  # also send the retain-Fisher (retain-fisher=fresh / prepared)
 ACCUMULATE = "accumulate-fisher"  # train / derive: accumulate and send the Fisher (retain-fisher=accumulated)
 FISHER_SAMPLES = "fisher-samples"  # cap on the samples of each Fisher pass (0: all)
+RETAIN_SAMPLES = "retain-samples"  # query.fisher: cap on the retain-Fisher's samples (default: fisher-samples)
+PREPARE = "prepare"  # query.fisher after training: store per-class forget-Fishers, reply the whole partition's
+PREPARED = "prepared"  # query.fisher reply: 1 when the forget-Fisher came from the prepared ones
 SECONDS = "seconds"
 FIUN_ALPHA = "fiun-alpha"
 STORE_DIR = "store-dir"  # where the server keeps its store: a default for client directories in simulation

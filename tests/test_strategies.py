@@ -152,6 +152,39 @@ def test_separate_unlearn_run_equals_train_plus_unlearn(trained, train_unlearn, 
     assert [m["id"] for m in res["affected_models"]] == [m["id"] for m in train_unlearn["affected_models"]]
 
 
+def test_requests_use_the_fishers_prepared_after_training(train_unlearn):
+    res, store = train_unlearn, Store(train_unlearn["store_dir"])
+    assert res["timing"]["prepare_s"] > 0
+    assert res["fisher_sources"]["retain"] == "prepared"
+    assert sorted(res["fisher_sources"]["forget_prepared"]) == sorted(int(p) for p in res["holders"])
+    weights = LineageGraph.open(Path(res["store_dir"]) / "lineage").node(res["final_global"]["id"]).weights
+    prepared = store.get_ref(f"prepared-retain/{weights}")
+    assert prepared is not None and store.meta(prepared)["kind"] == "prepared-retain-fisher"
+    for pid in res["holders"]:
+        doc = Store(Path(res["store_dir"]) / "clients" / pid).get_json(f"prepared/{weights}")
+        assert "3" in doc["classes"], pid
+
+
+def test_prepared_forget_fishers_equal_computed_ones_and_a_missing_one_falls_back(trained, train_unlearn, tmp_path):
+    # Without the clients' prepared forget-Fishers they compute them: bit for bit the same unlearned model.
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    for doc in store.glob("clients/*/docs/prepared"):
+        shutil.rmtree(doc)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), derive="finetune",
+                  derive_depth=2)
+    assert res["fisher_sources"] == {"retain": "prepared", "forget_prepared": []}
+    assert res["final_global"]["after_digest"] == train_unlearn["final_global"]["after_digest"]
+    # Without the server's prepared retain-Fisher every client computes one (retain-fisher=fresh), and says so.
+    store = tmp_path / "store2"
+    shutil.copytree(trained / "store", store)
+    shutil.rmtree(store / "refs" / "prepared-retain")
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out2"), derive="finetune",
+                  derive_depth=2)
+    assert res["fisher_sources"]["retain"] == "fresh"
+    assert res["final_global"]["after"]["forget_acc"] <= 0.05
+
+
 def test_unknown_class_fails_clearly_and_changes_nothing(trained, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(trained / "store", store)
