@@ -22,8 +22,11 @@ Requests and methods:
 FIUn follows the Flower layer's protocol: every client holding data to forget computes its forget-Fisher on the
 newest affected global model; each affected model gets the sample-weighted MFIM merge over the holders whose
 data reached it; each affected model's retain-Fisher is taken at its own weights on the data it keeps (the cache
-a federation keeps; its time is reported apart as ``cache s``, not in FIUn's time). Fishers cover every layer,
-batch estimator, at most ``--fisher-samples`` samples per pass (the App's defaults). ``alpha="auto"``
+a federation keeps; its time is reported apart as ``cache s``, not in FIUn's time). For a class request the
+holders' forget-Fishers are in that cache too: the App's clients prepare one per class on the final global model
+right after training (``retain-fisher=prepared``); a client request computes its forget-Fishers in FIUn's time.
+Fishers cover every layer, batch estimator, at most ``--fisher-samples`` samples per forget-Fisher and
+``--retain-fisher-samples`` per retain-Fisher (the App's defaults). ``alpha="auto"``
 calibrates on training-side samples only (forget: the holders' samples; kept: the model's own data); the
 test split is only used to report.
 
@@ -63,6 +66,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
+from strategies.calibration import ClientCalibration  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     GRID_ALPHAS,
     candidate_grid,
@@ -126,7 +130,8 @@ class Setup:
     poisoned_client: int = 0
     poison_fraction: float = 0.5
     backdoor_target: int = 7
-    fisher_samples: int = 256
+    fisher_samples: int = 2048
+    retain_fisher_samples: int = 0
     calibration_forget: int = 64
     calibration_retain: int = 32
     check_samples: int = 32
@@ -294,12 +299,21 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     net = ctx.net
     model = net.new_model()
     params = select_parameters(model, "all")
+    s = net.setup
     t0 = time.perf_counter()
-    retain = [_fisher(net, ctx.weights[n], net.kept_of(n, ctx.forget), params) for n in ctx.targets]
-    t1 = time.perf_counter()
+    retain = [_fisher(net, ctx.weights[n], net.kept_of(n, ctx.forget), params, s.retain_fisher_samples)
+              for n in ctx.targets]
     newest = [n for n in ctx.targets if n.startswith("g")][-1]
     holders = sorted({k for hs in ctx.holders.values() for k in hs})
-    per_holder = {k: _fisher(net, ctx.weights[newest], ctx.forget.forgotten[k], params) for k in holders}
+
+    def forget_fishers() -> dict:
+        return {k: _fisher(net, ctx.weights[newest], ctx.forget.forgotten[k], params, s.fisher_samples)
+                for k in holders}
+
+    prepared = ctx.forget.request.kind == "classes"  # the App's clients prepared these after training
+    per_holder = forget_fishers() if prepared else None
+    t1 = time.perf_counter()
+    per_holder = per_holder if prepared else forget_fishers()
     t2 = time.perf_counter()
     merged_by: dict[tuple[int, ...], Weights] = {}
     for hs in set(ctx.holders.values()):
@@ -325,10 +339,9 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     return dict(zip(ctx.targets, new)), t3 - t1, details
 
 
-def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str]):
+def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str], cap: int):
     loader = make_loader(ds, net.setup.batch_size, shuffle=True, seed=net.setup.seed)  # capped: sample every client
-    return compute_fisher(net.model_with(weights), loader, params, estimator="batch",
-                          max_samples=net.setup.fisher_samples)
+    return compute_fisher(net.model_with(weights), loader, params, estimator="batch", max_samples=cap or None)
 
 
 def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
@@ -351,12 +364,14 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
     total, before_kept, forget_sets, walks = None, 0, {}, {}
+    holders = sum(1 for k in range(s.clients) if len(ctx.forget.forgotten[k]))
+    budget = ClientCalibration(forget_samples=s.calibration_forget).keep_budget(holders) if is_class else 0
     for k in range(s.clients):
         forgotten, kept = ctx.forget.forgotten[k], ctx.forget.kept[k]
         fset = _head(forgotten, s.calibration_forget, s.seed + k) if len(forgotten) else None
         rset = _head(kept, s.calibration_retain, s.seed + k) if len(kept) else None
         counts = score_alpha_grid(model, ctx.weights[newest], retain[i_new], forgets[i_new], fset, rset,
-                                  candidates=grid, stop_when_kept=is_class)
+                                  candidates=grid, stop_when_kept=is_class, keep_budget=budget)
         total = counts if total is None else total + counts
         before_kept += count_correct_split(model, ctx.weights[newest], None, rset)[1]
         if fset is not None:
@@ -364,8 +379,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
                 walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
                                        [retain[i] for i in others], [forgets[i] for i in others],
-                                       forget_sets[k], feasible_starts(counts), GRID_ALPHAS)
-    target = 0.0 if is_class else before_kept / max(total.retain_num, 1)
+                                       forget_sets[k], feasible_starts(counts, budget), GRID_ALPHAS)
+    target = ClientCalibration().forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     own: list[int] = []
@@ -380,7 +395,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         params = select_parameters(model, "all")
         for i in own:
             name = ctx.targets[i]
-            parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params) for k in ctx.holders[name]]
+            parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params, s.fisher_samples)
+                     for k in ctx.holders[name]]
             forgets[i] = merge_fishers([dict(p) for p in parts], mode="weighted_mean",
                                        num_samples=[p.info.num_samples for p in parts])
         if own:
@@ -503,13 +519,13 @@ def scaling_run(net: Network, weights: dict[str, Weights], forget: Forget) -> di
     params = select_parameters(net.new_model(), "all")
     t0 = time.perf_counter()
     newest = [n for n in ctx.targets if n.startswith("g")][-1]
-    per_holder = [_fisher(net, weights[newest], forget.forgotten[k], params) for k in range(s.clients)
-                  if len(forget.forgotten[k])]
+    per_holder = [_fisher(net, weights[newest], forget.forgotten[k], params, s.fisher_samples)
+                  for k in range(s.clients) if len(forget.forgotten[k])]
     merged = merge_fishers([dict(f) for f in per_holder], mode="weighted_mean",
                            num_samples=[f.info.num_samples for f in per_holder])
     forget_fisher_s = time.perf_counter() - t0
     base = ctx.targets[: min(4, len(ctx.targets))]
-    retain = [_fisher(net, weights[n], net.kept_of(n, forget), params) for n in base]
+    retain = [_fisher(net, weights[n], net.kept_of(n, forget), params, s.retain_fisher_samples) for n in base]
     gen = torch.Generator().manual_seed(s.seed)
     per_model = sum(weights[base[0]][p].numel() for p in params)
     cfg, rows = FIUnConfig(alpha=1.0), []

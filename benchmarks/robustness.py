@@ -11,7 +11,8 @@ scratch without that class (same seed, same schedule):
 ``assd``         ASSD's percentile rule: alpha = the ``--assd-percentile`` percentile of ``F_f / F_D``
 ``auto``         the project default, the rule the Flower App runs: every client scores the
                  ``(alpha, lambda)`` grid (``fl_unlearn.calibrate.candidate_grid``) on its own samples
-                 (``score_alpha_grid``), the summed counts choose (``choose_candidate``, target 0 %)
+                 (``score_alpha_grid``), the summed counts choose (``choose_candidate``, target: the App's
+                 ``calibration-forget-tolerance``, 1 % of the scored forget samples)
 ``auto+repair``  ``auto``, then the App's repair: capped FedAvg rounds of SGD steps on 1,024 kept rows per
                  client (``fl_unlearn.calibrate.repair``, 16 rounds at lr 0.05; time reported in the row)
 ``retrain``      FedAvg from scratch without the class (the gold standard)
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from strategies.calibration import ClientCalibration  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     GridCounts,
     RepairConfig,
@@ -91,7 +93,7 @@ class Setup:
     fisher_layers: str = "all"
     fisher_estimator: str = "batch"
     fisher_samples: int = 2048
-    retain_fisher_samples: int = 4096
+    retain_fisher_samples: int = 0
     calibration_forget: int = 64
     calibration_retain: int = 32
     # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr)
@@ -260,7 +262,7 @@ def calibrate_like_the_app(fed: Federation, weights: Weights, retain_f: Weights,
     total = GridCounts(grid, [0] * len(grid), [0] * len(grid))
     for forget_set, retain_set in zip(cal_forget, cal_retain):
         total = total + score_alpha_grid(model, weights, retain_f, forget_f, forget_set, retain_set, candidates=grid)
-    alpha, lam, met = choose_candidate(total, 0.0)
+    alpha, lam, met = choose_candidate(total, ClientCalibration().forget_tolerance)
     (new,), _ = unlearn_many([weights], [scale_free(retain_f)], scale_free(forget_f), FIUnConfig(alpha=alpha, lam=lam))
     return {"weights": new, "seconds": time.perf_counter() - t0, "alpha": alpha, "lam": lam, "target_met": met}
 
@@ -334,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fisher-estimator", default="batch")
     parser.add_argument("--assd-percentile", type=float, default=99.0)
     parser.add_argument("--fisher-samples", type=int, default=2048, help="cap per client on the forget-Fisher (0: all)")
-    parser.add_argument("--retain-fisher-samples", type=int, default=4096,
+    parser.add_argument("--retain-fisher-samples", type=int, default=0,
                         help="cap per client on the whole-partition retain-Fisher (0: all)")
     parser.add_argument("--calibration-forget", type=int, default=64, help="forget samples per client (auto)")
     parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto)")

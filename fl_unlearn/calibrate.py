@@ -473,6 +473,7 @@ def score_alpha_grid(
     base: FIUnConfig = FIUnConfig(),
     candidates: Sequence[tuple[float, float]] | None = None,
     stop_when_kept: bool = False,
+    keep_budget: int = 0,
 ) -> GridCounts:
     """Dampen ``weights`` at every ``(alpha, lam)`` candidate (scale-free Fishers) and count correct predictions.
 
@@ -480,12 +481,12 @@ def score_alpha_grid(
     ``forget_set`` is ``None`` (or empty) at clients that hold no data to forget; ``retain_set`` likewise.
     ``candidates`` defaults to :func:`candidate_grid`; ``base`` supplies the other settings (exponent, cap, tau).
 
-    ``stop_when_kept`` (a class request, whose target is 0): per lambda, the alphas are walked strongest first
-    and the walk stops after the first candidate that still predicts one of ``forget_set``; the milder alphas
-    after it are :data:`UNSCORED`. A milder alpha selects a subset of the weights, so (as the per-model check
-    also assumes) it keeps that sample too and cannot meet the target: the federation's choice is the one the
-    full grid gives, for fewer forward passes (MNIST class 3: 6-10 of 22 candidates per client). Clients
-    without forget samples score everything.
+    ``stop_when_kept`` (a class request): per lambda, the alphas are walked strongest first and the walk stops
+    after the first candidate that still predicts more than ``keep_budget`` of ``forget_set`` (the federation's
+    budget: a client over it puts the sum over it); the milder alphas after it are :data:`UNSCORED`. A milder
+    alpha selects a subset of the weights, so (as the per-model check also assumes) it keeps those samples too
+    and cannot meet the target: the federation's choice is the one the full grid gives, for fewer forward
+    passes (MNIST class 3: 6-10 of 22 candidates per client). Clients without forget samples score everything.
     """
     grid = tuple(candidates) if candidates is not None else candidate_grid()
     retain, forget = scale_free(retain_fisher), scale_free(forget_fisher)
@@ -504,7 +505,7 @@ def score_alpha_grid(
         f, r = count_correct_split(model, sweeps[lam].at(alpha), forget_set, retain_set)
         f_correct.append(f)
         r_correct.append(r)
-        if walk and f > 0:
+        if walk and f > keep_budget:
             stopped.add(lam)
     return GridCounts(grid, f_correct, r_correct, _size(forget_set), _size(retain_set))
 
@@ -683,11 +684,12 @@ NOT_WALKED = -2.0
 NONE_FORGETS = -1.0
 
 
-def feasible_starts(counts: GridCounts) -> dict[float, float]:
-    """Per lambda: the mildest alpha at which one client's calibration forgot every forget sample it scored.
+def feasible_starts(counts: GridCounts, keep_budget: int = 0) -> dict[float, float]:
+    """Per lambda: the mildest alpha at which one client's calibration kept at most ``keep_budget`` of the forget
+    samples it scored (the federation's budget, :func:`score_alpha_grid`).
 
-    The federation's choice for a class forgets everything at every holder, so at its lambda its alpha is at
-    most this one: where the holder starts :func:`walk_models`. Lambdas without such an alpha are absent.
+    The federation's choice for a class keeps at most that many at every holder, so at its lambda its alpha is
+    at most this one: where the holder starts :func:`walk_models`. Lambdas without such an alpha are absent.
 
     Examples
     --------
@@ -696,7 +698,7 @@ def feasible_starts(counts: GridCounts) -> dict[float, float]:
     """
     starts: dict[float, float] = {}
     for (alpha, lam), f, r in zip(counts.candidates, counts.forget_correct, counts.retain_correct):
-        if f == 0 and r != UNSCORED:
+        if f != UNSCORED and f <= keep_budget and r != UNSCORED:
             starts[lam] = max(alpha, starts.get(lam, alpha))
     return starts
 

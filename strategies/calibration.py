@@ -23,11 +23,11 @@ server-held and client-held (``scale-free`` in ``train.unlearn``).
 The choice is scored on the newest affected global model; an early model in the lineage can keep a class at the
 same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So for a class request the same
 round trip also carries the other affected server-held models to the clients holding data to forget. A holder
-does not know the federation's choice yet, only that it forgets all of the holder's samples, so its alpha is at
-most the mildest one that did so here (:func:`fl_unlearn.calibrate.feasible_starts`). From there each holder
-walks, per model and lambda, to smaller alphas on a few of its forget samples until the model forgets them all
-(:func:`fl_unlearn.calibrate.walk_models`: one forward pass per lambda for a model that already forgets). The
-server reads, for its choice, the first candidate from it towards stronger ones (smaller alphas, then lambda 0,
+does not know the federation's choice yet, only that it keeps at most the federation's budget of the holder's
+samples (``forget_tolerance`` of all scored), so its alpha is at most the mildest one that did so here
+(:func:`fl_unlearn.calibrate.feasible_starts`). From there each holder walks, per model and lambda, to smaller
+alphas on a few of its forget samples until the model forgets them all (:func:`fl_unlearn.calibrate.walk_models`:
+one forward pass per lambda for a model that already forgets). The server reads, for its choice, the first candidate from it towards stronger ones (smaller alphas, then lambda 0,
 :func:`fl_unlearn.calibrate.check_sequence`) at which each holder's model forgets
 (:func:`fl_unlearn.calibrate.first_forgetting`), and dampens each model at the mildest candidate at which every
 holder forgot all its samples, never milder than the federation's choice
@@ -70,7 +70,7 @@ from fl_unlearn.calibrate import (
     walk_models,
 )
 from fl_unlearn.data import load_rows
-from fl_unlearn.errors import UnlearnError
+from fl_unlearn.errors import ConfigError, UnlearnError
 from fl_unlearn.fiun import FIUnConfig
 from strategies import records as R
 from strategies.forget import ForgetSpec
@@ -103,6 +103,10 @@ class ClientCalibration:
     check_samples : int (default: 32)
         Forget samples per holder for the per-model check of a class request (a subset of the
         ``forget_samples``); 0 dampens every model at the one choice.
+    forget_tolerance : float (default: 0.01)
+        Class requests: the share of the scored forget samples the choice may still predict (the target). With 0
+        one hard sample among 256 decided for the whole federation: on MNIST class 6 it pushed alpha from 2 to
+        0.5 and left 11 % of the kept accuracy (98 % at alpha 2, which forgot all but one of them).
     """
 
     forget_samples: int = 64
@@ -110,6 +114,16 @@ class ClientCalibration:
     alphas: tuple[float, ...] = GRID_ALPHAS
     lams: tuple[float, ...] = DEFAULT_LAMS
     check_samples: int = 32
+    forget_tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.forget_tolerance < 1.0:
+            raise ConfigError(f"forget_tolerance must be in [0, 1), got {self.forget_tolerance!r}")
+
+    def keep_budget(self, holders: int) -> int:
+        """Forget samples the choice may still predict, over ``holders`` clients scoring at most
+        ``forget_samples`` each: what a client may keep before it stops walking (``score_alpha_grid``)."""
+        return int(self.forget_tolerance * self.forget_samples * holders)
 
 
 #: The per-model check sends every other affected server-held model to every client; above this many bytes of
@@ -179,8 +193,10 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
     model = load_model(spec, context, weights)
     base = R.fiun_from_config(config)
     candidates = _candidates(config)
+    budget = int(config.get(R.CALIBRATION_BUDGET, 0))
     counts = score_alpha_grid(model, weights, retain_fisher, forget_fisher, forget_set, retain_set,
-                              base=base, candidates=candidates, stop_when_kept=bool(config.get(R.CALIBRATION_STOP)))
+                              base=base, candidates=candidates, stop_when_kept=bool(config.get(R.CALIBRATION_STOP)),
+                              keep_budget=budget)
     before_forget, before_retain = count_correct_split(model, weights, forget_set, retain_set)
     metrics = MetricRecord({
         R.FORGET_CORRECT: counts.forget_correct, R.RETAIN_CORRECT: counts.retain_correct,
@@ -188,7 +204,7 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
         R.BEFORE + R.FORGET_CORRECT: before_forget, R.BEFORE + R.RETAIN_CORRECT: before_retain,
     })
     scored_s = time.perf_counter() - start
-    walked = _walk_check_models(model, arrays, config, retain_fisher, forget_set, counts, base, metrics)
+    walked = _walk_check_models(model, arrays, config, retain_fisher, forget_set, counts, base, metrics, budget)
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.calibrate: partition %d scored %d of %d candidates on %d forget / %d kept samples in %.2f s%s",
         partition_id(context), sum(counts.scored()), len(candidates), counts.forget_num, counts.retain_num, scored_s,
@@ -198,7 +214,7 @@ def handle_calibrate(spec: ClientSpec, msg: Message, context: Context) -> Messag
 
 def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_fisher: Tensors,
                        forget_set: tuple[torch.Tensor, torch.Tensor] | None, counts: GridCounts, base: FIUnConfig,
-                       metrics: MetricRecord) -> int:
+                       metrics: MetricRecord, budget: int = 0) -> int:
     """The per-model check inside ``query.calibrate`` (class requests): for every other affected model the
     server sent, :func:`fl_unlearn.calibrate.walk_models` from this client's feasible starts on the first
     ``calibration-check-samples`` of its forget samples; ``check-walk`` holds the reports, model-major, lambdas
@@ -207,7 +223,7 @@ def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_
     if not models or forget_set is None:
         return 0
     n = int(config[R.CALIBRATION_CHECK])
-    starts = feasible_starts(counts)
+    starts = feasible_starts(counts, budget)
     reports = walk_models(model, models, retain_fisher, fishers, (forget_set[0][:n], forget_set[1][:n]), starts,
                           sorted({a for a, _ in counts.candidates}), base=base)
     metrics[R.CHECK_WALK] = [r.get(v, NOT_WALKED) for r in reports for v in _walk_lams(counts.candidates)]
@@ -336,7 +352,8 @@ def calibrate_at_clients(
     weights, retain_fisher, forget_fisher : dict
         The model to calibrate on and its Fishers.
     request_kind : str
-        ``classes`` (target 0) or ``client`` / ``samples`` (target: the model's kept-data accuracy).
+        ``classes`` (target: ``settings.forget_tolerance``) or ``client`` / ``samples`` (target: the model's
+        kept-data accuracy).
     base : FIUnConfig
         The other dampening settings (``lam``, ``exponent``, ...); its alpha is ignored.
     settings : ClientCalibration
@@ -362,12 +379,14 @@ def calibrate_at_clients(
     check_content: dict[str, Any] = {}
     check_cfg = {**_add_check_models(check_content, check), R.CALIBRATION_CHECK: int(settings.check_samples)}
     walkers = set(pids if holders is None else holders) if check else set()
+    budget = settings.keep_budget(len(pids if holders is None else holders)) if request_kind == "classes" else 0
     msgs = []
     for pid in pids:
         cfg = ConfigRecord({R.ALPHAS: [a for a, _ in candidates], R.LAMS: [v for _, v in candidates],
                             R.CALIBRATION_FORGET: int(settings.forget_samples),
                             R.CALIBRATION_RETAIN: int(settings.retain_samples),
-                            R.CALIBRATION_STOP: request_kind == "classes", **fiun, **request_configs[pid],
+                            R.CALIBRATION_STOP: request_kind == "classes", R.CALIBRATION_BUDGET: budget,
+                            **fiun, **request_configs[pid],
                             **(check_cfg if pid in walkers else {})})
         msgs.append(Message(RecordDict({**content, **(check_content if pid in walkers else {}), R.CONFIG_KEY: cfg}),
                             dst_node_id=nodes.node_of(pid), message_type=R.MSG_CALIBRATE))
@@ -386,7 +405,7 @@ def calibrate_at_clients(
                 walks.append(_walk_reports(m, pid, len(check), candidates))
     if total.forget_num == 0:
         raise UnlearnError("query.calibrate: no client scored any forget sample; cannot calibrate alpha")
-    target = 0.0 if request_kind == "classes" else before_retain / max(total.retain_num, 1)
+    target = settings.forget_tolerance if request_kind == "classes" else before_retain / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target)
     choice = CalibrationChoice(alpha, lam, target, met, total, time.perf_counter() - start,
                                max(client_seconds, default=0.0), before_retain / max(total.retain_num, 1))

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-forget-samples": 64,
     "calibration-retain-samples": 32,
     "calibration-check-samples": 32,
+    "calibration-forget-tolerance": 0.01,
     "repair": "auto",
     "repair-rounds": 16,
     "repair-steps": 8,
@@ -64,7 +65,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "fisher-estimator": "batch",
     "fisher-samples": 2048,
     "retain-fisher": "prepared",
-    "retain-fisher-samples": 4096,
+    "retain-fisher-samples": 0,
     "mfim-mode": "weighted_mean",
     "derive": "none",
     "derive-depth": 1,
@@ -139,6 +140,7 @@ class AppConfig:
     calibration_forget_samples: int
     calibration_retain_samples: int
     calibration_check_samples: int
+    calibration_forget_tolerance: float
     repair: str
     repair_rounds: int
     repair_steps: int
@@ -208,6 +210,9 @@ class AppConfig:
         if self.fisher_samples < 0 or self.retain_fisher_samples < 0:
             raise ConfigError(f"fisher-samples and retain-fisher-samples must be >= 0 (0: all), got "
                               f"{self.fisher_samples} and {self.retain_fisher_samples}")
+        if not 0.0 <= self.calibration_forget_tolerance < 1.0:
+            raise ConfigError("calibration-forget-tolerance must be in [0, 1), got "
+                              f"{self.calibration_forget_tolerance}")
         if self.calibration_check_samples < 0:
             raise ConfigError(f"calibration-check-samples must be >= 0 (0: no per-model check), got "
                               f"{self.calibration_check_samples}")

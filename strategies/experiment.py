@@ -81,7 +81,8 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
         return None
     return ClientCalibration(forget_samples=cfg.calibration_forget_samples,
                              retain_samples=cfg.calibration_retain_samples,
-                             check_samples=cfg.calibration_check_samples)
+                             check_samples=cfg.calibration_check_samples,
+                             forget_tolerance=cfg.calibration_forget_tolerance)
 
 
 class Evaluator:

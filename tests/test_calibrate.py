@@ -215,6 +215,34 @@ def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_
                                 stop_when_kept=True).scored())
 
 
+def test_walk_with_a_keep_budget_stops_past_the_budget_only():
+    model, weights, retain, forget = _linear_with_fishers()
+    forget_set, retain_set = _data(30, 4), _data(40, 5)
+    grid = candidate_grid((0.0, 0.25, 1.0, 4.0, 16.0, 1e9), (1.0, 0.0))
+    full = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
+    kept = sorted({f for f in full.forget_correct if f > 0})
+    assert len(kept) >= 2  # the fixture keeps different numbers of forget samples along the grid
+    budget = kept[0]
+    walked = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid,
+                              stop_when_kept=True, keep_budget=budget)
+    for lam in (0.0, 1.0):
+        scored = [i for i, (_, v) in enumerate(grid) if v == lam and walked.scored()[i]]
+        assert all(full.forget_correct[i] <= budget for i in scored[:-1])
+        assert scored[-1] == max(i for i, (_, v) in enumerate(grid) if v == lam) \
+            or full.forget_correct[scored[-1]] > budget
+    strict = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid,
+                              stop_when_kept=True)
+    assert sum(walked.scored()) >= sum(strict.scored())
+    # the budget's target: the best kept accuracy among candidates keeping at most that share
+    target = budget / full.forget_num
+    assert choose_candidate(walked, target) == choose_candidate(full, target)
+    assert feasible_starts(walked, budget) == {lam: max(a for (a, v), f in zip(grid, walked.forget_correct)
+                                                        if v == lam and f != UNSCORED and f <= budget)
+                                               for lam in (0.0, 1.0)
+                                               if any(v == lam and f != UNSCORED and f <= budget
+                                                      for (_, v), f in zip(grid, walked.forget_correct))}
+
+
 def test_unscored_candidates_stay_unscored_in_sums_and_are_never_chosen():
     a = GridCounts(_pairs(1, 2, 4), [0, 0, 3], [50, 80, 90], 10, 100)
     b = GridCounts(_pairs(1, 2, 4), [0, 2, UNSCORED], [40, 70, UNSCORED], 10, 100)
@@ -359,6 +387,7 @@ def test_feasible_starts_are_the_mildest_scored_alphas_that_forget_everything():
     counts = GridCounts(((1.0, 0.0), (4.0, 0.0), (8.0, 0.0), (1.0, 1.0), (4.0, 1.0)),
                         [0, 0, 2, 1, UNSCORED], [5, 6, 7, 8, UNSCORED], 4, 8)
     assert feasible_starts(counts) == {0.0: 4.0}
+    assert feasible_starts(counts, keep_budget=2) == {0.0: 8.0, 1.0: 1.0}
 
 
 def test_per_model_candidate_is_the_strongest_holder_report_never_milder_than_the_choice():

@@ -300,6 +300,19 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
         assert graph.node(rep["node"]).parents == (res["final_global"]["version"],)
 
 
+def test_calibration_tolerance_sets_the_keep_budget_and_refuses_bad_values():
+    from strategies.calibration import ClientCalibration
+
+    assert ClientCalibration(forget_samples=64, forget_tolerance=0.01).keep_budget(4) == 2
+    assert ClientCalibration(forget_samples=64, forget_tolerance=0.0).keep_budget(4) == 0
+    with pytest.raises(ConfigError, match="forget_tolerance"):
+        ClientCalibration(forget_tolerance=1.0)
+    with pytest.raises(ConfigError, match="calibration-forget-tolerance"):
+        AppConfig.from_run_config({**BASE, "calibration-forget-tolerance": -0.1})
+    with pytest.raises(ConfigError, match="retain-fisher-samples"):
+        AppConfig.from_run_config({**BASE, "retain-fisher-samples": -1})
+
+
 def test_repair_settings_decide_from_the_calibration_report():
     from strategies.repair import RepairSettings
 
