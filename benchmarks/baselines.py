@@ -311,9 +311,11 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
                 for k in holders}
 
     prepared = ctx.forget.request.kind == "classes"  # the App's clients prepared these after training
-    per_holder = forget_fishers() if prepared else None
+    if prepared:
+        per_holder = forget_fishers()
     t1 = time.perf_counter()
-    per_holder = per_holder if prepared else forget_fishers()
+    if not prepared:
+        per_holder = forget_fishers()
     t2 = time.perf_counter()
     merged_by: dict[tuple[int, ...], Weights] = {}
     for hs in set(ctx.holders.values()):

@@ -27,8 +27,9 @@ does not know the federation's choice yet, only that it keeps at most the federa
 samples (``forget_tolerance`` of all scored), so its alpha is at most the mildest one that did so here
 (:func:`fl_unlearn.calibrate.feasible_starts`). From there each holder walks, per model and lambda, to smaller
 alphas on a few of its forget samples until the model forgets them all (:func:`fl_unlearn.calibrate.walk_models`:
-one forward pass per lambda for a model that already forgets). The server reads, for its choice, the first candidate from it towards stronger ones (smaller alphas, then lambda 0,
-:func:`fl_unlearn.calibrate.check_sequence`) at which each holder's model forgets
+one forward pass per lambda for a model that already forgets). The server reads, for its choice, the first
+candidate from it towards stronger ones (smaller alphas, then lambda 0, :func:`fl_unlearn.calibrate.check_sequence`)
+at which each holder's model forgets
 (:func:`fl_unlearn.calibrate.first_forgetting`), and dampens each model at the mildest candidate at which every
 holder forgot all its samples, never milder than the federation's choice
 (:func:`fl_unlearn.calibrate.per_model_candidate`). Models that no candidate makes forget get their own

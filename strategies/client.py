@@ -317,9 +317,9 @@ def fisher_of(model: nn.Module, ds: Dataset, rows: np.ndarray, context: Context,
 def handle_fisher(spec: ClientSpec, msg: Message, context: Context) -> Message:
     """``query.fisher``: forget-Fisher of this client's forget data on the model the server sent (at most
     ``fisher-samples`` samples), and with ``want-retain`` the retain-Fisher of its kept data on the same model (at
-    most ``retain-samples``, default ``fisher-samples``). Without forget keys in the config every row is kept: the
-    retain-Fisher the server prepares after training (``UnlearningStrategy.prepare_fishers``): see
-    :func:`_prepare_fishers`."""
+    most ``retain-samples``, default ``fisher-samples``); a single-class request on prepared weights reads its
+    forget-Fisher from what :func:`_prepare_fishers` stored. With ``prepare`` (after training,
+    ``UnlearningStrategy.prepare_fishers``): :func:`_prepare_fishers`."""
     start = time.perf_counter()
     config = R.first_config(msg)
     data = spec.data_fn(context)
@@ -361,7 +361,9 @@ def _prepare_fishers(model: nn.Module, data: Dataset, msg: Message, context: Con
     """``query.fisher`` with ``prepare`` (after training, on the newest global model): store the forget-Fisher of
     every class this client holds, each the one a later single-class ``query.fisher`` on these weights would
     compute (the same rows, cap and seed: bit for bit), and reply the Fisher of the whole partition (at most
-    ``retain-samples``), which the server keeps as the retain-Fisher to correct."""
+    ``retain-samples``), which the server keeps as the retain-Fisher (SSD's ``F_D``). Two passes over the data:
+    the per-class Fishers have class-pure batches, the whole-partition one mixed batches, and the batch estimator
+    does not add up across them."""
     store = client_store(context, config)
     labels = class_labels(data)
     classes = np.unique(labels)

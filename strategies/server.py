@@ -503,8 +503,8 @@ class UnlearningStrategy(DelegatingStrategy):
         """
         model = self._newest_affected_global(outcome.affected)
         prepared = self._prepared_for(model) if self.retain_fisher == "prepared" else None
-        fresh = self.retain_fisher == "fresh" or (self.retain_fisher == "prepared" and prepared is None)
-        if self.retain_fisher == "prepared" and prepared is None:
+        fresh = self.retain_fisher != "accumulated" and prepared is None
+        if self.retain_fisher == "prepared" and fresh:
             log(WARNING, "unlearn: no Fishers prepared for %s (prepare_fishers after training prepares them); every "
                 "client computes its retain-Fisher for this request", model.id)
         outcome.retain_source = "fresh" if fresh else self.retain_fisher
@@ -579,13 +579,13 @@ class UnlearningStrategy(DelegatingStrategy):
             if problems:
                 raise FisherError(f"partition {pid} sent a bad {key}: " + "; ".join(str(p) for p in problems[:5]))
 
-    def _fisher_message(self, node_id: str, arrays: ArrayRecord, pid: int, request: UnlearningRequest, *,
-                        want_retain: bool | None = None) -> Message:
-        """``query.fisher`` for partition ``pid`` on model ``node_id`` (retain-Fisher as configured, or as asked)."""
+    def _fisher_message(self, node_id: str, arrays: ArrayRecord, pid: int, request: UnlearningRequest | None, *,
+                        want_retain: bool) -> Message:
+        """``query.fisher`` for partition ``pid`` on model ``node_id``: the forget-Fisher of ``request``'s data and,
+        with ``want_retain``, the retain-Fisher; without a request, ``prepare`` (:meth:`prepare_fishers`)."""
         cfg = {R.NODE_ID: node_id, R.WEIGHTS_DIGEST: self.graph.node(node_id).weights or "",
-               **self._fisher_config(), **request_config(request, pid)}
-        if want_retain is not None:
-            cfg[R.WANT_RETAIN] = want_retain
+               **self._fisher_config(), R.WANT_RETAIN: want_retain}
+        cfg.update(request_config(request, pid) if request is not None else {R.PREPARE: True})
         return Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: ConfigRecord(cfg)}),
                        dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER)
 
@@ -622,9 +622,7 @@ class UnlearningStrategy(DelegatingStrategy):
         self.nodes.refresh(grid)
         weights = self.store.get(node.weights)
         arrays = R.tensors_to_record(weights)
-        cfg = {R.NODE_ID: node.id, R.WEIGHTS_DIGEST: node.weights, **self._fisher_config(), R.PREPARE: True}
-        msgs = [Message(RecordDict({R.ARRAYS_KEY: arrays, R.CONFIG_KEY: ConfigRecord(cfg)}),
-                        dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_FISHER)
+        msgs = [self._fisher_message(node.id, arrays, pid, None, want_retain=True)
                 for pid in sorted(self.nodes.partition.values())]
         replies, failed = send_with_retries(grid, msgs, R.MSG_FISHER, timeout=self.nodes.timeout,
                                             retries=self.reply_retries,
@@ -644,9 +642,9 @@ class UnlearningStrategy(DelegatingStrategy):
         classes = sum(int(r.content.metric_records[R.METRICS_KEY].get(R.PREPARED, 0)) for r in replies)
         info = {"node": node.id, "samples": samples, "clients": len(parts), "classes": classes,
                 "seconds": time.perf_counter() - start}
-        log(INFO, "prepare: Fishers of %s on %d clients (whole partitions: %d samples, at most %d each; forget-Fishers "
-            "of %d client classes), %.2f s", node.id, len(parts), samples, self.retain_fisher_samples, classes,
-            info["seconds"])
+        log(INFO, "prepare: Fishers of %s on %d clients (whole partitions: %d samples, %s each; forget-Fishers of %d "
+            "client classes), %.2f s", node.id, len(parts), samples,
+            f"at most {self.retain_fisher_samples}" if self.retain_fisher_samples else "all", classes, info["seconds"])
         return info
 
     def _prepared_settings(self) -> dict[str, Any]:
