@@ -73,6 +73,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     check_models,
     check_sequence,
     choose_candidate,
+    dampening_change,
     count_correct_split,
     feasible_starts,
     first_forgetting,
@@ -383,7 +384,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
                                        [retain[i] for i in others], [forgets[i] for i in others],
                                        forget_sets[k], feasible_starts(counts, budget), GRID_ALPHAS)
     target = ClientCalibration().forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
-    alpha, lam, met = choose_candidate(total, target)
+    alpha, lam, met = choose_candidate(total, target, kept_margin=ClientCalibration().kept_margin(total.retain_num),
+                                       change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     own: list[int] = []
     if is_class and met:

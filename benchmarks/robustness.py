@@ -55,6 +55,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     RepairConfig,
     candidate_grid,
     choose_candidate,
+    dampening_change,
     repair,
     scale_free,
     score_alpha_grid,
@@ -262,7 +263,10 @@ def calibrate_like_the_app(fed: Federation, weights: Weights, retain_f: Weights,
     total = GridCounts(grid, [0] * len(grid), [0] * len(grid))
     for forget_set, retain_set in zip(cal_forget, cal_retain):
         total = total + score_alpha_grid(model, weights, retain_f, forget_f, forget_set, retain_set, candidates=grid)
-    alpha, lam, met = choose_candidate(total, ClientCalibration().forget_tolerance)
+    settings = ClientCalibration()
+    alpha, lam, met = choose_candidate(total, settings.forget_tolerance,
+                                       kept_margin=settings.kept_margin(total.retain_num),
+                                       change=dampening_change(weights, retain_f, forget_f))
     (new,), _ = unlearn_many([weights], [scale_free(retain_f)], scale_free(forget_f), FIUnConfig(alpha=alpha, lam=lam))
     return {"weights": new, "seconds": time.perf_counter() - t0, "alpha": alpha, "lam": lam, "target_met": met}
 

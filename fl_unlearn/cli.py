@@ -166,6 +166,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.calibration_retain_samples": ("calibration-retain-samples", _int),
     "unlearning.calibration_check_samples": ("calibration-check-samples", _int),
     "unlearning.calibration_forget_tolerance": ("calibration-forget-tolerance", _float),
+    "unlearning.calibration_kept_tolerance": ("calibration-kept-tolerance", _float),
     "unlearning.fisher_layers": ("fisher-layers", _text),
     "unlearning.fisher_estimator": ("fisher-estimator", _text),
     "unlearning.fisher_samples": ("fisher-samples", _int),

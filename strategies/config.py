@@ -55,6 +55,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-retain-samples": 32,
     "calibration-check-samples": 32,
     "calibration-forget-tolerance": 0.01,
+    "calibration-kept-tolerance": 0.01,
     "repair": "auto",
     "repair-rounds": 16,
     "repair-steps": 8,
@@ -141,6 +142,7 @@ class AppConfig:
     calibration_retain_samples: int
     calibration_check_samples: int
     calibration_forget_tolerance: float
+    calibration_kept_tolerance: float
     repair: str
     repair_rounds: int
     repair_steps: int
@@ -213,6 +215,9 @@ class AppConfig:
         if not 0.0 <= self.calibration_forget_tolerance < 1.0:
             raise ConfigError("calibration-forget-tolerance must be in [0, 1), got "
                               f"{self.calibration_forget_tolerance}")
+        if not 0.0 <= self.calibration_kept_tolerance < 1.0:
+            raise ConfigError("calibration-kept-tolerance must be in [0, 1), got "
+                              f"{self.calibration_kept_tolerance}")
         if self.calibration_check_samples < 0:
             raise ConfigError(f"calibration-check-samples must be >= 0 (0: no per-model check), got "
                               f"{self.calibration_check_samples}")

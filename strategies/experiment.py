@@ -82,7 +82,8 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
     return ClientCalibration(forget_samples=cfg.calibration_forget_samples,
                              retain_samples=cfg.calibration_retain_samples,
                              check_samples=cfg.calibration_check_samples,
-                             forget_tolerance=cfg.calibration_forget_tolerance)
+                             forget_tolerance=cfg.calibration_forget_tolerance,
+                             kept_tolerance=cfg.calibration_kept_tolerance)
 
 
 class Evaluator:

@@ -101,6 +101,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     RepairConfig,
     candidate_grid,
     choose_candidate,
+    dampening_change,
     repair,
     score_alpha_grid,
 )
@@ -144,6 +145,48 @@ def test_choose_candidate_keeps_most_among_candidates_that_forget_enough():
     # a zeroing candidate that forgets with more kept accuracy beats the paper's factor
     mixed = GridCounts(((4.0, 0.0), (1.0, 1.0)), [0, 0], [95, 80], 10, 100)
     assert choose_candidate(mixed, 0.0) == (4.0, 0.0, True)
+
+
+def test_choose_candidate_with_a_kept_margin_takes_the_least_change_among_near_ties():
+    grid = ((1.0, 0.0), (2.0, 0.0), (2.0, 1.0), (4.0, 1.0), (8.0, 1.0))
+    counts = GridCounts(grid, forget_correct=[0, 0, 0, 1, 9], retain_correct=[100, 128, 126, 127, 128],
+                        forget_num=256, retain_num=128)
+    change = {(1.0, 0.0): 5.0, (2.0, 0.0): 3.0, (2.0, 1.0): 1.5, (4.0, 1.0): 1.0, (8.0, 1.0): 0.1}
+    asked = []
+
+    def measure(alpha, lam):
+        asked.append((alpha, lam))
+        return change[(alpha, lam)]
+
+    assert choose_candidate(counts, 0.0) == (2.0, 0.0, True)  # the best count alone
+    # within one sample: (2, 0) and (4, 1) would tie, but (4, 1) keeps a forget sample of 256 (target 0)
+    assert choose_candidate(counts, 0.0, kept_margin=2, change=measure) == (2.0, 1.0, True)
+    assert choose_candidate(counts, 0.004, kept_margin=1, change=measure) == (4.0, 1.0, True)
+    # only candidates near the best are measured; one that misses the forget target never is
+    assert (8.0, 1.0) not in asked and (1.0, 0.0) not in asked
+    # no margin, or no measure: the old rule
+    assert choose_candidate(counts, 0.004, kept_margin=0, change=measure) == (2.0, 0.0, True)
+    assert choose_candidate(counts, 0.004, kept_margin=3) == (2.0, 0.0, True)
+    # an unscored candidate is never chosen, however little it changes
+    walked = GridCounts(grid, [0, 0, 0, UNSCORED, UNSCORED], [100, 128, 126, UNSCORED, UNSCORED], 256, 128)
+    assert choose_candidate(walked, 0.004, kept_margin=5, change=measure) == (2.0, 1.0, True)
+    # an unmet target keeps the most-forgetting candidate, whatever the margin
+    missed = GridCounts(grid, [3, 2, 5, 9, 9], [100, 128, 126, 127, 128], 256, 128)
+    assert choose_candidate(missed, 0.0, kept_margin=5, change=measure) == (2.0, 0.0, False)
+    with pytest.raises(ConfigError, match="kept_margin"):
+        choose_candidate(counts, 0.0, kept_margin=-1, change=measure)
+
+
+def test_dampening_change_grows_with_the_dampening_and_ignores_fisher_scale():
+    _, weights, retain, forget = _linear_with_fishers()
+    change = dampening_change(weights, retain, forget)
+    rescaled = dampening_change(weights, {k: 7.0 * v for k, v in retain.items()},
+                                {k: 0.01 * v for k, v in forget.items()})
+    assert change(1e9, 1.0) == 0.0  # selects nothing
+    assert 0.0 < change(1.0, 1.0) <= change(1.0, 0.0)  # zeroing the same selection changes more
+    assert change(0.5, 0.0) >= change(2.0, 0.0)  # a smaller alpha selects a superset
+    for pair in ((0.5, 0.0), (1.0, 1.0), (4.0, 0.0)):
+        assert rescaled(*pair) == pytest.approx(change(*pair), rel=1e-6)
 
 
 def test_choose_candidate_reports_an_unmet_target_and_forgets_most():

@@ -315,6 +315,18 @@ def test_calibration_tolerance_sets_the_keep_budget_and_refuses_bad_values():
         AppConfig.from_run_config({**BASE, "retain-fisher-samples": -1})
 
 
+def test_kept_tolerance_sets_the_kept_margin_and_refuses_bad_values():
+    from strategies.calibration import ClientCalibration
+
+    assert ClientCalibration(kept_tolerance=0.01).kept_margin(128) == 2  # rounded up
+    assert ClientCalibration(kept_tolerance=0.01).kept_margin(100) == 1
+    assert ClientCalibration(kept_tolerance=0.0).kept_margin(128) == 0
+    with pytest.raises(ConfigError, match="kept_tolerance"):
+        ClientCalibration(kept_tolerance=-0.5)
+    with pytest.raises(ConfigError, match="calibration-kept-tolerance"):
+        AppConfig.from_run_config({**BASE, "calibration-kept-tolerance": 1.0})
+
+
 def test_repair_settings_decide_from_the_calibration_report():
     from strategies.repair import RepairSettings
 
