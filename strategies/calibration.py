@@ -3,14 +3,15 @@ affected model, in one round trip.
 
 The server holds no data. So it sends every client the model to calibrate on (the newest affected global),
 the merged forget-Fisher and the retain-Fisher, and a grid of candidate ``(alpha, lambda)`` pairs
-(``query.calibrate``; ``fl_unlearn.calibrate.candidate_grid``: alphas 0.5..512, lambda 1 or 0). Each client
-dampens the model with the candidates and counts correct predictions on a capped sample of its own data: the
-data to forget, where it holds some, and a small sample of its kept data (its retained validation sample). For a
-class, a holder walks each lambda's alphas strongest first and stops at the first that still predicts one of its
-forget samples (milder ones cannot forget it either). The server sums the counts over clients and picks the
-candidate with the best kept accuracy among those that bring the forgotten data down to the level of a model that
-never saw it (:func:`fl_unlearn.calibrate.choose_candidate`; candidates within ``kept_tolerance`` of the best kept
-count tie, and the one that changes the model least wins: a few dozen kept samples per client cannot separate them):
+(``query.calibrate``; ``fl_unlearn.calibrate.candidate_grid``: alphas 0.5..512 in factors of sqrt(2), lambda 1 or
+0). Each client dampens the model with the candidates and counts correct predictions on a capped sample of its own
+data: the data to forget, where it holds some, and a small sample of its kept data (its retained validation
+sample). For a class, a holder walks each lambda's alphas strongest first and stops at the first that still
+predicts more of its forget samples than the federation's budget (milder ones cannot forget them either). The
+server sums the counts over clients and picks the candidate with the best kept accuracy among those that bring the
+forgotten data down to the level of a model that never saw it (:func:`fl_unlearn.calibrate.choose_candidate`;
+candidates within ``kept_tolerance`` of the best kept count tie, and the one that keeps fewest forget samples, then
+changes the model least, wins: a few dozen kept samples per client cannot separate them):
 
 - a class: 0 % (a model that never saw a class never predicts it);
 - a client's or a user's samples: the model's accuracy on kept data of the same federation (what it
@@ -113,8 +114,9 @@ class ClientCalibration:
         0.5 and left 11 % of the kept accuracy (98 % at alpha 2, which forgot all but one of them).
     kept_tolerance : float (default: 0.01)
         Candidates that meet the target and keep within this share of the scored kept samples of the best
-        (rounded up: 2 of 128) count as keeping as much; among them the one that changes the model least wins
-        (:func:`fl_unlearn.calibrate.choose_candidate`). 0: the best count alone, ties to the milder candidate.
+        (rounded up: 2 of 128) count as keeping as much; among them the one that keeps fewest forget samples,
+        then changes the model least, wins (:func:`fl_unlearn.calibrate.choose_candidate`). 0: the best count
+        alone, ties to the milder candidate.
         A few dozen kept samples per client cannot tell 127 from 128: on MNIST class 5 the stronger candidate
         that scored one more kept 96.8 % held out, the least-change one 98.6 %.
     """
@@ -242,8 +244,12 @@ def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_
         return 0
     n = int(config[R.CALIBRATION_CHECK])
     starts = feasible_starts(counts, budget)
+    # every other grid alpha (factors of 2 on the default grid): a model walks half the steps and may get an
+    # alpha one grid step stronger than it needs (the start itself is always tried). With every sqrt(2) step the
+    # walk over 14 models made MNIST class 4's slowest client 0.66 s, unlearning 8.3 % of retraining.
+    walk_alphas = sorted({a for a, _ in counts.candidates})[::2]
     reports = walk_models(model, models, retain_fisher, fishers, (forget_set[0][:n], forget_set[1][:n]), starts,
-                          sorted({a for a, _ in counts.candidates}), base=base)
+                          walk_alphas, base=base)
     metrics[R.CHECK_WALK] = [r.get(v, NOT_WALKED) for r in reports for v in _walk_lams(counts.candidates)]
     return len(models)
 

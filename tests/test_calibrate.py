@@ -159,14 +159,17 @@ def test_choose_candidate_with_a_kept_margin_takes_the_least_change_among_near_t
         return change[(alpha, lam)]
 
     assert choose_candidate(counts, 0.0) == (2.0, 0.0, True)  # the best count alone
-    # within one sample: (2, 0) and (4, 1) would tie, but (4, 1) keeps a forget sample of 256 (target 0)
+    # within two samples: (2, 0) and (2, 1) tie; (4, 1) keeps a forget sample of 256 (target 0)
     assert choose_candidate(counts, 0.0, kept_margin=2, change=measure) == (2.0, 1.0, True)
-    assert choose_candidate(counts, 0.004, kept_margin=1, change=measure) == (4.0, 1.0, True)
+    # with the tolerance (4, 1) meets the target too, but predicts a forget sample the others do not
+    assert choose_candidate(counts, 0.004, kept_margin=1, change=measure) == (2.0, 0.0, True)
+    even = GridCounts(grid, [0, 1, 0, 1, 9], [100, 128, 126, 127, 128], 256, 128)
+    assert choose_candidate(even, 0.004, kept_margin=1, change=measure) == (4.0, 1.0, True)
     # only candidates near the best are measured; one that misses the forget target never is
     assert (8.0, 1.0) not in asked and (1.0, 0.0) not in asked
     # no margin, or no measure: the old rule
     assert choose_candidate(counts, 0.004, kept_margin=0, change=measure) == (2.0, 0.0, True)
-    assert choose_candidate(counts, 0.004, kept_margin=3) == (2.0, 0.0, True)
+    assert choose_candidate(even, 0.004, kept_margin=3) == (2.0, 0.0, True)
     # an unscored candidate is never chosen, however little it changes
     walked = GridCounts(grid, [0, 0, 0, UNSCORED, UNSCORED], [100, 128, 126, UNSCORED, UNSCORED], 256, 128)
     assert choose_candidate(walked, 0.004, kept_margin=5, change=measure) == (2.0, 1.0, True)
@@ -217,10 +220,14 @@ def test_counts_add_up_like_one_party_holding_all_samples():
 def test_client_grid_counts_do_not_change_when_either_fisher_is_rescaled(c_forget, c_retain):
     model, weights, retain, forget = _linear_with_fishers()
     forget_set, retain_set = _data(40, 1), _data(60, 2)
+    retain_scaled = {k: v * c_retain for k, v in retain.items()}
+    forget_scaled = {k: v * c_forget for k, v in forget.items()}
     ref = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set)
-    scaled = score_alpha_grid(model, weights, {k: v * c_retain for k, v in retain.items()},
-                              {k: v * c_forget for k, v in forget.items()}, forget_set, retain_set)
+    scaled = score_alpha_grid(model, weights, retain_scaled, forget_scaled, forget_set, retain_set)
     assert ref == scaled
+    # and so is the server's choice, near ties and the least-change rule included
+    assert choose_candidate(ref, 0.1, kept_margin=3, change=dampening_change(weights, retain, forget)) == \
+        choose_candidate(scaled, 0.1, kept_margin=3, change=dampening_change(weights, retain_scaled, forget_scaled))
 
 
 def test_client_grid_counts_match_dampening_each_alpha_by_hand():
