@@ -10,9 +10,16 @@ Criteria per class (issue 4): forgotten-class held-out accuracy <= 5 % on the fi
 affected model; kept-class accuracy within 5 points of the retrained model's; ``unlearn_s`` < 5 % of
 ``retrain_s``. The table says which hold; the exit status is 0 only when all do.
 
+``--per-class-training`` runs issue 4's acceptance command itself for each class instead (``mode=train+unlearn``:
+each class trains its own federation from the same seeds and is served by the clients that trained it, ~95 s a
+class). The two differ in time only: a ``mode=unlearn`` run starts fresh clients, and on two cores one client of
+the calibration round trip then scored its candidates in 0.21-0.28 s against 0.05-0.10 s for the others.
+
 Run from the repository root (the venv's bin/ on PATH, as ``scripts/flwr_run.sh`` needs)::
 
     PATH=.venv/bin:$PATH .venv/bin/python benchmarks/app_every_class.py --dataset mnist --out /tmp/every_class
+    PATH=.venv/bin:$PATH .venv/bin/python benchmarks/app_every_class.py --dataset mnist --per-class-training \
+        --out /tmp/every_class_acceptance
 """
 
 from __future__ import annotations
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help="more run-config overrides, e.g. \"fiun-alpha=1.0\"")
     parser.add_argument("--out", required=True, help="absolute output directory")
     parser.add_argument("--report-only", action="store_true", help="tabulate the classN/results.json already in --out")
+    parser.add_argument("--per-class-training", action="store_true",
+                        help="run issue 4's acceptance command itself per class (mode train+unlearn: each class trains "
+                             "its own federation, and is served by the clients that trained it) instead of serving "
+                             "every class from one training run's store with fresh clients (mode unlearn)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = dict(kv.split("=", 1) for kv in args.extra.split() if kv)
     extra = {k: v.strip("'\"") if not v.replace(".", "", 1).isdigit() else float(v) for k, v in extra.items()}
     common = {"dataset": args.dataset, "num-server-rounds": args.rounds, "num-clients": args.clients, **extra}
+    if args.per_class_training:
+        return per_class_training(args, common, out)
     store = out / "store"
     if not (store / "lineage").exists():
         start = time.perf_counter()
@@ -110,6 +123,24 @@ def main(argv: list[str] | None = None) -> int:
             row = {"class": cls, "error": str(err), "ok_forget": False, "ok_kept": False, "ok_time": False}
         finally:
             shutil.rmtree(class_store, ignore_errors=True)
+        rows.append(row)
+        print(f"class {cls}: {json.dumps(row)} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print_table(rows)
+    (out / "every_class.json").write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["ok_forget"] and r["ok_kept"] and r["ok_time"] for r in rows) else 1
+
+
+def per_class_training(args: argparse.Namespace, common: dict, out: Path) -> int:
+    """Issue 4's acceptance command per class (``mode=train+unlearn``, ``retrain-baseline=true``), one after another."""
+    rows = []
+    for cls in [int(c) for c in args.classes.split(",")]:
+        start = time.perf_counter()
+        try:
+            flwr_run({**common, "forget-classes": str(cls), "retrain-baseline": True,
+                      "out-dir": str(out / f"class{cls}")}, out / f"class{cls}.log", args.clients)
+            row = row_of(cls, json.loads((out / f"class{cls}" / "results.json").read_text()))
+        except (RuntimeError, KeyError, FileNotFoundError) as err:
+            row = {"class": cls, "error": str(err), "ok_forget": False, "ok_kept": False, "ok_time": False}
         rows.append(row)
         print(f"class {cls}: {json.dumps(row)} ({time.perf_counter() - start:.0f} s)", flush=True)
     print_table(rows)
