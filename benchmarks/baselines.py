@@ -81,6 +81,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     scale_free,
     score_alpha_grid,
     unlearn_with_candidates,
+    walk_alphas,
     walk_models,
 )
 from fl_unlearn.data import (  # noqa: E402
@@ -368,7 +369,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     others = [i for i in range(len(ctx.targets)) if i != i_new]
     total, before_kept, forget_sets, walks = None, 0, {}, {}
     holders = sum(1 for k in range(s.clients) if len(ctx.forget.forgotten[k]))
-    budget = ClientCalibration(forget_samples=s.calibration_forget).keep_budget(holders) if is_class else 0
+    settings = ClientCalibration(forget_samples=s.calibration_forget)
+    budget = settings.keep_budget(holders) if is_class else 0
     for k in range(s.clients):
         forgotten, kept = ctx.forget.forgotten[k], ctx.forget.kept[k]
         fset = _head(forgotten, s.calibration_forget, s.seed + k) if len(forgotten) else None
@@ -382,9 +384,9 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
                 walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
                                        [retain[i] for i in others], [forgets[i] for i in others],
-                                       forget_sets[k], feasible_starts(counts, budget), GRID_ALPHAS[::2])
-    target = ClientCalibration().forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
-    alpha, lam, met = choose_candidate(total, target, kept_margin=ClientCalibration().kept_margin(total.retain_num),
+                                       forget_sets[k], feasible_starts(counts, budget), walk_alphas(GRID_ALPHAS))
+    target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
+    alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     own: list[int] = []

@@ -28,8 +28,9 @@ round trip also carries the other affected server-held models to the clients hol
 does not know the federation's choice yet, only that it keeps at most the federation's budget of the holder's
 samples (``forget_tolerance`` of all scored), so its alpha is at most the mildest one that did so here
 (:func:`fl_unlearn.calibrate.feasible_starts`). From there each holder walks, per model and lambda, to smaller
-alphas on a few of its forget samples until the model forgets them all (:func:`fl_unlearn.calibrate.walk_models`:
-one forward pass per lambda for a model that already forgets). The server reads, for its choice, the first
+alphas (every other grid alpha, :func:`fl_unlearn.calibrate.walk_alphas`) on a few of its forget samples until the
+model forgets them all (:func:`fl_unlearn.calibrate.walk_models`: one forward pass per lambda for a model that
+already forgets). The server reads, for its choice, the first
 candidate from it towards stronger ones (smaller alphas, then lambda 0, :func:`fl_unlearn.calibrate.check_sequence`)
 at which each holder's model forgets
 (:func:`fl_unlearn.calibrate.first_forgetting`), and dampens each model at the mildest candidate at which every
@@ -72,6 +73,7 @@ from fl_unlearn.calibrate import (
     first_forgetting,
     per_model_candidate,
     score_alpha_grid,
+    walk_alphas,
     walk_models,
 )
 from fl_unlearn.data import load_rows
@@ -244,12 +246,8 @@ def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_
         return 0
     n = int(config[R.CALIBRATION_CHECK])
     starts = feasible_starts(counts, budget)
-    # every other grid alpha (factors of 2 on the default grid): a model walks half the steps and may get an
-    # alpha one grid step stronger than it needs (the start itself is always tried). With every sqrt(2) step the
-    # walk over 14 models made MNIST class 4's slowest client 0.66 s, unlearning 8.3 % of retraining.
-    walk_alphas = sorted({a for a, _ in counts.candidates})[::2]
     reports = walk_models(model, models, retain_fisher, fishers, (forget_set[0][:n], forget_set[1][:n]), starts,
-                          walk_alphas, base=base)
+                          walk_alphas([a for a, _ in counts.candidates]), base=base)
     metrics[R.CHECK_WALK] = [r.get(v, NOT_WALKED) for r in reports for v in _walk_lams(counts.candidates)]
     return len(models)
 

@@ -180,6 +180,13 @@ def test_choose_candidate_with_a_kept_margin_takes_the_least_change_among_near_t
         choose_candidate(counts, 0.0, kept_margin=-1, change=measure)
 
 
+def test_walk_alphas_are_every_other_grid_alpha_from_the_smallest():
+    from fl_unlearn.calibrate import GRID_ALPHAS, walk_alphas
+
+    assert walk_alphas(GRID_ALPHAS) == [2.0 ** k for k in range(-1, 10)]  # factors of 2 on the sqrt(2) grid
+    assert walk_alphas([4.0, 1.0, 2.0, 1.0]) == [1.0, 4.0]  # unordered, repeated (a grid's alpha column)
+
+
 def test_dampening_change_grows_with_the_dampening_and_ignores_fisher_scale():
     _, weights, retain, forget = _linear_with_fishers()
     change = dampening_change(weights, retain, forget)
