@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
 from strategies.calibration import ClientCalibration  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
-    GRID_ALPHAS,
+    DEFAULT_LAMS,
     candidate_grid,
     check_models,
     check_sequence,
@@ -77,6 +77,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     count_correct_split,
     feasible_starts,
     first_forgetting,
+    grid_alphas,
     per_model_candidate,
     scale_free,
     score_alpha_grid,
@@ -137,6 +138,9 @@ class Setup:
     calibration_forget: int = 64
     calibration_retain: int = 32
     check_samples: int = 32
+    # alpha=auto's grid: alphas 0.5..512, this many per factor of 2, times these lambdas (the App's defaults)
+    alphas_per_octave: int = 2
+    lams: tuple[float, ...] = DEFAULT_LAMS
     finetune_steps: int = 50
     finetune_lr: float = 0.05
     ascent_steps: int = 30
@@ -364,7 +368,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
-    grid = candidate_grid()
+    alphas = grid_alphas(s.alphas_per_octave)
+    grid = candidate_grid(alphas, s.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
     total, before_kept, forget_sets, walks = None, 0, {}, {}
@@ -384,14 +389,14 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
                 walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
                                        [retain[i] for i in others], [forgets[i] for i in others],
-                                       forget_sets[k], feasible_starts(counts, budget), walk_alphas(GRID_ALPHAS))
+                                       forget_sets[k], feasible_starts(counts, budget), walk_alphas(alphas))
     target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     own: list[int] = []
     if is_class and met:
-        sequence = check_sequence(alpha, lam)
+        sequence = check_sequence(alpha, lam, alphas, s.lams)
         for j, i in enumerate(others):
             candidates[i], mets[i] = per_model_candidate(sequence, [first_forgetting(sequence, w[j])
                                                                     for w in walks.values()])
@@ -642,6 +647,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int)
     parser.add_argument("--forget-class", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--alphas-per-octave", type=int, help="alpha=auto's grid: alphas per factor of 2 (App: 2)")
+    parser.add_argument("--lams", type=lambda t: tuple(float(v) for v in t.split(",")),
+                        help="alpha=auto's grid: comma list of lambdas (App: 1,0)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     setup = QUICK if args.quick else Setup()

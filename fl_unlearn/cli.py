@@ -104,13 +104,23 @@ def _path(value: Any, key: str) -> str:
     return str(Path(text).expanduser().resolve()) if text else ""
 
 
-def _int_list(value: Any, key: str) -> str:
-    """``[3, 7]`` (or ``3`` or ``"3,7"``) -> ``"3,7"``, the App's comma string."""
+def _comma_list(value: Any, key: str, cast: Callable[[str], Any], what: str) -> str:
+    """A YAML list (or one value, or ``"a,b"``) -> the App's comma string, each item through ``cast``."""
     items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
     try:
-        return ",".join(str(int(i)) for i in items if str(i) != "")
+        return ",".join(str(cast(i)) for i in items if str(i) != "")
     except ValueError as err:
-        raise ConfigError(f"{key} must be a list of integers like [3,7], got {value!r}") from err
+        raise ConfigError(f"{key} must be a list of {what}, got {value!r}") from err
+
+
+def _int_list(value: Any, key: str) -> str:
+    """``[3, 7]`` (or ``3`` or ``"3,7"``) -> ``"3,7"``."""
+    return _comma_list(value, key, int, "integers like [3,7]")
+
+
+def _float_list(value: Any, key: str) -> str:
+    """``[1, 0.5, 0]`` (or ``0`` or ``"1,0.5,0"``) -> ``"1.0,0.5,0.0"``."""
+    return _comma_list(value, key, float, "numbers like [1,0.5,0]")
 
 
 def _alpha(value: Any, key: str) -> float | str:
@@ -167,6 +177,8 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.calibration_check_samples": ("calibration-check-samples", _int),
     "unlearning.calibration_forget_tolerance": ("calibration-forget-tolerance", _float),
     "unlearning.calibration_kept_tolerance": ("calibration-kept-tolerance", _float),
+    "unlearning.calibration_alphas_per_octave": ("calibration-alphas-per-octave", _int),
+    "unlearning.calibration_lambdas": ("calibration-lambdas", _float_list),
     "unlearning.fisher_layers": ("fisher-layers", _text),
     "unlearning.fisher_estimator": ("fisher-estimator", _text),
     "unlearning.fisher_samples": ("fisher-samples", _int),

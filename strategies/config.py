@@ -56,6 +56,8 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-check-samples": 32,
     "calibration-forget-tolerance": 0.01,
     "calibration-kept-tolerance": 0.01,
+    "calibration-alphas-per-octave": 2,
+    "calibration-lambdas": "1,0",
     "repair": "auto",
     "repair-rounds": 16,
     "repair-steps": 8,
@@ -89,6 +91,8 @@ DERIVE_KINDS = ("none", "finetune", "incremental", "transfer")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 RETAIN_SOURCES = ("prepared", "fresh", "accumulated")
 HYBRID_POLICIES = ("auto", "exact", "approximate")
+#: Finest calibration grid accepted: 16 alphas per factor of 2 (145 alphas per lambda; each costs forward passes).
+MAX_ALPHAS_PER_OCTAVE = 16
 REPAIR_MODES = ("auto", "on", "off")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
@@ -99,6 +103,13 @@ def _int_list(text: str, key: str) -> tuple[int, ...]:
         return tuple(int(t) for t in str(text).replace(" ", "").split(",") if t)
     except ValueError as err:
         raise ConfigError(f"{key} must be a comma list of integers like '3,7'; got {text!r}") from err
+
+
+def _float_list(text: str, key: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in str(text).replace(" ", "").split(",") if t)
+    except ValueError as err:
+        raise ConfigError(f"{key} must be a comma list of numbers like '1,0.5,0'; got {text!r}") from err
 
 
 def _choice(value: str, options: tuple[str, ...], key: str) -> str:
@@ -143,6 +154,8 @@ class AppConfig:
     calibration_check_samples: int
     calibration_forget_tolerance: float
     calibration_kept_tolerance: float
+    calibration_alphas_per_octave: int
+    calibration_lambdas: tuple[float, ...]
     repair: str
     repair_rounds: int
     repair_steps: int
@@ -181,6 +194,7 @@ class AppConfig:
         values = {k.replace("-", "_"): _coerce(DEFAULTS[k], v, k) for k, v in merged.items()}
         values["forget_classes"] = _int_list(values["forget_classes"], "forget-classes")
         values["forget_clients"] = _int_list(values["forget_clients"], "forget-clients")
+        values["calibration_lambdas"] = _float_list(values["calibration_lambdas"], "calibration-lambdas")
         cfg = cls(**values)
         cfg._check()
         return cfg
@@ -218,6 +232,12 @@ class AppConfig:
         if not 0.0 <= self.calibration_kept_tolerance < 1.0:
             raise ConfigError("calibration-kept-tolerance must be in [0, 1), got "
                               f"{self.calibration_kept_tolerance}")
+        if not 1 <= self.calibration_alphas_per_octave <= MAX_ALPHAS_PER_OCTAVE:
+            raise ConfigError(f"calibration-alphas-per-octave must be in [1, {MAX_ALPHAS_PER_OCTAVE}] (alphas per "
+                              f"factor of 2 in 0.5..512), got {self.calibration_alphas_per_octave}")
+        if not self.calibration_lambdas or any(not 0.0 <= v <= 1.0 for v in self.calibration_lambdas):
+            raise ConfigError(f"calibration-lambdas must be a non-empty comma list of values in [0, 1] (1: SSD's "
+                              f"dampening, 0: selected weights zeroed), got {list(self.calibration_lambdas)}")
         if self.calibration_check_samples < 0:
             raise ConfigError(f"calibration-check-samples must be >= 0 (0: no per-model check), got "
                               f"{self.calibration_check_samples}")

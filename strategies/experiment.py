@@ -36,7 +36,7 @@ from strategies.forget import request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
 from strategies.retrain import RetrainStrategy
-from fl_unlearn.calibrate import RepairConfig
+from fl_unlearn.calibrate import RepairConfig, grid_alphas
 from strategies.calibration import ClientCalibration
 from strategies.repair import RepairSettings, repair_at_clients, repair_held_at_clients
 from strategies.server import UnlearningStrategy, UnlearnOutcome
@@ -83,7 +83,9 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
                              retain_samples=cfg.calibration_retain_samples,
                              check_samples=cfg.calibration_check_samples,
                              forget_tolerance=cfg.calibration_forget_tolerance,
-                             kept_tolerance=cfg.calibration_kept_tolerance)
+                             kept_tolerance=cfg.calibration_kept_tolerance,
+                             alphas=grid_alphas(cfg.calibration_alphas_per_octave),
+                             lams=tuple(cfg.calibration_lambdas))
 
 
 class Evaluator:

@@ -234,3 +234,58 @@ def test_benchmark_fiun_auto_forgets_the_calibration_samples_it_chose_on() -> No
         if len(forget.forgotten[k]):
             x, y = bench._head(forget.forgotten[k], setup.calibration_forget, setup.seed + k)
             assert count_correct(model, new[newest], (x, y)) == 0
+
+
+# ---- benchmarks/robustness.py at a tiny size: the oracle bound and the class-wise retain-Fisher -------------
+
+
+def _load_robustness():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
+    spec = importlib.util.spec_from_file_location("benchmark_robustness", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("retain_fisher", ["whole", "classwise"])
+def test_robustness_oracle_bounds_auto(retain_fisher: str) -> None:
+    """The oracle row is the best held-out kept accuracy among the grid's candidates that forget down to the bar,
+    so wherever ``auto`` (one of those candidates) reaches the bar, the oracle keeps at least as much."""
+    bench = _load_robustness()
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_forget=16,
+                        calibration_retain=16, retain_fisher=retain_fisher, oracle_forget=0.5)
+    fed = bench.Federation(setup)
+    weights, _ = fed.train()
+    rows = {r.method: r for r in bench.unlearn_class(fed, weights, 1, ["auto", "oracle"])}
+    oracle, auto = rows["oracle"], rows["auto"]
+    assert oracle.extra["target_met"] and oracle.extra["candidates_forgetting"] >= 1
+    assert oracle.forget_acc <= setup.oracle_forget
+    if auto.forget_acc <= setup.oracle_forget:
+        assert oracle.retain_acc >= auto.retain_acc
+    assert (oracle.extra["alpha"], oracle.extra["lam"]) in setup.grid()
+    assert bench.Setup().grid() == bench.candidate_grid()  # the App's grid by default
+
+
+def test_robustness_classwise_retain_fisher_is_the_other_classes_mean() -> None:
+    from fl_unlearn.data import samples_of_classes
+    from fl_unlearn.fisher import select_parameters
+
+    bench = _load_robustness()
+    setup = bench.Setup(source="digits", max_train=300, rounds=1, fisher_samples=32, retain_fisher="classwise")
+    fed = bench.Federation(setup)
+    weights, _ = fed.train()
+    params = select_parameters(fed.new_model(), setup.fisher_layers)
+    per_class = fed.class_fishers(weights, params)
+    assert fed.class_fishers(weights, params) is per_class  # computed once per model
+    assert sorted(per_class) == list(range(fed.data.num_classes))
+    for c, (fisher, used) in per_class.items():
+        held = [len(samples_of_classes(p, [c])) for p in fed.parts]
+        assert used == sum(min(n, setup.fisher_samples) for n in held)
+        assert all(torch.isfinite(t).all() and (t >= 0).all() for t in fisher.values())
+    kept = bench.classwise_retain(per_class, 3)
+    others = [k for k in per_class if k != 3]
+    total = sum(per_class[k][1] for k in others)
+    for name in kept:
+        expected = sum(per_class[k][1] * per_class[k][0][name].double() for k in others) / total
+        torch.testing.assert_close(kept[name].double(), expected, rtol=1e-5, atol=0.0)

@@ -99,6 +99,19 @@ def test_composed_config_maps_to_a_run_config_the_app_accepts(tmp_path, monkeypa
     assert app.forget_classes == (3, 7) and app.num_clients == 3
 
 
+def test_calibration_grid_keys_reach_the_app(tmp_path):
+    rc = build_app_args(_compose("unlearning.calibration_alphas_per_octave=4",
+                                 "unlearning.calibration_lambdas=[1,0.5,0.25,0]"), tmp_path).run_config
+    assert (rc["calibration-alphas-per-octave"], rc["calibration-lambdas"]) == (4, "1.0,0.5,0.25,0.0")
+    app = AppConfig.from_run_config(rc)
+    assert app.calibration_lambdas == (1.0, 0.5, 0.25, 0.0)
+    default = build_app_args(_compose(), tmp_path).run_config  # Hydra's defaults are the App's grid
+    assert AppConfig.from_run_config(default).calibration_lambdas == (1.0, 0.0)
+    assert default["calibration-alphas-per-octave"] == 2
+    with pytest.raises(ConfigError, match=r"unlearning.calibration_lambdas must be a list of numbers"):
+        build_app_args(_compose("unlearning.calibration_lambdas=[1,x]"), tmp_path)
+
+
 def test_yaml_booleans_for_on_off_keys_become_on_off(tmp_path):
     cfg = _compose()
     cfg["unlearning"]["repair"] = False  # what `repair: off` in a YAML file gives

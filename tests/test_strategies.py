@@ -302,6 +302,44 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
         assert graph.node(rep["node"]).parents == (res["final_global"]["version"],)
 
 
+def test_alpha_auto_uses_the_configured_grid(trained, tmp_path):
+    """``calibration-alphas-per-octave`` / ``calibration-lambdas`` reach the clients: they score that grid, and the
+    per-model check walks it (an intermediate lambda included)."""
+    from fl_unlearn.calibrate import candidate_grid, check_sequence, grid_alphas
+
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), fiun_alpha="auto",
+                  calibration_forget_samples=40, calibration_retain_samples=30, calibration_alphas_per_octave=1,
+                  calibration_lambdas="1,0.5,0", repair="off")
+    auto = res["alpha_auto"]
+    grid = candidate_grid(grid_alphas(1), (1.0, 0.5, 0.0))
+    assert [(g["alpha"], g["lam"]) for g in auto["grid"]] == list(grid) and len(grid) == 33
+    assert (auto["alpha"], auto["lam"]) in grid
+    if auto["target_met"]:
+        sequence = check_sequence(auto["alpha"], auto["lam"], grid_alphas(1), (1.0, 0.5, 0.0))
+        for m in res["affected_models"]:
+            assert (m["dampening"]["alpha"], m["dampening"]["lam"]) in sequence
+
+
+def test_calibration_grid_config_is_checked():
+    from fl_unlearn.calibrate import grid_alphas
+    from strategies.experiment import client_calibration
+
+    cfg = AppConfig.from_run_config({**BASE, "calibration-alphas-per-octave": 4, "calibration-lambdas": "1, 0.5,0"})
+    settings = client_calibration(cfg)
+    assert settings.alphas == grid_alphas(4) and settings.lams == (1.0, 0.5, 0.0)
+    assert client_calibration(AppConfig.from_run_config(BASE)).alphas == grid_alphas(2)
+    for key, value, match in (("calibration-alphas-per-octave", 0, "alphas-per-octave"),
+                              ("calibration-alphas-per-octave", 17, "alphas-per-octave"),
+                              ("calibration-lambdas", "", "calibration-lambdas"),
+                              ("calibration-lambdas", "1,2", "calibration-lambdas"),
+                              ("calibration-lambdas", "-0.5", "calibration-lambdas"),
+                              ("calibration-lambdas", "one", "calibration-lambdas")):
+        with pytest.raises(ConfigError, match=match):
+            AppConfig.from_run_config({**BASE, key: value})
+
+
 def test_calibration_tolerance_sets_the_keep_budget_and_refuses_bad_values():
     from strategies.calibration import ClientCalibration
 
