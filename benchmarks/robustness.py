@@ -145,7 +145,7 @@ class Federation:
         self.parts = [self.data.partition(i) for i in range(setup.num_clients)]
         channels, size = self.data.image_shape[0], self.data.image_shape[-1]
         self._spec = (self.data.num_classes, channels, size)
-        self._class_fishers: tuple[int | None, dict] = (None, {})
+        self._class_fishers: tuple[Weights | None, dict] = (None, {})  # for which weights (the same object)
 
     def new_model(self) -> nn.Module:
         num_classes, channels, size = self._spec
@@ -174,15 +174,14 @@ class Federation:
     def class_fishers(self, weights: Weights, params: list[str]) -> dict[int, tuple[Weights, int]]:
         """Per class: its forget-Fisher (MFIM weighted mean over clients) and the samples it used; computed once
         per model (``--retain-fisher classwise`` takes the kept data's Fisher from the other classes')."""
-        key = id(weights)
-        if self._class_fishers[0] != key:
+        if self._class_fishers[0] is not weights:
             out = {}
             for c in range(self.data.num_classes):
                 parts = [samples_of_classes(p, [c]) for p in self.parts]
                 f = _fisher(self, weights, parts, params, self.setup.fisher_samples)
                 cap = self.setup.fisher_samples or None
                 out[c] = (f, sum(min(len(p), cap) if cap else len(p) for p in parts))
-            self._class_fishers = (key, out)
+            self._class_fishers = (weights, out)
         return self._class_fishers[1]
 
     def model_with(self, weights: Mapping[str, Tensor]) -> nn.Module:
