@@ -368,13 +368,13 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
-    alphas = grid_alphas(s.alphas_per_octave)
-    grid = candidate_grid(alphas, s.lams)
+    settings = ClientCalibration(forget_samples=s.calibration_forget, alphas=grid_alphas(s.alphas_per_octave),
+                                 lams=tuple(s.lams))
+    grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
     total, before_kept, forget_sets, walks = None, 0, {}, {}
     holders = sum(1 for k in range(s.clients) if len(ctx.forget.forgotten[k]))
-    settings = ClientCalibration(forget_samples=s.calibration_forget)
     budget = settings.keep_budget(holders) if is_class else 0
     for k in range(s.clients):
         forgotten, kept = ctx.forget.forgotten[k], ctx.forget.kept[k]
@@ -389,14 +389,14 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
                 walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
                                        [retain[i] for i in others], [forgets[i] for i in others],
-                                       forget_sets[k], feasible_starts(counts, budget), walk_alphas(alphas))
+                                       forget_sets[k], feasible_starts(counts, budget), walk_alphas(settings.alphas))
     target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
     candidates, mets = [(alpha, lam)] * len(ctx.targets), [met] * len(ctx.targets)
     own: list[int] = []
     if is_class and met:
-        sequence = check_sequence(alpha, lam, alphas, s.lams)
+        sequence = check_sequence(alpha, lam, settings.alphas, settings.lams)
         for j, i in enumerate(others):
             candidates[i], mets[i] = per_model_candidate(sequence, [first_forgetting(sequence, w[j])
                                                                     for w in walks.values()])

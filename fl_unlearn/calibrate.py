@@ -33,10 +33,30 @@ Weights = Mapping[str, Tensor]
 #: ``score(model_index, candidate_weights) -> (forget_acc, retain_acc)`` on the caller's calibration sets.
 Scorer = Callable[[int, Weights], tuple[float, float]]
 
+
+def grid_alphas(per_octave: int = 2) -> tuple[float, ...]:
+    """Alphas 0.5 .. 512, ``per_octave`` of them per factor of 2 (2: :data:`DEFAULT_ALPHAS`, the App's grid).
+
+    A finer grid places alpha closer to the edge where the class is forgotten (digits, finest of 4 per factor of 2
+    with lambdas 1, 0.5, 0.25, 0: worst kept gap to retraining 2.1 points instead of 4.2), at a cost of forward
+    passes per candidate the clients score (``benchmarks/robustness.py``).
+
+    Examples
+    --------
+    >>> grid_alphas(1)
+    (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
+    >>> grid_alphas() == DEFAULT_ALPHAS
+    True
+    """
+    if per_octave < 1:
+        raise ConfigError(f"per_octave must be >= 1, got {per_octave}")
+    return tuple(round(2.0 ** (k / per_octave), 4) for k in range(-per_octave, 9 * per_octave + 1))
+
+
 #: Alphas tried, from the strongest dampening to the mildest (on mean-normalised Fishers): 0.5 .. 512 in steps
 #: of sqrt(2). Steps of 2 were too coarse: on digits, class 0 went from 0 % forgotten / 92.1 % kept at alpha 2 to
 #: 3.4 % / 95.8 % at alpha 4, while alpha 2.8 gives 0 % / 95.2 %.
-DEFAULT_ALPHAS: tuple[float, ...] = tuple(round(2.0 ** (k / 2), 4) for k in range(-2, 19))
+DEFAULT_ALPHAS: tuple[float, ...] = grid_alphas(2)
 
 
 def scale_free(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -398,25 +418,6 @@ DEFAULT_LAMS: tuple[float, ...] = (1.0, 0.0)
 #: lambda only up to the first alpha that keeps too much: 7-16 candidates scored per client instead of 5-9, +0.015
 #: to 0.035 s per client on the small CNN, and the per-model walk starts closer to where it stops.
 GRID_ALPHAS: tuple[float, ...] = DEFAULT_ALPHAS
-
-
-def grid_alphas(per_octave: int = 2) -> tuple[float, ...]:
-    """Alphas 0.5 .. 512, ``per_octave`` of them per factor of 2 (2: :data:`GRID_ALPHAS`).
-
-    A finer grid places alpha closer to the edge where the class is forgotten (digits, finest of 4 per factor of 2
-    with lambdas 1, 0.5, 0.25, 0: worst kept gap to retraining 2.1 points instead of 4.2), at a cost of forward
-    passes per candidate the clients score (``benchmarks/robustness.py``).
-
-    Examples
-    --------
-    >>> grid_alphas(1)
-    (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
-    >>> grid_alphas() == GRID_ALPHAS
-    True
-    """
-    if per_octave < 1:
-        raise ConfigError(f"per_octave must be >= 1, got {per_octave}")
-    return tuple(round(2.0 ** (k / per_octave), 4) for k in range(-per_octave, 9 * per_octave + 1))
 
 
 def candidate_grid(alphas: Sequence[float] = GRID_ALPHAS,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,18 +98,19 @@ REPAIR_MODES = ("auto", "on", "off")
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
 
-def _int_list(text: str, key: str) -> tuple[int, ...]:
+def _comma_list(text: str, key: str, cast: Callable[[str], Any], example: str) -> tuple:
     try:
-        return tuple(int(t) for t in str(text).replace(" ", "").split(",") if t)
+        return tuple(cast(t) for t in str(text).replace(" ", "").split(",") if t)
     except ValueError as err:
-        raise ConfigError(f"{key} must be a comma list of integers like '3,7'; got {text!r}") from err
+        raise ConfigError(f"{key} must be a comma list of {example}; got {text!r}") from err
+
+
+def _int_list(text: str, key: str) -> tuple[int, ...]:
+    return _comma_list(text, key, int, "integers like '3,7'")
 
 
 def _float_list(text: str, key: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in str(text).replace(" ", "").split(",") if t)
-    except ValueError as err:
-        raise ConfigError(f"{key} must be a comma list of numbers like '1,0.5,0'; got {text!r}") from err
+    return _comma_list(text, key, float, "numbers like '1,0.5,0'")
 
 
 def _choice(value: str, options: tuple[str, ...], key: str) -> str:
