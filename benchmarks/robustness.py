@@ -105,6 +105,9 @@ class Setup:
     retain_fisher_samples: int = 0
     calibration_forget: int = 64
     calibration_retain: int = 32
+    # auto's target for a class: the share of the scored forget samples its choice may still predict (the App's
+    # calibration-forget-tolerance)
+    forget_tolerance: float = 0.01
     # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr)
     repair_samples: int = 1024
     repair_rounds: int = 16
@@ -307,7 +310,7 @@ def calibrate_like_the_app(fed: Federation, weights: Weights, retain_f: Weights,
     total = GridCounts(grid, [0] * len(grid), [0] * len(grid))
     for forget_set, retain_set in zip(cal_forget, cal_retain):
         total = total + score_alpha_grid(model, weights, retain_f, forget_f, forget_set, retain_set, candidates=grid)
-    settings = ClientCalibration()
+    settings = ClientCalibration(forget_tolerance=fed.setup.forget_tolerance)
     alpha, lam, met = choose_candidate(total, settings.forget_tolerance,
                                        kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(weights, retain_f, forget_f))
@@ -414,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cap per client on the whole-partition retain-Fisher (0: all)")
     parser.add_argument("--calibration-forget", type=int, default=64, help="forget samples per client (auto)")
     parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto)")
+    parser.add_argument("--forget-tolerance", type=float, default=0.01,
+                        help="auto's target for a class: share of the scored forget samples it may keep (App: 0.01)")
     parser.add_argument("--repair-samples", type=int, default=1024, help="kept rows per client for the repair")
     parser.add_argument("--repair-rounds", type=int, default=16, help="cap on repair rounds")
     parser.add_argument("--repair-lr", type=float, default=0.05)
@@ -437,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   assd_percentile=args.assd_percentile, max_train=args.max_train, fisher_samples=args.fisher_samples,
                   retain_fisher_samples=args.retain_fisher_samples,
                   calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain,
+                  forget_tolerance=args.forget_tolerance,
                   repair_samples=args.repair_samples, repair_rounds=args.repair_rounds, repair_lr=args.repair_lr,
                   retain_fisher=args.retain_fisher, oracle_forget=args.oracle_forget,
                   alphas_per_octave=args.alphas_per_octave, lams=tuple(float(v) for v in args.lams.split(",")))

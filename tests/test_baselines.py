@@ -236,6 +236,34 @@ def test_benchmark_fiun_auto_forgets_the_calibration_samples_it_chose_on() -> No
             assert count_correct(model, new[newest], (x, y)) == 0
 
 
+def test_benchmark_model_oracle_bounds_fiun_model_by_model() -> None:
+    """--model-oracle: per affected model, the best held-out kept accuracy of the grid's candidates that forget to
+    the bar. ``fiun`` dampens each model at one of those candidates with the newest global's forget-Fisher (or its
+    own), so wherever its model reaches the bar the oracle with that Fisher keeps at least as much."""
+    bench = _load_benchmark()
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_forget=16,
+                        calibration_retain=16, check_samples=8, eval_size=100, mia_size=30, model_oracle=True,
+                        oracle_forget=0.5)
+    net = bench.Network(setup)
+    weights, _ = net.train()
+    result = bench.run_request(net, weights, bench.class_request(net, setup.forget_class), ["fiun", "retrain"])
+    oracle = result["model_oracle"]
+    fiun = {r["method"]: r for r in result["rows"]}["fiun"]
+    assert len(oracle) == result["affected"] == len(fiun["worst"]["per_model"])
+    grid = set(bench.candidate_grid(bench.grid_alphas(setup.alphas_per_octave), setup.lams))
+    compared = 0
+    for name, bound in oracle.items():
+        assert set(bound) == {"newest", "own"}
+        for b in filter(None, bound.values()):
+            assert b["forget_acc"] <= setup.oracle_forget and (b["alpha"], b["lam"]) in grid
+        mine = fiun["worst"]["per_model"][name]
+        tag = "own" if name in fiun["extra"]["own_fisher"] else "newest"
+        if mine["forget_acc"] <= setup.oracle_forget:
+            assert bound[tag] is not None and bound[tag]["retain_acc"] >= mine["retain_acc"]
+            compared += 1
+    assert compared > 0
+
+
 # ---- benchmarks/robustness.py at a tiny size: the oracle bound and the class-wise retain-Fisher -------------
 
 
