@@ -54,7 +54,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-forget-samples": 64,
     "calibration-retain-samples": 32,
     "calibration-check-samples": 32,
-    "calibration-forget-tolerance": 0.01,
+    "calibration-forget-tolerance": 0.03,
     "calibration-kept-tolerance": 0.01,
     "calibration-alphas-per-octave": 2,
     "calibration-lambdas": "1,0",

@@ -215,13 +215,14 @@ def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
 
 
 def test_benchmark_fiun_auto_forgets_the_calibration_samples_it_chose_on() -> None:
-    """The newest global, dampened as the benchmark returns it, forgets every forget sample its holders scored
-    (the choice met target 0 on them)."""
+    """The newest global, dampened as the benchmark returns it, predicts at most the target's share of the forget
+    samples its holders scored (the choice met the target on them)."""
     from fl_unlearn.calibrate import count_correct
 
     bench = _load_benchmark()
-    setup = bench.Setup(source="digits", max_train=400, rounds=1, fisher_samples=64, calibration_forget=16,
-                        calibration_retain=16, check_samples=8)
+    # 5 local epochs: with 1 this tiny federation never predicted the class, and the test said nothing
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, local_epochs=5, fisher_samples=64,
+                        calibration_forget=16, calibration_retain=16, check_samples=8)
     net = bench.Network(setup)
     weights, _ = net.train()
     forget = bench.class_request(net, setup.forget_class)
@@ -230,10 +231,14 @@ def test_benchmark_fiun_auto_forgets_the_calibration_samples_it_chose_on() -> No
     newest = [n for n in ctx.targets if n.startswith("g")][-1]
     assert details["target_met"][newest]
     model = net.new_model()
+    before, kept, scored = 0, 0, 0
     for k in range(setup.clients):
         if len(forget.forgotten[k]):
             x, y = bench._head(forget.forgotten[k], setup.calibration_forget, setup.seed + k)
-            assert count_correct(model, new[newest], (x, y)) == 0
+            before += count_correct(model, weights[newest], (x, y))
+            kept, scored = kept + count_correct(model, new[newest], (x, y)), scored + len(y)
+    assert before > details["forget_target"] * scored  # there was something to forget
+    assert kept <= details["forget_target"] * scored
 
 
 def test_benchmark_model_oracle_bounds_fiun_model_by_model() -> None:
