@@ -141,6 +141,7 @@ class Setup:
     # alpha=auto's grid: alphas 0.5..512, this many per factor of 2, times these lambdas (the App's defaults)
     alphas_per_octave: int = 2
     lams: tuple[float, ...] = DEFAULT_LAMS
+    walk_every_alpha: bool = False  # the per-model walk over every grid alpha (the App's calibration-walk-every-alpha)
     finetune_steps: int = 50
     finetune_lr: float = 0.05
     ascent_steps: int = 30
@@ -373,7 +374,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
     settings = ClientCalibration(forget_samples=s.calibration_forget, alphas=grid_alphas(s.alphas_per_octave),
-                                 lams=tuple(s.lams))
+                                 lams=tuple(s.lams), walk_every_alpha=s.walk_every_alpha)
+    steps = sorted(set(settings.alphas)) if settings.walk_every_alpha else walk_alphas(settings.alphas)
     grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
@@ -393,7 +395,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
                 walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
                                        [retain[i] for i in others], [forgets[i] for i in others],
-                                       forget_sets[k], feasible_starts(counts, budget), walk_alphas(settings.alphas))
+                                       forget_sets[k], feasible_starts(counts, budget), steps)
     target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
@@ -723,6 +725,8 @@ def main() -> None:
     parser.add_argument("--alphas-per-octave", type=int, help="alpha=auto's grid: alphas per factor of 2 (App: 2)")
     parser.add_argument("--lams", type=lambda t: tuple(float(v) for v in t.split(",")),
                         help="alpha=auto's grid: comma list of lambdas (App: 1,0)")
+    parser.add_argument("--walk-every-alpha", action="store_true",
+                        help="alpha=auto's per-model walk over every grid alpha (App: calibration-walk-every-alpha)")
     parser.add_argument("--model-oracle", action="store_true",
                         help="class request: per affected model, the best grid candidate forgetting to <= 5 %% held "
                              "out (a bound read from the test split; ~1 min more on MNIST)")

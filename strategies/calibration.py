@@ -124,6 +124,12 @@ class ClientCalibration:
         alone, ties to the milder candidate.
         A few dozen kept samples per client cannot tell 127 from 128: on MNIST class 5 the stronger candidate
         that scored one more kept 96.8 % held out, the least-change one 98.6 %.
+    walk_every_alpha : bool (default: False)
+        Class requests: the holders' per-model walk tries every alpha of the grid instead of every other
+        (:func:`fl_unlearn.calibrate.walk_alphas`). A model then gets the mildest grid step its holders forget at,
+        not up to one step stronger; the walk costs more forward passes. On the baselines network (MNIST, class
+        3, 19 models) it kept 33.2 % on the worst model instead of 13.1 % and 89.0 % on average instead of 86.3 %,
+        for 1.6 s of unlearning instead of 1.4 s.
     """
 
     forget_samples: int = 64
@@ -133,6 +139,7 @@ class ClientCalibration:
     check_samples: int = 32
     forget_tolerance: float = 0.03
     kept_tolerance: float = 0.01
+    walk_every_alpha: bool = False
 
     def __post_init__(self) -> None:
         for name in ("forget_tolerance", "kept_tolerance"):
@@ -249,8 +256,10 @@ def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_
         return 0
     n = int(config[R.CALIBRATION_CHECK])
     starts = feasible_starts(counts, budget)
+    alphas = [a for a, _ in counts.candidates]
+    steps = sorted(set(alphas)) if config.get(R.CALIBRATION_WALK_EVERY) else walk_alphas(alphas)
     reports = walk_models(model, models, retain_fisher, fishers, (forget_set[0][:n], forget_set[1][:n]), starts,
-                          walk_alphas([a for a, _ in counts.candidates]), base=base)
+                          steps, base=base)
     metrics[R.CHECK_WALK] = [r.get(v, NOT_WALKED) for r in reports for v in _walk_lams(counts.candidates)]
     return len(models)
 
@@ -411,6 +420,7 @@ def calibrate_at_clients(
                             R.CALIBRATION_FORGET: int(settings.forget_samples),
                             R.CALIBRATION_RETAIN: int(settings.retain_samples),
                             R.CALIBRATION_STOP: request_kind == "classes", R.CALIBRATION_BUDGET: budget,
+                            R.CALIBRATION_WALK_EVERY: bool(settings.walk_every_alpha),
                             **fiun, **request_configs[pid],
                             **(check_cfg if pid in walkers else {})})
         msgs.append(Message(RecordDict({**content, **(check_content if pid in walkers else {}), R.CONFIG_KEY: cfg}),

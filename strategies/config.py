@@ -58,6 +58,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-kept-tolerance": 0.01,
     "calibration-alphas-per-octave": 2,
     "calibration-lambdas": "1,0",
+    "calibration-walk-every-alpha": False,
     "repair": "auto",
     "repair-rounds": 16,
     "repair-steps": 8,
@@ -157,6 +158,7 @@ class AppConfig:
     calibration_kept_tolerance: float
     calibration_alphas_per_octave: int
     calibration_lambdas: tuple[float, ...]
+    calibration_walk_every_alpha: bool
     repair: str
     repair_rounds: int
     repair_steps: int

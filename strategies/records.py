@@ -107,6 +107,7 @@ CALIBRATION_RETAIN = "calibration-retain-samples"  # kept samples a client score
 CALIBRATION_CHECK = "calibration-check-samples"  # forget samples per client for the per-model check (cap)
 CALIBRATION_STOP = "calibration-stop-when-kept"  # class requests: walk each lambda's alphas, stop at the first miss
 CALIBRATION_BUDGET = "calibration-keep-budget"  # ... that keeps more than this many forget samples
+CALIBRATION_WALK_EVERY = "calibration-walk-every-alpha"  # the per-model walk tries every grid alpha, not every other
 CHECK_MODEL_PREFIX = "check-model-"  # query.checkforget: the other affected models, check-model-0, ...
 CHECK_FISHER_PREFIX = "check-fisher-"  # query.checkforget: their distinct forget-Fishers, check-fisher-0, ...
 CHECK_FISHER_OF = "check-fisher-of"  # query.checkforget: per check model, the index of its forget-Fisher
