@@ -330,8 +330,7 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     t2 = time.perf_counter()
     merged_by: dict[tuple[int, ...], Weights] = {}
     for hs in set(ctx.holders.values()):
-        merged_by[hs] = merge_fishers([dict(per_holder[k]) for k in hs], mode="weighted_mean",
-                                      num_samples=[per_holder[k].info.num_samples for k in hs])
+        merged_by[hs] = _merged([per_holder[k] for k in hs])
     forgets = [merged_by[ctx.holders[n]] for n in ctx.targets]
     models = [ctx.weights[n] for n in ctx.targets]
     target, lam, own_fisher = None, None, []
@@ -375,7 +374,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     i_new = ctx.targets.index(newest)
     settings = ClientCalibration(forget_samples=s.calibration_forget, alphas=grid_alphas(s.alphas_per_octave),
                                  lams=tuple(s.lams), walk_every_alpha=s.walk_every_alpha)
-    steps = sorted(set(settings.alphas)) if settings.walk_every_alpha else walk_alphas(settings.alphas)
+    steps = walk_alphas(settings.alphas, every=settings.walk_every_alpha)
     grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
@@ -414,8 +413,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             name = ctx.targets[i]
             parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params, s.fisher_samples)
                      for k in ctx.holders[name]]
-            forgets[i] = merge_fishers([dict(p) for p in parts], mode="weighted_mean",
-                                       num_samples=[p.info.num_samples for p in parts])
+            forgets[i] = _merged(parts)
         if own:
             reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in own], [retain[i] for i in own],
                                     [forgets[i] for i in own], fset, sequence) for fset in forget_sets.values()]
@@ -565,6 +563,7 @@ def model_oracle(ctx: Context, probes: Probes) -> dict[str, dict[str, dict | Non
 
 
 def _merged(parts: Sequence) -> Weights:
+    """MFIM's sample-weighted mean of per-holder Fishers (as the App's server merges them)."""
     return merge_fishers([dict(p) for p in parts], mode="weighted_mean", num_samples=[p.info.num_samples for p in parts])
 
 
@@ -593,8 +592,7 @@ def scaling_run(net: Network, weights: dict[str, Weights], forget: Forget) -> di
     newest = [n for n in ctx.targets if n.startswith("g")][-1]
     per_holder = [_fisher(net, weights[newest], forget.forgotten[k], params, s.fisher_samples)
                   for k in range(s.clients) if len(forget.forgotten[k])]
-    merged = merge_fishers([dict(f) for f in per_holder], mode="weighted_mean",
-                           num_samples=[f.info.num_samples for f in per_holder])
+    merged = _merged(per_holder)
     forget_fisher_s = time.perf_counter() - t0
     base = ctx.targets[: min(4, len(ctx.targets))]
     retain = [_fisher(net, weights[n], net.kept_of(n, forget), params, s.retain_fisher_samples) for n in base]

@@ -107,7 +107,7 @@ class Setup:
     calibration_retain: int = 32
     # auto's target for a class: the share of the scored forget samples its choice may still predict (the App's
     # calibration-forget-tolerance)
-    forget_tolerance: float = 0.03
+    forget_tolerance: float = ClientCalibration.forget_tolerance
     # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr)
     repair_samples: int = 1024
     repair_rounds: int = 16
@@ -417,8 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cap per client on the whole-partition retain-Fisher (0: all)")
     parser.add_argument("--calibration-forget", type=int, default=64, help="forget samples per client (auto)")
     parser.add_argument("--calibration-retain", type=int, default=32, help="kept samples per client (auto)")
-    parser.add_argument("--forget-tolerance", type=float, default=0.03,
-                        help="auto's target for a class: share of the scored forget samples it may keep (App: 0.03)")
+    parser.add_argument("--forget-tolerance", type=float, default=Setup.forget_tolerance,
+                        help="auto's target for a class: share of the scored forget samples it may keep (the App's "
+                             "calibration-forget-tolerance)")
     parser.add_argument("--repair-samples", type=int, default=1024, help="kept rows per client for the repair")
     parser.add_argument("--repair-rounds", type=int, default=16, help="cap on repair rounds")
     parser.add_argument("--repair-lr", type=float, default=0.05)

@@ -759,18 +759,22 @@ def check_models(
     return found
 
 
-def walk_alphas(alphas: Sequence[float]) -> list[float]:
+def walk_alphas(alphas: Sequence[float], every: bool = False) -> list[float]:
     """The alphas a holder's :func:`walk_models` steps through: every other alpha of the grid, from the smallest
-    (factors of 2 on :data:`GRID_ALPHAS`). A model walks half the steps and may get an alpha one grid step stronger
-    than it needs (the walk's start is always tried): with every sqrt(2) step, the walk over 14 models made MNIST
-    class 4's slowest client 0.66 s and the App's unlearning 8.3 % of retraining.
+    (factors of 2 on :data:`GRID_ALPHAS`), or all of them with ``every`` (``calibration-walk-every-alpha``). With
+    every other one a model walks half the steps and may get an alpha one grid step stronger than it needs (the
+    walk's start is always tried): with every sqrt(2) step, the walk over 14 models made MNIST class 4's slowest
+    client 0.66 s and the App's unlearning 8.3 % of retraining.
 
     Examples
     --------
     >>> walk_alphas((0.5, 0.7071, 1.0, 1.4142, 2.0))
     [0.5, 1.0, 2.0]
+    >>> walk_alphas((1.0, 0.5, 0.7071), every=True)
+    [0.5, 0.7071, 1.0]
     """
-    return sorted({float(a) for a in alphas})[::2]
+    steps = sorted({float(a) for a in alphas})
+    return steps if every else steps[::2]
 
 
 #: :func:`walk_models` report for a lambda the holder did not walk (no candidate there forgot all its samples).

@@ -256,8 +256,7 @@ def _walk_check_models(model: torch.nn.Module, arrays: Any, config: Any, retain_
         return 0
     n = int(config[R.CALIBRATION_CHECK])
     starts = feasible_starts(counts, budget)
-    alphas = [a for a, _ in counts.candidates]
-    steps = sorted(set(alphas)) if config.get(R.CALIBRATION_WALK_EVERY) else walk_alphas(alphas)
+    steps = walk_alphas([a for a, _ in counts.candidates], every=bool(config.get(R.CALIBRATION_WALK_EVERY)))
     reports = walk_models(model, models, retain_fisher, fishers, (forget_set[0][:n], forget_set[1][:n]), starts,
                           steps, base=base)
     metrics[R.CHECK_WALK] = [r.get(v, NOT_WALKED) for r in reports for v in _walk_lams(counts.candidates)]

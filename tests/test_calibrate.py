@@ -185,6 +185,7 @@ def test_walk_alphas_are_every_other_grid_alpha_from_the_smallest():
 
     assert walk_alphas(GRID_ALPHAS) == [2.0 ** k for k in range(-1, 10)]  # factors of 2 on the sqrt(2) grid
     assert walk_alphas([4.0, 1.0, 2.0, 1.0]) == [1.0, 4.0]  # unordered, repeated (a grid's alpha column)
+    assert walk_alphas([4.0, 1.0, 2.0, 1.0], every=True) == [1.0, 2.0, 4.0]  # calibration-walk-every-alpha
 
 
 def test_dampening_change_grows_with_the_dampening_and_ignores_fisher_scale():
