@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
 from strategies.calibration import ClientCalibration  # noqa: E402
+from strategies.config import DEFAULTS  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     DEFAULT_LAMS,
     candidate_grid,
@@ -111,6 +112,9 @@ from fl_unlearn.train import seed_everything, train_local  # noqa: E402
 
 logger = logging.getLogger("baselines")
 Weights = dict[str, Tensor]
+
+#: The parameters every Fisher covers (and FIUn dampens): the App's default (``fisher-layers``).
+FISHER_LAYERS = str(DEFAULTS["fisher-layers"])
 
 CLASS_METHODS = ("fiun", "fiun a=1", "finetune", "gradient_ascent", "retrain")
 CLIENT_METHODS = ("fiun", "fiun a=1", "fiun a=10", "finetune", "gradient_ascent", "retrain")
@@ -309,7 +313,7 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     """FIUn on every target at once; returns (weights, seconds without the retain-Fisher cache, details)."""
     net = ctx.net
     model = net.new_model()
-    params = select_parameters(model, "all")
+    params = select_parameters(model, FISHER_LAYERS)
     s = net.setup
     t0 = time.perf_counter()
     retain = [_fisher(net, ctx.weights[n], net.kept_of(n, ctx.forget), params, s.retain_fisher_samples)
@@ -408,7 +412,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
         # itself, merged, and checked again (strategies.server._own_forget_fishers, query.checkforget)
         own = [i for i, ok in enumerate(mets) if not ok]
-        params = select_parameters(model, "all")
+        params = select_parameters(model, FISHER_LAYERS)
         for i in own:
             name = ctx.targets[i]
             parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params, s.fisher_samples)
@@ -540,7 +544,7 @@ def model_oracle(ctx: Context, probes: Probes) -> dict[str, dict[str, dict | Non
     lambda)`` on the grid would meet it with that Fisher. ``None`` where no candidate forgets down to the bar.
     """
     net, s = ctx.net, ctx.net.setup
-    params = select_parameters(net.new_model(), "all")
+    params = select_parameters(net.new_model(), FISHER_LAYERS)
     grid = list(candidate_grid(grid_alphas(s.alphas_per_octave), tuple(s.lams)))
     classes = list(ctx.forget.request.classes)
     newest = [n for n in ctx.targets if n.startswith("g")][-1]
@@ -587,7 +591,7 @@ def scaling_run(net: Network, weights: dict[str, Weights], forget: Forget) -> di
     """Dampening time for N variants of the affected models: one vectorised step vs model by model."""
     s = net.setup
     ctx = make_context(net, weights, forget)
-    params = select_parameters(net.new_model(), "all")
+    params = select_parameters(net.new_model(), FISHER_LAYERS)
     t0 = time.perf_counter()
     newest = [n for n in ctx.targets if n.startswith("g")][-1]
     per_holder = [_fisher(net, weights[newest], forget.forgotten[k], params, s.fisher_samples)

@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--fisher-layers", default="all")
+    parser.add_argument("--fisher-layers", default=Setup.fisher_layers)
     parser.add_argument("--fisher-estimator", default="batch")
     parser.add_argument("--assd-percentile", type=float, default=99.0)
     parser.add_argument("--fisher-samples", type=int, default=2048, help="cap per client on the forget-Fisher (0: all)")

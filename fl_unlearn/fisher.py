@@ -130,8 +130,10 @@ def select_parameters(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
         The model; names are those of ``model.named_parameters()``.
     spec : str | Sequence[str]
         ``"last"``: the parameters of the last ``nn.Linear`` module in registration order (the classifier);
-        ``"all"``: every parameter; otherwise ``fnmatch`` patterns, as a comma-separated string
-        (``"fc.*,layer4.1.*"``) or a sequence of patterns. The keywords count only as the whole string.
+        ``"all"``: every parameter; ``"all-but-first"``: every parameter but those of the first convolution or
+        ``nn.Linear`` in registration order (the input layer, whose filters serve every class); otherwise
+        ``fnmatch`` patterns, as a comma-separated string (``"fc.*,layer4.1.*"``) or a sequence of patterns.
+        The keywords count only as the whole string.
 
     Returns
     -------
@@ -141,8 +143,8 @@ def select_parameters(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     Raises
     ------
     ConfigError
-        If the spec is empty, ``"last"`` finds no ``nn.Linear``, or a pattern matches nothing; the message
-        lists the model's parameter names.
+        If the spec is empty, ``"last"`` finds no ``nn.Linear``, ``"all-but-first"`` no input layer or nothing
+        after it, or a pattern matches nothing; the message lists the model's parameter names.
 
     Examples
     --------
@@ -151,12 +153,16 @@ def select_parameters(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     ['0.weight', '0.bias']
     >>> select_parameters(model, "last")
     ['2.weight', '2.bias']
+    >>> select_parameters(model, "all-but-first")
+    ['2.weight', '2.bias']
     """
     names = [name for name, _ in model.named_parameters()]
     if isinstance(spec, str) and spec.strip() == "all":
         return names
     if isinstance(spec, str) and spec.strip() == "last":
         return _last_linear_names(model, names)
+    if isinstance(spec, str) and spec.strip() == "all-but-first":
+        return _all_but_first_names(model, names)
     patterns = _split_patterns(spec)
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
@@ -170,6 +176,22 @@ def _split_patterns(spec: str | Sequence[str]) -> list[str]:
     if not patterns:
         raise ConfigError(f"Empty parameter spec {spec!r}; use 'last', 'all' or fnmatch patterns such as 'fc.*'.")
     return patterns
+
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _all_but_first_names(model: nn.Module, names: list[str]) -> list[str]:
+    first = next((m for m in model.modules() if isinstance(m, _LAYERS) and any(True for _ in m.parameters())), None)
+    if first is None:
+        raise ConfigError(f"'all-but-first' leaves out the first convolution or nn.Linear, but "
+                          f"{type(model).__name__} has none; give patterns instead. Parameters: {_listing(names)}.")
+    skip = {id(p) for p in first.parameters()}
+    kept = [n for n, p in model.named_parameters() if id(p) not in skip]
+    if not kept:
+        raise ConfigError(f"'all-but-first' leaves no parameter of {type(model).__name__}: its only layer is the "
+                          f"first. Parameters: {_listing(names)}.")
+    return kept
 
 
 def _last_linear_names(model: nn.Module, names: list[str]) -> list[str]:

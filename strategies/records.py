@@ -102,6 +102,7 @@ VAL_LOSS = "val-loss-sum"  # train.repair reply: summed cross-entropy of the rec
 VAL_NUM = "val-num-examples"
 FORGET_CORRECT = "forget-correct"  # query.calibrate reply: correct forget predictions per alpha
 RETAIN_CORRECT = "retain-correct"  # query.calibrate reply: correct kept predictions per alpha
+RETAIN_LOSS = "retain-loss"  # query.calibrate reply: summed cross-entropy of the kept samples per alpha
 CALIBRATION_FORGET = "calibration-forget-samples"  # forget samples a client scores (cap)
 CALIBRATION_RETAIN = "calibration-retain-samples"  # kept samples a client scores (cap)
 CALIBRATION_CHECK = "calibration-check-samples"  # forget samples per client for the per-model check (cap)

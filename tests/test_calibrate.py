@@ -97,6 +97,7 @@ def test_bisection_finds_the_last_index_meeting_a_monotone_predicate():
 
 from fl_unlearn.calibrate import (  # noqa: E402
     UNSCORED,
+    UNSCORED_LOSS,
     GridCounts,
     RepairConfig,
     candidate_grid,
@@ -232,7 +233,9 @@ def test_client_grid_counts_do_not_change_when_either_fisher_is_rescaled(c_forge
     forget_scaled = {k: v * c_forget for k, v in forget.items()}
     ref = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set)
     scaled = score_alpha_grid(model, weights, retain_scaled, forget_scaled, forget_set, retain_set)
-    assert ref == scaled
+    assert (ref.forget_correct, ref.retain_correct) == (scaled.forget_correct, scaled.retain_correct)
+    # the kept losses move by float rounding only (the normalised Fishers differ in the last bits)
+    assert scaled.retain_loss == pytest.approx(ref.retain_loss, rel=1e-6)
     # and so is the server's choice, near ties and the least-change rule included
     assert choose_candidate(ref, 0.1, kept_margin=3, change=dampening_change(weights, retain, forget)) == \
         choose_candidate(scaled, 0.1, kept_margin=3, change=dampening_change(weights, retain_scaled, forget_scaled))
@@ -533,3 +536,45 @@ def test_forgets_all_answers_what_count_correct_says_and_stops_at_a_kept_sample(
     calls.clear()
     assert forgets_all(model, weights, (x, (predicted + 1) % 3)) and calls == [C.FIRST_ROWS, 20 - C.FIRST_ROWS]
     assert forgets_all(model, weights, (x[:0], predicted[:0]))
+
+
+def test_the_kept_loss_breaks_near_ties_before_the_change():
+    grid = ((1.0, 0.0), (2.0, 0.0), (2.0, 1.0), (4.0, 1.0))
+    # (2, 0), (2, 1) and (4, 1) keep within 2 of the best count and forget everything; (2, 1) changes the weights
+    # least, (4, 1) has the lowest kept loss
+    change = {(1.0, 0.0): 5.0, (2.0, 0.0): 3.0, (2.0, 1.0): 0.5, (4.0, 1.0): 1.0}
+    plain = GridCounts(grid, [0, 0, 0, 0], [100, 128, 127, 126], 256, 128)
+    assert choose_candidate(plain, 0.0, kept_margin=2, change=lambda a, v: change[(a, v)]) == (2.0, 1.0, True)
+    # two clients' counts with their kept losses, summed as the server sums them
+    first = GridCounts(grid, [0, 0, 0, 0], [50, 64, 64, 63], 128, 64, [40.0, 9.0, 8.0, 3.0])
+    second = GridCounts(grid, [0, 0, 0, 0], [50, 64, 63, 63], 128, 64, [38.0, 7.0, 9.0, 2.5])
+    total = GridCounts(grid, [0] * 4, [0] * 4) + first + second
+    assert total.retain_loss == [78.0, 16.0, 17.0, 5.5]
+    assert choose_candidate(total, 0.0, kept_margin=2, change=lambda a, v: change[(a, v)]) == (4.0, 1.0, True)
+    assert choose_candidate(total, 0.0, kept_margin=2) == (4.0, 1.0, True)  # the loss alone is enough
+    # fewest forget samples still comes first: (4, 1) keeps one of them
+    leaky = GridCounts(grid, [0, 0, 0, 1], [100, 128, 127, 126], 256, 128, [78.0, 16.0, 17.0, 5.5])
+    assert choose_candidate(leaky, 0.01, kept_margin=2) == (2.0, 0.0, True)
+    # a client that sent no losses: the sum has none, and the change decides again
+    old = GridCounts(grid, [0, 0, 0, 0], [50, 64, 63, 63], 128, 64)
+    assert (first + old).retain_loss is None
+    assert choose_candidate(first + old, 0.0, kept_margin=2, change=lambda a, v: change[(a, v)]) == (2.0, 1.0, True)
+    # an unscored candidate's loss stays unscored in the sum
+    walked = GridCounts(grid, [0, 0, 0, UNSCORED], [50, 64, 64, UNSCORED], 128, 64, [40.0, 9.0, 8.0, UNSCORED_LOSS])
+    assert (walked + first).retain_loss[-1] == UNSCORED_LOSS
+
+
+def test_client_grid_reports_the_summed_cross_entropy_of_its_kept_samples():
+    model, weights, retain, forget = _linear_with_fishers()
+    forget_set, retain_set = _data(40, 1), _data(60, 2)
+    grid = ((0.5, 0.0), (2.0, 1.0), (8.0, 1.0))
+    counts = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
+    for (alpha, lam), loss in zip(grid, counts.retain_loss):
+        (dampened,), _ = unlearn_many([weights], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha, lam=lam))
+        logits = torch.func.functional_call(model, dampened, (retain_set[0],))
+        expected = float(torch.nn.functional.cross_entropy(logits.double(), retain_set[1], reduction="sum"))
+        assert loss == pytest.approx(expected, rel=1e-9)
+    # no kept samples: zero losses, and the counts still add up with a client that has some
+    forget_only = score_alpha_grid(model, weights, retain, forget, forget_set, None, candidates=grid)
+    assert forget_only.retain_loss == [0.0] * len(grid)
+    assert (forget_only + counts).retain_loss == pytest.approx(counts.retain_loss)

@@ -100,6 +100,22 @@ def test_select_last_without_linear() -> None:
         select_parameters(nn.Sequential(nn.Conv2d(1, 2, 3)), "last")
 
 
+def test_select_all_but_first_leaves_out_the_input_layer_only() -> None:
+    from fl_unlearn.models import build_model
+
+    small = build_model("cnn", 10, in_channels=1, image_size=28)
+    names = [n for n, _ in small.named_parameters()]
+    assert select_parameters(small, "all-but-first") == [n for n in names if not n.startswith("features.0.")]
+    resnet = build_model("resnet18", 100, in_channels=3, image_size=32)
+    names = [n for n, _ in resnet.named_parameters()]
+    assert names[0] == "conv1.weight" and select_parameters(resnet, " all-but-first ") == names[1:]
+    # a linear model whose only layer is the first, or a model without one: a clear error, naming the parameters
+    with pytest.raises(ConfigError, match="leaves no parameter.*1.weight"):
+        select_parameters(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "all-but-first")
+    with pytest.raises(ConfigError, match="has none.*0.weight"):
+        select_parameters(nn.Sequential(nn.BatchNorm1d(3)), "all-but-first")
+
+
 def test_select_empty_spec() -> None:
     with pytest.raises(ConfigError, match="Empty"):
         select_parameters(cnn(), " , ")

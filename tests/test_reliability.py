@@ -660,3 +660,37 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
             assert all(torch.equal(used[k], v) for k, v in scale_free(own[node_id]).items())
             given = cal["per_model"][node_id]
             assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
+
+
+def _negative_kept_loss(reply):
+    from flwr.app import MetricRecord
+
+    from strategies import records as R
+
+    metrics = dict(reply.content.metric_records[R.METRICS_KEY])
+    losses = list(metrics[R.RETAIN_LOSS])
+    losses[0] = -5.0
+    reply.content[R.METRICS_KEY] = MetricRecord({**metrics, R.RETAIN_LOSS: losses})
+    return reply
+
+
+def test_a_calibration_reply_with_a_negative_kept_loss_is_refused_and_changes_nothing(federation, tmp_path,
+                                                                                       task_identity):
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_unlearn.errors import UnlearnError
+    from strategies.calibration import ClientCalibration
+    from strategies.server import UnlearningStrategy
+
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    grid.faults[(1, "query.calibrate")] = [_negative_kept_loss]
+    strategy = UnlearningStrategy(
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
+        LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10, node_timeout=1.0,
+        client_calibration=ClientCalibration(forget_samples=32, retain_samples=16, check_samples=16))
+    before = _tree(store_dir / "lineage"), _tree(store_dir / "refs")
+    with pytest.raises(UnlearnError, match="kept losses"):
+        strategy.unlearn(grid, CLASS_REQUEST)
+    # no model version, no moved ref (the journal and the Fisher cache may hold what the request got so far)
+    assert (_tree(store_dir / "lineage"), _tree(store_dir / "refs")) == before

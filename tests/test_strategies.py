@@ -256,10 +256,16 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     for lam in {g["lam"] for g in auto["grid"]}:
         walk = [g["forget_acc"] is not None for g in auto["grid"] if g["lam"] == lam]
         assert walk[0] and walk == sorted(walk, reverse=True)
+    # every scored candidate carries the clients' mean kept loss, which breaks near ties in kept counts
+    assert all((g["retain_loss"] is None) == (g["retain_acc"] is None) for g in auto["grid"])
     if auto["target_met"]:
-        best = max(g["retain_acc"] for g in meeting)
-        last = [g for g in meeting if g["retain_acc"] == best][-1]
-        assert (auto["alpha"], auto["lam"]) == (last["alpha"], last["lam"])
+        n, margin = auto["retain_samples"], auto["kept_margin"]
+        best = max(round(g["retain_acc"] * n) for g in meeting)
+        near = [g for g in meeting if round(g["retain_acc"] * n) >= best - margin]
+        fewest = min(g["forget_acc"] for g in near)
+        lowest = min(g["retain_loss"] for g in near if g["forget_acc"] == fewest)
+        ties = [g for g in near if g["forget_acc"] == fewest and g["retain_loss"] <= lowest * (1 + 1e-6)]
+        assert (auto["alpha"], auto["lam"]) == (ties[-1]["alpha"], ties[-1]["lam"])
     else:
         assert not meeting
     assert res["timing"]["calibrate_s"] > 0
