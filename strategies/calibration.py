@@ -63,6 +63,7 @@ from fl_unlearn.calibrate import (
     GRID_ALPHAS,
     NONE_FORGETS,
     NOT_WALKED,
+    UNSCORED,
     UNSCORED_LOSS,
     GridCounts,
     candidate_grid,
@@ -436,10 +437,11 @@ def calibrate_at_clients(
     before_retain, client_seconds, replied_holders, walks = 0, [], [], []
     for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.calibrate"):
         m = reply.content.metric_records[R.METRICS_KEY]
-        total = total + GridCounts(candidates, [int(v) for v in m[R.FORGET_CORRECT]],
-                                   [int(v) for v in m[R.RETAIN_CORRECT]], int(m[R.FORGET_NUM]), int(m[R.RETAIN_NUM]),
+        forget_correct = [int(v) for v in m[R.FORGET_CORRECT]]
+        total = total + GridCounts(candidates, forget_correct, [int(v) for v in m[R.RETAIN_CORRECT]],
+                                   int(m[R.FORGET_NUM]), int(m[R.RETAIN_NUM]),
                                    _retain_losses(m, nodes.partition.get(reply.metadata.src_node_id, -1),
-                                                  len(candidates)))
+                                                  forget_correct))
         before_retain += int(m[R.BEFORE + R.RETAIN_CORRECT])
         client_seconds.append(float(m[R.SECONDS]))
         if int(m[R.FORGET_NUM]) > 0:
@@ -466,16 +468,19 @@ def calibrate_at_clients(
     return choice
 
 
-def _retain_losses(metrics: Any, pid: int, num_candidates: int) -> list[float] | None:
+def _retain_losses(metrics: Any, pid: int, forget_correct: Sequence[int]) -> list[float] | None:
     """A client's kept loss per candidate (``None`` if it sent none: the near ties then go by the weights'
-    change); refused unless there is one per candidate, each >= 0 or ``UNSCORED_LOSS``."""
+    change); refused unless there is one per candidate, each finite and >= 0 where the client scored the
+    candidate and ``UNSCORED_LOSS`` where it did not (its count is ``UNSCORED``)."""
     if R.RETAIN_LOSS not in metrics:
         return None
     values = [float(v) for v in metrics[R.RETAIN_LOSS]]
-    if len(values) != num_candidates or any(not (math.isfinite(v) and (v >= 0 or v == UNSCORED_LOSS))
-                                            for v in values):
-        raise UnlearnError(f"query.calibrate: partition {pid} sent {len(values)} kept losses for {num_candidates} "
-                           "candidates, or a negative or non-finite one")
+    if len(values) != len(forget_correct) or any(
+            not (v == UNSCORED_LOSS if f == UNSCORED else math.isfinite(v) and v >= 0)
+            for v, f in zip(values, forget_correct)):
+        raise UnlearnError(f"query.calibrate: partition {pid} sent {len(values)} kept losses for "
+                           f"{len(forget_correct)} candidates, or one that is negative, non-finite, or marks a "
+                           "candidate unscored that its counts score (or the reverse)")
     return values
 
 

@@ -662,20 +662,24 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
             assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
 
 
-def _negative_kept_loss(reply):
-    from flwr.app import MetricRecord
+def _kept_loss_of_first_candidate(value):
+    def hostile(reply):
+        from flwr.app import MetricRecord
 
-    from strategies import records as R
+        from strategies import records as R
 
-    metrics = dict(reply.content.metric_records[R.METRICS_KEY])
-    losses = list(metrics[R.RETAIN_LOSS])
-    losses[0] = -5.0
-    reply.content[R.METRICS_KEY] = MetricRecord({**metrics, R.RETAIN_LOSS: losses})
-    return reply
+        metrics = dict(reply.content.metric_records[R.METRICS_KEY])
+        losses = list(metrics[R.RETAIN_LOSS])
+        losses[0] = value  # the strongest candidate, which every client scores
+        reply.content[R.METRICS_KEY] = MetricRecord({**metrics, R.RETAIN_LOSS: losses})
+        return reply
+
+    return hostile
 
 
-def test_a_calibration_reply_with_a_negative_kept_loss_is_refused_and_changes_nothing(federation, tmp_path,
-                                                                                       task_identity):
+@pytest.mark.parametrize("value", [-5.0, -1.0, float("inf")], ids=["negative", "unscored-marker", "infinite"])
+def test_a_calibration_reply_with_a_bad_kept_loss_is_refused_and_changes_nothing(value, federation, tmp_path,
+                                                                                  task_identity):
     from flwr.serverapp.strategy import FedAvg
 
     from fl_unlearn.errors import UnlearnError
@@ -684,7 +688,7 @@ def test_a_calibration_reply_with_a_negative_kept_loss_is_refused_and_changes_no
 
     store_dir = _copy(federation, tmp_path)
     grid = _grid()
-    grid.faults[(1, "query.calibrate")] = [_negative_kept_loss]
+    grid.faults[(1, "query.calibrate")] = [_kept_loss_of_first_candidate(value)]
     strategy = UnlearningStrategy(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
         LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10, node_timeout=1.0,
