@@ -879,16 +879,28 @@ def walk_models(
     model that forgets at the start costs one forward pass per lambda. :func:`first_forgetting` then answers,
     for the choice, what :func:`check_models` would have. ``retain_fisher`` is one Fisher for every model (the
     App's) or one per model; Fishers are made scale-free here.
+
+    Lambdas are walked strongest (smallest) first, and a milder lambda's walk steps over the alphas at which a
+    stronger one found the model keeping a sample: at the same alpha it selects the same weights and shrinks
+    them less, so it keeps the sample too (the monotony :func:`check_sequence` orders its candidates by). On the
+    App's MNIST class 4 (14 models, two lambdas) that is 58-62 forward passes per holder instead of 80, for the
+    same per-model choices.
     """
     retains, forgets = _scale_free_per_model("walk_models", len(models), retain_fisher, forget_fishers)
     model = model.eval()
     reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
     checked: set[int] = set()  # models whose Fishers an earlier step validated
-    for lam, start in starts.items():
+    # Per model, the alphas a stronger lambda's walk found keeping a sample, as (lo, hi] ranges: a milder lambda
+    # keeps it there too (it shrinks the same selected weights less), so its walk steps over them.
+    keeps: list[list[tuple[float, float]]] = [[] for _ in models]
+    for lam in sorted(starts):  # strongest (smallest) lambda first
+        start = starts[lam]
         walking = list(range(len(models)))
         for alpha in sorted({float(a) for a in alphas if a <= start} | {float(start)}, reverse=True):
-            cfg, still = replace(base, alpha=alpha, lam=lam), []
-            for chunk in _chunks(walking, models):  # the models still walking share each dampening step
+            cfg = replace(base, alpha=alpha, lam=lam)
+            stepping = [i for i in walking if not any(lo < alpha <= hi for lo, hi in keeps[i])]
+            still = [i for i in walking if i not in stepping]  # known to keep a sample here: walk on
+            for chunk in _chunks(stepping, models):  # the models still walking share each dampening step
                 dampened, _ = unlearn_many([models[i] for i in chunk], [retains[i] for i in chunk],
                                            [forgets[i] for i in chunk], cfg,
                                            check_fishers=not checked.issuperset(chunk))
@@ -901,6 +913,8 @@ def walk_models(
             walking = still
             if not walking:
                 break
+        for i in range(len(models)):
+            keeps[i].append((max(reports[i][lam], NONE_FORGETS), float(start)))
     return reports
 
 

@@ -423,6 +423,29 @@ def test_walk_from_the_feasible_start_answers_for_any_choice_what_the_check_woul
         walk_models(_Tiny(), models, _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)
 
 
+def test_a_milder_lambda_walk_steps_over_the_alphas_a_stronger_one_found_keeping(monkeypatch):
+    import fl_unlearn.calibrate as C
+
+    forgettable, stubborn = _tiny(0.0), _tiny(0.6)
+    forgettable["fc.weight"][0, 0] = 4.0  # forgets only at lambda 0 with alpha < 6
+    models, alphas, starts = [forgettable, stubborn], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
+    steps: list[tuple[float, float]] = []
+    real_unlearn = C.unlearn_many
+
+    def counting(models_, retains, forgets, cfg, **kw):
+        steps.extend((cfg.alpha, cfg.lam) for _ in models_)
+        return real_unlearn(models_, retains, forgets, cfg, **kw)
+
+    monkeypatch.setattr(C, "unlearn_many", counting)
+    reports = walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, starts, alphas)
+    assert reports == [{1.0: NONE_FORGETS, 0.0: 4.0}, {1.0: NONE_FORGETS, 0.0: NONE_FORGETS}]
+    # lambda 0 first: the forgettable model steps 8 (keeps) and 4 (forgets); the stubborn one 8, 4, 2, 1
+    assert steps[:6] == [(8.0, 0.0), (8.0, 0.0), (4.0, 0.0), (4.0, 0.0), (2.0, 0.0), (1.0, 0.0)]
+    # lambda 1: 16 is above every lambda-0 start, so both step there; 8 kept the forgettable model at lambda 0,
+    # so it steps over 8 to 4, 2, 1; the stubborn one kept everything down to 1 and stops after 16
+    assert steps[6:] == [(16.0, 1.0), (16.0, 1.0), (4.0, 1.0), (2.0, 1.0), (1.0, 1.0)]
+
+
 def test_a_holder_checks_the_models_it_holds_and_takes_their_own_fisher_where_none_forgets():
     from strategies import records as R
     from strategies.calibration import check_held_models
