@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.fiun import AlphaSweep, DampenStats, FIUnConfig, unlearn_many
+from fl_unlearn.fiun import AlphaSweep, DampenStats, FIUnConfig, check_many, unlearn_many
 
 logger = logging.getLogger(__name__)
 
@@ -803,14 +803,15 @@ def check_models(
     list of int
         Per model, an index into ``sequence`` or -1.
     """
-    retains, forgets = _scale_free_per_model("check_models", len(models), retain_fisher, forget_fishers)
+    retains, forgets = _widened_per_model("check_models", models, retain_fisher, forget_fishers)
     model = model.eval()
     found: list[int] = []
     for weights, forget_sf, retain in zip(models, forgets, retains):
-        index = -1
+        index, sweeps = -1, {}  # one sweep per lambda of the sequence: the factors once, a selection per alpha
         for i, (alpha, lam) in enumerate(sequence):
-            (candidate,), _ = unlearn_many([weights], [retain], forget_sf, replace(base, alpha=alpha, lam=lam))
-            if forgets_all(model, candidate, forget_set):
+            if lam not in sweeps:
+                sweeps[lam] = AlphaSweep(weights, retain, forget_sf, replace(base, lam=lam), check_fishers=False)
+            if forgets_all(model, sweeps[lam].at(alpha), forget_set):
                 index = i
                 break
         found.append(index)
@@ -886,49 +887,47 @@ def walk_models(
     App's MNIST class 4 (14 models, two lambdas) that is 58-62 forward passes per holder instead of 80, for the
     same per-model choices.
     """
-    retains, forgets = _scale_free_per_model("walk_models", len(models), retain_fisher, forget_fishers)
+    retains, forgets = _widened_per_model("walk_models", models, retain_fisher, forget_fishers)
     model = model.eval()
     reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
-    checked: set[int] = set()  # models whose Fishers an earlier step validated
-    # Per model, the alphas a stronger lambda's walk found keeping a sample, as (lo, hi] ranges: a milder lambda
-    # keeps it there too (it shrinks the same selected weights less), so its walk steps over them.
-    keeps: list[list[tuple[float, float]]] = [[] for _ in models]
-    for lam in sorted(starts):  # strongest (smallest) lambda first
-        start = starts[lam]
-        walking = list(range(len(models)))
-        for alpha in sorted({float(a) for a in alphas if a <= start} | {float(start)}, reverse=True):
-            cfg = replace(base, alpha=alpha, lam=lam)
-            stepping = [i for i in walking if not any(lo < alpha <= hi for lo, hi in keeps[i])]
-            still = [i for i in walking if i not in stepping]  # known to keep a sample here: walk on
-            for chunk in _chunks(stepping, models):  # the models still walking share each dampening step
-                dampened, _ = unlearn_many([models[i] for i in chunk], [retains[i] for i in chunk],
-                                           [forgets[i] for i in chunk], cfg,
-                                           check_fishers=not checked.issuperset(chunk))
-                checked.update(chunk)
-                for i, candidate in zip(chunk, dampened):
-                    if forgets_all(model, candidate, forget_set):
-                        reports[i][lam] = alpha
-                    else:
-                        still.append(i)
-            walking = still
-            if not walking:
-                break
-        for i in range(len(models)):
-            keeps[i].append((max(reports[i][lam], NONE_FORGETS), float(start)))
+    for i, weights in enumerate(models):
+        # The alphas a stronger lambda's walk found keeping a sample, as (lo, hi] ranges: a milder lambda keeps
+        # it there too (it shrinks the same selected weights less), so its walk steps over them.
+        keeps: list[tuple[float, float]] = []
+        for lam in sorted(starts):  # strongest (smallest) lambda first
+            start = float(starts[lam])
+            # one sweep per model and lambda: the factors once, a selection per alpha
+            sweep = AlphaSweep(weights, retains[i], forgets[i], replace(base, lam=lam), check_fishers=False)
+            for alpha in sorted({float(a) for a in alphas if a <= start} | {start}, reverse=True):
+                if any(lo < alpha <= hi for lo, hi in keeps):
+                    continue
+                if forgets_all(model, sweep.at(alpha), forget_set):
+                    reports[i][lam] = alpha
+                    break
+            keeps.append((max(reports[i][lam], NONE_FORGETS), start))
     return reports
 
 
-#: Weights dampened in one stacked step of a walk (bytes): bounds the walk's memory for large models.
-WALK_STEP_BYTES = 256 * 2**20
+def _widened_per_model(what: str, models: Sequence[Weights],
+                       retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+                       forget_fishers: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Tensor]],
+                                                                                list[dict[str, Tensor]]]:
+    """Per model: its scale-free retain- and forget-Fisher, validated against the models as
+    :func:`~fl_unlearn.fiun.unlearn_many` would (:func:`~fl_unlearn.fiun.check_many`) and widened to the
+    dampening's float64 once per distinct Fisher, so the per-model sweeps share them."""
+    retains, forgets = _scale_free_per_model(what, len(models), retain_fisher, forget_fishers)
+    check_many(models, retains, forgets)
+    wide: dict[int, dict[str, Tensor]] = {}
+    for fisher in retains + forgets:
+        if id(fisher) not in wide:
+            wide[id(fisher)] = _widened(fisher)
+    return [wide[id(f)] for f in retains], [wide[id(f)] for f in forgets]
 
 
-def _chunks(indices: list[int], models: Sequence[Weights]) -> list[list[int]]:
-    """``indices`` in runs whose models, stacked, stay under :data:`WALK_STEP_BYTES` (at least one each)."""
-    if not indices:
-        return []
-    size = sum(t.numel() * t.element_size() for t in models[indices[0]].values())
-    per = max(1, WALK_STEP_BYTES // max(size, 1))
-    return [indices[k:k + per] for k in range(0, len(indices), per)]
+def _widened(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``fisher`` in the dtype the dampening computes in (:class:`~fl_unlearn.fiun.AlphaSweep` and
+    :func:`~fl_unlearn.fiun.unlearn_many` widen to float64 on CPU and CUDA; float32 on MPS): the same values."""
+    return {k: v if v.device.type == "mps" else v.double() for k, v in fisher.items()}
 
 
 def _scale_free_per_model(what: str, n: int, retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],

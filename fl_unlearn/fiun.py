@@ -271,6 +271,9 @@ class AlphaSweep:
         F_D and F_f, validated here as :func:`dampen` does.
     cfg : FIUnConfig
         Settings; its ``alpha`` is ignored.
+    check_fishers : bool (default: True)
+        Validate both Fishers against ``weights``. ``False`` only where :func:`check_many` validated them (the
+        per-model walks build one sweep per model and lambda over a few shared Fishers).
 
     Examples
     --------
@@ -281,9 +284,10 @@ class AlphaSweep:
     """
 
     def __init__(self, weights: Mapping[str, Tensor], retain_fisher: Mapping[str, Tensor],
-                 forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig) -> None:
+                 forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig, *, check_fishers: bool = True) -> None:
         _check_config(cfg)
-        names = _check_model_fishers(weights, retain_fisher, forget_fisher, label="")
+        names = _check_model_fishers(weights, retain_fisher, forget_fisher, label="") if check_fishers \
+            else list(retain_fisher)
         self._weights = weights
         self._parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for name in names:
@@ -357,9 +361,7 @@ def unlearn_many(
     models = list(models)
     forgets = _forget_list(forget_fisher, len(models))
     retains = list(retain_fishers)
-    _check_lengths(len(models), len(retains), len(forgets))
-    _check_same_models(models)
-    names = _check_all_fishers(models[0], retains, forgets) if check_fishers else list(retains[0])
+    names = check_many(models, retains, forgets) if check_fishers else _check_layout(models, retains, forgets)
     outs: list[dict[str, Tensor]] = [{} for _ in models]
     stats = [DampenStats() for _ in models]
     for name in models[0]:
@@ -371,6 +373,29 @@ def unlearn_many(
     logger.info("unlearn_many: %d models, %d tensors, %d of %d elements selected", len(models), len(names),
                 sum(s.selected for s in stats), sum(s.total for s in stats))
     return outs, stats
+
+
+def check_many(models: Sequence[Mapping[str, Tensor]], retain_fishers: Sequence[Mapping[str, Tensor]],
+               forget_fishers: Sequence[Mapping[str, Tensor]]) -> list[str]:
+    """What :func:`unlearn_many` checks before dampening: one model per Fisher pair, one architecture, and every
+    Fisher (each distinct dict once: names, shapes, finite, non-negative). Returns the names the Fishers cover.
+
+    Raises
+    ------
+    ConfigError
+        No models, lengths that do not match, models that differ in names, shapes or dtypes.
+    FisherError
+        Any Fisher problem, naming the model index and the key.
+    """
+    models, retains, forgets = list(models), list(retain_fishers), list(forget_fishers)
+    _check_layout(models, retains, forgets)
+    return _check_all_fishers(models[0], retains, forgets)
+
+
+def _check_layout(models: list, retains: list, forgets: list) -> list[str]:
+    _check_lengths(len(models), len(retains), len(forgets))
+    _check_same_models(models)
+    return list(retains[0])
 
 
 def _forget_list(forget_fisher: object, n: int) -> list[Mapping[str, Tensor]]:

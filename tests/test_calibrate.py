@@ -429,21 +429,27 @@ def test_a_milder_lambda_walk_steps_over_the_alphas_a_stronger_one_found_keeping
     forgettable, stubborn = _tiny(0.0), _tiny(0.6)
     forgettable["fc.weight"][0, 0] = 4.0  # forgets only at lambda 0 with alpha < 6
     models, alphas, starts = [forgettable, stubborn], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
-    steps: list[tuple[float, float]] = []
-    real_unlearn = C.unlearn_many
+    steps: list[tuple[int, float, float]] = []
 
-    def counting(models_, retains, forgets, cfg, **kw):
-        steps.extend((cfg.alpha, cfg.lam) for _ in models_)
-        return real_unlearn(models_, retains, forgets, cfg, **kw)
+    class Counting(C.AlphaSweep):
+        def __init__(self, weights, retain, forget, cfg, **kw):
+            super().__init__(weights, retain, forget, cfg, **kw)
+            self.model, self.lam = next(i for i, m in enumerate(models) if m is weights), cfg.lam
 
-    monkeypatch.setattr(C, "unlearn_many", counting)
+        def at(self, alpha):
+            steps.append((self.model, alpha, self.lam))
+            return super().at(alpha)
+
+    monkeypatch.setattr(C, "AlphaSweep", Counting)
     reports = walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, starts, alphas)
     assert reports == [{1.0: NONE_FORGETS, 0.0: 4.0}, {1.0: NONE_FORGETS, 0.0: NONE_FORGETS}]
-    # lambda 0 first: the forgettable model steps 8 (keeps) and 4 (forgets); the stubborn one 8, 4, 2, 1
-    assert steps[:6] == [(8.0, 0.0), (8.0, 0.0), (4.0, 0.0), (4.0, 0.0), (2.0, 0.0), (1.0, 0.0)]
-    # lambda 1: 16 is above every lambda-0 start, so both step there; 8 kept the forgettable model at lambda 0,
-    # so it steps over 8 to 4, 2, 1; the stubborn one kept everything down to 1 and stops after 16
-    assert steps[6:] == [(16.0, 1.0), (16.0, 1.0), (4.0, 1.0), (2.0, 1.0), (1.0, 1.0)]
+    # lambda 0 first: the forgettable model steps 8 (keeps) and 4 (forgets); at lambda 1, 16 is above the lambda-0
+    # start and 8 kept it at lambda 0, so it steps 16, then over 8 to 4, 2, 1
+    assert [s for s in steps if s[0] == 0] == [(0, 8.0, 0.0), (0, 4.0, 0.0), (0, 16.0, 1.0), (0, 4.0, 1.0),
+                                               (0, 2.0, 1.0), (0, 1.0, 1.0)]
+    # the stubborn one kept everything down to 1 at lambda 0: at lambda 1 only 16 is tried
+    assert [s for s in steps if s[0] == 1] == [(1, 8.0, 0.0), (1, 4.0, 0.0), (1, 2.0, 0.0), (1, 1.0, 0.0),
+                                               (1, 16.0, 1.0)]
 
 
 def test_a_holder_checks_the_models_it_holds_and_takes_their_own_fisher_where_none_forgets():
@@ -501,7 +507,7 @@ def test_one_forward_pass_counts_what_two_do():
     assert count_correct_split(model, weights, None, r) == (0, count_correct(model, weights, r))
 
 
-def test_walk_in_chunks_and_without_rechecking_fishers_reports_as_one_model_at_a_time(monkeypatch):
+def test_walk_of_many_models_reports_as_one_model_at_a_time_and_as_unlearn_many_dampens(monkeypatch):
     import fl_unlearn.calibrate as C
 
     forgettable, stubborn = _tiny(0.0), _tiny(0.6)
@@ -509,15 +515,25 @@ def test_walk_in_chunks_and_without_rechecking_fishers_reports_as_one_model_at_a
     models, alphas, starts = [forgettable, stubborn, _tiny(0.0)], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
     together = walk_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, starts, alphas)
     alone = [walk_models(_Tiny(), [m], _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)[0] for m in models]
-    monkeypatch.setattr(C, "WALK_STEP_BYTES", 1)  # one model per dampening step
-    assert walk_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, starts, alphas) == together == alone
-    # one retain-Fisher per model (stacked, not broadcast) walks the same
+    assert together == alone
+    # one retain-Fisher per model (distinct dicts, not one shared) walks the same
     copies = [{k: v.clone() for k, v in _RETAIN.items()} for _ in models]
-    monkeypatch.setattr(C, "WALK_STEP_BYTES", 2**20)
     assert walk_models(_Tiny(), models, copies, [_FORGET] * 3, _FORGET_SET, starts, alphas) == together
     with pytest.raises(ConfigError, match="2 retain-Fishers"):
         walk_models(_Tiny(), models, copies[:2], [_FORGET] * 3, _FORGET_SET, starts, alphas)
-    # a bad Fisher is still refused: the walk validates each model's Fishers in its first step
+    # every dampened model the walk scores is unlearn_many's at that (alpha, lambda), bit for bit
+    seen = []
+    real_forgets_all = C.forgets_all
+    monkeypatch.setattr(C, "forgets_all", lambda model, w, data: seen.append(w) or real_forgets_all(model, w, data))
+    torch.manual_seed(3)
+    rich = [{k: v + 0.3 * torch.randn_like(v) for k, v in _tiny(0.0).items()} for _ in range(2)]
+    forget = {k: torch.rand_like(v) * 6 for k, v in _FORGET.items()}
+    walk_models(_Tiny(), rich, _RETAIN, [forget] * 2, _FORGET_SET, starts, alphas)
+    candidates = [unlearn_many([m], [scale_free(_RETAIN)], scale_free(forget), FIUnConfig(alpha=a, lam=v))[0][0]
+                  for m in rich for v in (0.0, 1.0) for a in (1.0, 2.0, 4.0, 8.0, 16.0)]
+    assert seen and all(any(all(torch.equal(w[k], c[k]) for k in c) for c in candidates) for w in seen)
+    monkeypatch.setattr(C, "forgets_all", real_forgets_all)
+    # a bad Fisher is still refused, before any step
     bad = {k: v.clone() for k, v in _FORGET.items()}
     bad["fc.bias"][0] = float("nan")
     with pytest.raises(Exception, match="NaN|finite"):

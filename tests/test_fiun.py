@@ -278,6 +278,20 @@ def test_an_alpha_sweep_equals_dampening_at_each_alpha_bitwise(seed: int, cfg: F
         assert_same(now, then)
     with pytest.raises(FisherError):
         AlphaSweep(weights, {**retain, "fc.bias": -retain["fc.bias"] - 1}, forget, cfg)
+    # Fishers already in float64 (a walk widens each shared one once) give the same weights
+    wide = [{k: v.double() for k, v in f.items()} for f in (retain, forget)]
+    assert_same(AlphaSweep(weights, *wide, cfg, check_fishers=False).at(1.0), sweep.at(1.0))
+
+
+def test_check_many_validates_what_unlearn_many_would() -> None:
+    from fl_unlearn.fiun import check_many
+
+    weights, retain, forget = make_weights(0), make_fisher(1), make_fisher(2)
+    assert set(check_many([weights, weights], [retain, retain], [forget, forget])) == set(retain)
+    with pytest.raises(ConfigError, match="1 retain-Fishers"):
+        check_many([weights, weights], [retain], [forget, forget])
+    with pytest.raises(FisherError, match=r"models\[1\]"):
+        check_many([weights, weights], [retain, {**retain, "fc.bias": -retain["fc.bias"] - 1}], [forget, forget])
 
 
 def test_unlearn_many_large_tensor_equals_loop() -> None:
