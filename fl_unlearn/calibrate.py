@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.fiun import AlphaSweep, DampenStats, FIUnConfig, check_many, unlearn_many
+from fl_unlearn.fiun import AlphaSweep, DampenStats, FIUnConfig, FisherSweep, check_many, unlearn_many
 
 logger = logging.getLogger(__name__)
 
@@ -803,15 +803,16 @@ def check_models(
     list of int
         Per model, an index into ``sequence`` or -1.
     """
-    retains, forgets = _widened_per_model("check_models", models, retain_fisher, forget_fishers)
+    sweeps = _Sweeps("check_models", models, retain_fisher, forget_fishers, base)
     model = model.eval()
     found: list[int] = []
-    for weights, forget_sf, retain in zip(models, forgets, retains):
-        index, sweeps = -1, {}  # one sweep per lambda of the sequence: the factors once, a selection per alpha
+    for m, weights in enumerate(models):
+        index, damped = -1, {}  # per lambda of the sequence: this model's dampened values, once
         for i, (alpha, lam) in enumerate(sequence):
-            if lam not in sweeps:
-                sweeps[lam] = AlphaSweep(weights, retain, forget_sf, replace(base, lam=lam), check_fishers=False)
-            if forgets_all(model, sweeps[lam].at(alpha), forget_set):
+            sweep = sweeps.of(m, lam)
+            if lam not in damped:
+                damped[lam] = sweep.damped(weights)
+            if forgets_all(model, sweep.at(weights, damped[lam], alpha), forget_set):
                 index = i
                 break
         found.append(index)
@@ -887,7 +888,7 @@ def walk_models(
     App's MNIST class 4 (14 models, two lambdas) that is 58-62 forward passes per holder instead of 80, for the
     same per-model choices.
     """
-    retains, forgets = _widened_per_model("walk_models", models, retain_fisher, forget_fishers)
+    sweeps = _Sweeps("walk_models", models, retain_fisher, forget_fishers, base)
     model = model.eval()
     reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
     for i, weights in enumerate(models):
@@ -896,38 +897,40 @@ def walk_models(
         keeps: list[tuple[float, float]] = []
         for lam in sorted(starts):  # strongest (smallest) lambda first
             start = float(starts[lam])
-            # one sweep per model and lambda: the factors once, a selection per alpha
-            sweep = AlphaSweep(weights, retains[i], forgets[i], replace(base, lam=lam), check_fishers=False)
+            sweep, damped = sweeps.of(i, lam), None
             for alpha in sorted({float(a) for a in alphas if a <= start} | {start}, reverse=True):
                 if any(lo < alpha <= hi for lo, hi in keeps):
                     continue
-                if forgets_all(model, sweep.at(alpha), forget_set):
+                damped = sweep.damped(weights) if damped is None else damped
+                if forgets_all(model, sweep.at(weights, damped, alpha), forget_set):
                     reports[i][lam] = alpha
                     break
             keeps.append((max(reports[i][lam], NONE_FORGETS), start))
     return reports
 
 
-def _widened_per_model(what: str, models: Sequence[Weights],
-                       retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
-                       forget_fishers: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Tensor]],
-                                                                                list[dict[str, Tensor]]]:
-    """Per model: its scale-free retain- and forget-Fisher, validated against the models as
-    :func:`~fl_unlearn.fiun.unlearn_many` would (:func:`~fl_unlearn.fiun.check_many`) and widened to the
-    dampening's float64 once per distinct Fisher, so the per-model sweeps share them."""
-    retains, forgets = _scale_free_per_model(what, len(models), retain_fisher, forget_fishers)
-    check_many(models, retains, forgets)
-    wide: dict[int, dict[str, Tensor]] = {}
-    for fisher in retains + forgets:
-        if id(fisher) not in wide:
-            wide[id(fisher)] = _widened(fisher)
-    return [wide[id(f)] for f in retains], [wide[id(f)] for f in forgets]
+class _Sweeps:
+    """The walks' and checks' dampening: per model, its scale-free Fishers validated as
+    :func:`~fl_unlearn.fiun.unlearn_many` would (:func:`~fl_unlearn.fiun.check_many`), and one
+    :class:`~fl_unlearn.fiun.FisherSweep` per distinct Fisher pair and lambda, shared by the models that use the
+    pair (the App's 14 check models share one retain-Fisher and a few forget-Fishers): the factors and each
+    alpha's selection are computed once for all of them."""
 
+    def __init__(self, what: str, models: Sequence[Weights],
+                 retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+                 forget_fishers: Sequence[Mapping[str, Tensor]], base: FIUnConfig) -> None:
+        self.retains, self.forgets = _scale_free_per_model(what, len(models), retain_fisher, forget_fishers)
+        check_many(models, self.retains, self.forgets)
+        self._like, self._base = models[0], base
+        self._sweeps: dict[tuple[int, int, float], FisherSweep] = {}
 
-def _widened(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``fisher`` in the dtype the dampening computes in (:class:`~fl_unlearn.fiun.AlphaSweep` and
-    :func:`~fl_unlearn.fiun.unlearn_many` widen to float64 on CPU and CUDA; float32 on MPS): the same values."""
-    return {k: v if v.device.type == "mps" else v.double() for k, v in fisher.items()}
+    def of(self, model: int, lam: float) -> FisherSweep:
+        """The sweep of ``model``'s Fisher pair at ``lam``."""
+        retain, forget = self.retains[model], self.forgets[model]
+        key = (id(retain), id(forget), lam)
+        if key not in self._sweeps:
+            self._sweeps[key] = FisherSweep(retain, forget, replace(self._base, lam=lam), like=self._like)
+        return self._sweeps[key]
 
 
 def _scale_free_per_model(what: str, n: int, retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],

@@ -257,6 +257,63 @@ def _name_mismatch(retain: Mapping[str, Tensor], forget: Mapping[str, Tensor]) -
 # --------------------------------------------------------------------------------------------
 
 
+class FisherSweep:
+    """One pair of Fishers at one lambda, for any number of models and alphas (the per-model walks).
+
+    The eligibility ``F_f > tau`` and the factors ``min(lam F_D / F_f, 1)`` are computed once for the pair, each
+    alpha's selection ``F_f > alpha * F_D`` once (and kept), and a model's dampened values once per model
+    (:meth:`damped`); :meth:`at` is then one ``where`` per tensor. Results equal :func:`unlearn_many`'s bit for
+    bit. The Fishers are not validated here (:func:`check_many` does it for the walks, :class:`AlphaSweep` for
+    one model).
+
+    Parameters
+    ----------
+    retain_fisher, forget_fisher : Mapping[str, Tensor]
+        F_D and F_f, with the same names.
+    cfg : FIUnConfig
+        Settings; its ``alpha`` is ignored.
+    like : Mapping[str, Tensor]
+        A state dict of the models it will dampen (their device sets the working precision: float64, float32 on
+        MPS).
+    """
+
+    def __init__(self, retain_fisher: Mapping[str, Tensor], forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig,
+                 *, like: Mapping[str, Tensor]) -> None:
+        _check_config(cfg)
+        self._parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._selections: dict[float, dict[str, Tensor]] = {}
+        for name in retain_fisher:
+            device = like[name].device
+            work = torch.float32 if device.type == "mps" else torch.float64
+            fd = retain_fisher[name].to(device=device, dtype=work)
+            ff = forget_fisher[name].to(device=device, dtype=work)
+            eligible = ff > cfg.tau  # selected at any alpha only where F_f > tau (so F_f > 0)
+            self._parts[name] = (fd, ff, eligible, _factors(fd, ff, eligible, cfg))
+
+    def selection(self, alpha: float, *, keep: bool = True) -> dict[str, Tensor]:
+        """Per tensor, the weights selected at ``alpha``; with ``keep``, computed once per alpha and kept (one
+        mask per alpha: a grid of many alphas on a large model passes ``keep=False``)."""
+        if alpha in self._selections:
+            return self._selections[alpha]
+        selected = {name: (ff > alpha * fd) & eligible for name, (fd, ff, eligible, _) in self._parts.items()}
+        if keep:
+            self._selections[alpha] = selected
+        return selected
+
+    def damped(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every covered tensor of ``weights`` multiplied by its factors (the values the selected weights take)."""
+        return {name: (weights[name].to(factors.dtype) * factors).to(weights[name].dtype)
+                for name, (_, _, _, factors) in self._parts.items()}
+
+    def at(self, weights: Mapping[str, Tensor], damped: Mapping[str, Tensor], alpha: float, *,
+           keep: bool = True) -> dict[str, Tensor]:
+        """``weights`` dampened at ``alpha`` (``damped`` is :meth:`damped` of them): new tensors; names the Fishers
+        do not cover are copies. ``keep`` as in :meth:`selection`."""
+        selected = self.selection(alpha, keep=keep)
+        return {name: torch.where(selected[name], damped[name], w) if name in selected else w.clone()
+                for name, w in weights.items()}
+
+
 class AlphaSweep:
     """One model dampened at many alphas, the Fishers and every other setting fixed (a calibration grid).
 
@@ -271,9 +328,6 @@ class AlphaSweep:
         F_D and F_f, validated here as :func:`dampen` does.
     cfg : FIUnConfig
         Settings; its ``alpha`` is ignored.
-    check_fishers : bool (default: True)
-        Validate both Fishers against ``weights``. ``False`` only where :func:`check_many` validated them (the
-        per-model walks build one sweep per model and lambda over a few shared Fishers).
 
     Examples
     --------
@@ -284,31 +338,16 @@ class AlphaSweep:
     """
 
     def __init__(self, weights: Mapping[str, Tensor], retain_fisher: Mapping[str, Tensor],
-                 forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig, *, check_fishers: bool = True) -> None:
-        _check_config(cfg)
-        names = _check_model_fishers(weights, retain_fisher, forget_fisher, label="") if check_fishers \
-            else list(retain_fisher)
+                 forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig) -> None:
+        _check_model_fishers(weights, retain_fisher, forget_fisher, label="")
         self._weights = weights
-        self._parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        for name in names:
-            w = weights[name]
-            work = torch.float32 if w.device.type == "mps" else torch.float64
-            fd = retain_fisher[name].to(device=w.device, dtype=work)
-            ff = forget_fisher[name].to(device=w.device, dtype=work)
-            eligible = ff > cfg.tau  # selected at any alpha only where F_f > tau (so F_f > 0)
-            self._parts[name] = (fd, ff, eligible, (w.to(work) * _factors(fd, ff, eligible, cfg)).to(w.dtype))
+        self._fishers = FisherSweep(retain_fisher, forget_fisher, cfg, like=weights)
+        self._damped = self._fishers.damped(weights)
 
     def at(self, alpha: float) -> dict[str, Tensor]:
         """The weights dampened at ``alpha``: ``unlearn_many([weights], [F_D], F_f, cfg with alpha)``'s, bit for
         bit (new tensors; names the Fishers do not cover are copies)."""
-        out = {}
-        for name, w in self._weights.items():
-            if name in self._parts:
-                fd, ff, eligible, damped = self._parts[name]
-                out[name] = torch.where((ff > alpha * fd) & eligible, damped, w)
-            else:
-                out[name] = w.clone()
-        return out
+        return self._fishers.at(self._weights, self._damped, alpha, keep=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -431,16 +431,16 @@ def test_a_milder_lambda_walk_steps_over_the_alphas_a_stronger_one_found_keeping
     models, alphas, starts = [forgettable, stubborn], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
     steps: list[tuple[int, float, float]] = []
 
-    class Counting(C.AlphaSweep):
-        def __init__(self, weights, retain, forget, cfg, **kw):
-            super().__init__(weights, retain, forget, cfg, **kw)
-            self.model, self.lam = next(i for i, m in enumerate(models) if m is weights), cfg.lam
+    class Counting(C.FisherSweep):
+        def __init__(self, retain, forget, cfg, **kw):
+            super().__init__(retain, forget, cfg, **kw)
+            self.lam = cfg.lam
 
-        def at(self, alpha):
-            steps.append((self.model, alpha, self.lam))
-            return super().at(alpha)
+        def at(self, weights, damped, alpha, **kw):
+            steps.append((next(i for i, m in enumerate(models) if m is weights), alpha, self.lam))
+            return super().at(weights, damped, alpha, **kw)
 
-    monkeypatch.setattr(C, "AlphaSweep", Counting)
+    monkeypatch.setattr(C, "FisherSweep", Counting)
     reports = walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, starts, alphas)
     assert reports == [{1.0: NONE_FORGETS, 0.0: 4.0}, {1.0: NONE_FORGETS, 0.0: NONE_FORGETS}]
     # lambda 0 first: the forgettable model steps 8 (keeps) and 4 (forgets); at lambda 1, 16 is above the lambda-0
