@@ -1004,12 +1004,14 @@ def unlearn_with_candidates(
     if not (len(models) == len(retain_fishers) == len(forget_fishers) == len(candidates)):
         raise ConfigError(f"unlearn_with_candidates: {len(models)} models, {len(retain_fishers)} retain-Fishers, "
                           f"{len(forget_fishers)} forget-Fishers and {len(candidates)} candidates")
+    check_many(models, retain_fishers, forget_fishers)  # once for all, not once per candidate's group
     weights: list[dict[str, Tensor] | None] = [None] * len(models)
     stats: list[DampenStats | None] = [None] * len(models)
     for alpha, lam in sorted(set(candidates)):
         idx = [i for i, c in enumerate(candidates) if c == (alpha, lam)]
         out, st = unlearn_many([models[i] for i in idx], [retain_fishers[i] for i in idx],
-                               [forget_fishers[i] for i in idx], replace(cfg, alpha=float(alpha), lam=float(lam)))
+                               [forget_fishers[i] for i in idx], replace(cfg, alpha=float(alpha), lam=float(lam)),
+                               check_fishers=False)
         for i, w, one in zip(idx, out, st):
             weights[i], stats[i] = w, one
     return weights, stats  # type: ignore[return-value]

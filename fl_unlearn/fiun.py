@@ -381,8 +381,8 @@ def unlearn_many(
         Hyper-parameters.
     check_fishers : bool (default: True)
         Validate every Fisher (names, shapes, finite, non-negative) against the models. ``False`` only where the
-        same Fishers were validated against the same models by an earlier call: a calibration dampens one model
-        at dozens of candidates, and the checks cost a third of each call.
+        same Fishers were validated against the same models already (:func:`check_many`): a per-model choice
+        dampens the affected models in one call per distinct candidate, and the checks cost a third of each call.
 
     Returns
     -------

@@ -496,6 +496,11 @@ def test_unlearn_with_candidates_equals_unlearn_many_per_model():
         assert all(torch.equal(w[k], ref[k]) for k in ref)
     with pytest.raises(ConfigError):
         unlearn_with_candidates(models, retain, [forget] * 3, FIUnConfig(), cands[:2])
+    # every model's Fishers are validated once, up front, whichever candidate group they fall in
+    bad = {k: v.clone() for k, v in forget.items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    with pytest.raises(Exception, match="NaN|finite"):
+        unlearn_with_candidates(models, retain, [forget, forget, bad], FIUnConfig(), cands)
 
 
 def test_one_forward_pass_counts_what_two_do():
