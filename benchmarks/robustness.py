@@ -113,6 +113,7 @@ class Setup:
     repair_rounds: int = 16
     repair_steps: int = 8
     repair_lr: float = 0.05
+    repair_forget_weight: float = 1.0  # the App's repair-forget-weight: the forget guard at the holders
     assd_percentile: float = 99.0
     max_train: int | None = None
     retain_fisher: str = "whole"
@@ -262,8 +263,11 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
     # the repair draws its own kept rows per client (a quarter held back for its validation loss), as the App does
     rep_retain = [_tensors(without_classes(p, [forget_class]), s.repair_samples, s.seed + 200 + i)
                   for i, p in enumerate(fed.parts)]
+    # ... and, at the holders, its forget rows for the guard (capped alike; a quarter held back too)
+    rep_forget = [_tensors(samples_of_classes(p, [forget_class]), s.repair_samples, s.seed + 300 + i)
+                  for i, p in enumerate(fed.parts)]
     rep_cfg = RepairConfig(max_rounds=s.repair_rounds, local_steps=s.repair_steps, lr=s.repair_lr,
-                           batch_size=s.batch_size, seed=s.seed)
+                           batch_size=s.batch_size, seed=s.seed, forget_weight=s.repair_forget_weight)
     auto = None
     for method in methods:
         extra: dict = {}
@@ -282,7 +286,8 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
             extra.update({k: v for k, v in auto.items() if k not in ("weights", "seconds")})
             if method == "auto+repair":
                 t0 = time.perf_counter()
-                new, info = repair(fed.new_model(), new, rep_retain, cal_forget_all, rep_cfg)
+                new, info = repair(fed.new_model(), new, rep_retain, cal_forget_all, rep_cfg,
+                                   forget_sets=rep_forget)
                 extra.update(repair_s=time.perf_counter() - t0, repair_rounds=info["repair_rounds"],
                              repair_forget_acc=info["repair_forget_acc"][-1])
                 sec += extra["repair_s"]
@@ -423,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repair-samples", type=int, default=1024, help="kept rows per client for the repair")
     parser.add_argument("--repair-rounds", type=int, default=16, help="cap on repair rounds")
     parser.add_argument("--repair-lr", type=float, default=0.05)
+    parser.add_argument("--repair-forget-weight", type=float, default=1.0,
+                        help="weight of the repair's forget guard at the holders (0: kept data only)")
     parser.add_argument("--retain-fisher", default="whole", choices=["whole", "classwise"],
                         help="whole: each client's whole partition (the App's); classwise: the other classes' "
                              "forget-Fishers (kept data only)")
@@ -445,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain,
                   forget_tolerance=args.forget_tolerance,
                   repair_samples=args.repair_samples, repair_rounds=args.repair_rounds, repair_lr=args.repair_lr,
+                  repair_forget_weight=args.repair_forget_weight,
                   retain_fisher=args.retain_fisher, oracle_forget=args.oracle_forget,
                   alphas_per_octave=args.alphas_per_octave, lams=tuple(float(v) for v in args.lams.split(",")))
     fed = Federation(setup)

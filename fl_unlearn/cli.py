@@ -200,6 +200,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.repair_steps": ("repair-steps", _int),
     "unlearning.repair_lr": ("repair-lr", _float),
     "unlearning.repair_samples": ("repair-samples", _int),
+    "unlearning.repair_forget_weight": ("repair-forget-weight", _float),
 }
 
 #: Hydra key -> key of ``--federation-config`` (``num_clients`` goes to both: num-clients = num-supernodes).

@@ -191,7 +191,7 @@ class CalibrationChoice:
                   for v in losses]
         chosen = self.counts.candidates.index((self.alpha, self.lam))
         return {"alpha": self.alpha, "lam": self.lam, "target": self.target, "target_met": self.target_met,
-                "retain_before": self.retain_before, "retain_after": r_acc[chosen],
+                "retain_before": self.retain_before, "retain_after": r_acc[chosen], "forget_after": f_acc[chosen],
                 "forget_samples": self.counts.forget_num, "retain_samples": self.counts.retain_num,
                 "grid": [{"alpha": a, "lam": v, "forget_acc": f, "retain_acc": r, "retain_loss": loss}
                          for (a, v), f, r, loss in zip(self.counts.candidates, f_acc, r_acc, r_loss)],

@@ -13,6 +13,8 @@ Examples
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import os
 import time
@@ -64,6 +66,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "repair-steps": 8,
     "repair-lr": 0.05,
     "repair-samples": 1024,
+    "repair-forget-weight": 1.0,
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
     "fisher-estimator": "batch",
@@ -164,6 +167,7 @@ class AppConfig:
     repair_steps: int
     repair_lr: float
     repair_samples: int
+    repair_forget_weight: float
     fiun_lambda: float
     fisher_layers: str
     fisher_estimator: str
@@ -213,6 +217,9 @@ class AppConfig:
         if self.repair_rounds < 0 or self.repair_steps < 1 or self.repair_lr <= 0 or self.repair_samples < 2:
             raise ConfigError("repair-rounds must be >= 0, repair-steps >= 1, repair-lr > 0 and repair-samples >= 2; "
                               f"got {self.repair_rounds}, {self.repair_steps}, {self.repair_lr}, {self.repair_samples}")
+        if not (self.repair_forget_weight >= 0 and math.isfinite(self.repair_forget_weight)):
+            raise ConfigError(f"repair-forget-weight must be a finite number >= 0 (0: repair on kept data only), "
+                              f"got {self.repair_forget_weight}")
         if self.hybrid_budget < 0:
             raise ConfigError(f"hybrid-budget must be >= 0 (a fraction of a shard's full training cost), "
                               f"got {self.hybrid_budget}")

@@ -228,7 +228,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
     settings = repair_settings(cfg)
     repair_s = 0.0
-    if outcome.calibration and settings.wanted(outcome.calibration):
+    if outcome.calibration and settings.wanted(outcome.calibration, request.kind):
         repaired, results["repair"] = _repair(grid, strategy, request, settings)
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
         repair_s += results["repair"]["seconds"]
@@ -259,7 +259,8 @@ def repair_settings(cfg: AppConfig) -> RepairSettings:
     """The ``repair*`` run-config keys as :class:`strategies.repair.RepairSettings`."""
     return RepairSettings(mode=cfg.repair, samples=cfg.repair_samples,
                           steps=RepairConfig(max_rounds=cfg.repair_rounds, local_steps=cfg.repair_steps,
-                                             lr=cfg.repair_lr, batch_size=cfg.batch_size, seed=cfg.seed))
+                                             lr=cfg.repair_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                                             forget_weight=cfg.repair_forget_weight))
 
 
 def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -337,8 +339,53 @@ def test_repair_keeps_the_best_validation_loss_and_never_mutates_its_input():
 
 
 def test_repair_config_lists_every_bad_value():
-    with pytest.raises(ConfigError, match="max_rounds.*local_steps.*lr.*patience"):
-        RepairConfig(max_rounds=-1, local_steps=0, lr=0.0, patience=0)
+    with pytest.raises(ConfigError, match="forget_weight.*max_rounds.*local_steps.*lr.*patience"):
+        RepairConfig(max_rounds=-1, local_steps=0, lr=0.0, patience=0, forget_weight=-1.0)
+    with pytest.raises(ConfigError, match="forget_weight"):
+        RepairConfig(forget_weight=float("nan"))
+
+
+def test_forget_guard_loss_is_minus_log_of_the_other_labels_probability():
+    from fl_unlearn.calibrate import forget_guard_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(16, 5, generator=g) * 4, torch.randint(0, 5, (16,), generator=g)
+    p_y = torch.softmax(logits.double(), 1).gather(1, y[:, None]).squeeze(1)
+    per_row = forget_guard_loss(logits.double(), y, reduction="none")
+    assert torch.allclose(per_row, -torch.log1p(-p_y)) and bool((per_row >= 0).all())
+    assert float(forget_guard_loss(logits, y)) == pytest.approx(float(per_row.mean()), rel=1e-5)
+    assert float(forget_guard_loss(logits, y, "sum")) == pytest.approx(float(per_row.sum()), rel=1e-5)
+    # bounded: a label the model gives no weight costs nothing, however far below the others its logit is
+    far = torch.tensor([[0.0, -1e4, 0.0]])
+    assert float(forget_guard_loss(far, torch.tensor([1]))) == 0.0
+
+
+def test_repair_with_the_forget_guard_pushes_the_forget_label_down_and_validates_on_it():
+    """The holders' forget rows join the repair: the guard's held-back share is in the validation loss, and the
+    forgotten label ends less likely on the forget rows than after a repair on kept data alone."""
+    from fl_unlearn.calibrate import _guard_val_loss, _val_loss, forget_guard_loss, split_validation
+
+    torch.manual_seed(0)
+    model = _Linear()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kept = [_data(64, 20 + i) for i in range(2)]
+    kept = [(x[y != 3], y[y != 3]) for x, y in kept]  # class 3 is forgotten: kept data has none
+    fx = torch.randn(40, 6, generator=torch.Generator().manual_seed(7)) + 2.0
+    forget = [(fx[:20], torch.full((20,), 3)), (fx[20:], torch.full((20,), 3))]
+    cfg = RepairConfig(max_rounds=3, lr=0.1, patience=3)
+    plain, _ = repair(model, weights, kept, cfg=replace(cfg, forget_weight=0.0), forget_sets=forget)
+    guarded, info = repair(model, weights, kept, cfg=replace(cfg, forget_weight=2.0), forget_sets=forget)
+    splits = [split_validation(x, y, 0.25) for x, y in kept]
+    fsplits = [split_validation(x, y, 0.25) for x, y in forget]
+    assert info["val_loss"][0] == pytest.approx(_val_loss(model, weights, splits)
+                                                + 2.0 * _guard_val_loss(model, weights, fsplits))
+
+    def guard(w):
+        return float(forget_guard_loss(torch.func.functional_call(model, w, (fx,)), torch.full((40,), 3)))
+
+    assert guard(guarded) < guard(plain)
+    with pytest.raises(ConfigError, match="forget samples for"):
+        repair(model, weights, kept, cfg=cfg, forget_sets=forget[:1])
 
 
 # --- every affected model forgets: the per-model check of a class request -------------------------------------

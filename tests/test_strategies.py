@@ -291,8 +291,9 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
             assert d["check"] in ("met", "own-fisher", "not-met") and (d["alpha"], d["lam"]) in sequence
             if d["check"] == "not-met":
                 assert (d["alpha"], d["lam"]) == sequence[-1]
-    # repair=auto runs exactly when calibration gave up more than a point of kept accuracy; then it is reported
-    gave_up = auto["retain_before"] - auto["retain_after"] > 0.01
+    # repair=auto runs exactly when calibration gave up more than a point of kept accuracy, or (a class request,
+    # the forget guard on by default) left a scored forget sample correct; then it is reported
+    gave_up = auto["retain_before"] - auto["retain_after"] > 0.01 or auto["forget_after"] > 0
     assert ("repair" in res) == gave_up
     graph = LineageGraph.load(store / "lineage")
     held = res["repair_held"]  # the clients' own models are always offered a repair (repair=auto), where they live
@@ -400,6 +401,7 @@ def test_kept_tolerance_sets_the_kept_margin_and_refuses_bad_values():
 
 
 def test_repair_settings_decide_from_the_calibration_report():
+    from fl_unlearn.calibrate import RepairConfig
     from strategies.repair import RepairSettings
 
     lost_two_points = {"retain_before": 0.95, "retain_after": 0.93}
@@ -407,6 +409,14 @@ def test_repair_settings_decide_from_the_calibration_report():
     assert not RepairSettings().wanted({"retain_before": 0.95, "retain_after": 0.945})
     assert not RepairSettings(mode="off").wanted(lost_two_points)
     assert RepairSettings(mode="on").wanted({})
+    # a class request whose chosen dampening left scored forget samples correct: repaired while the guard is on
+    left_one = {"retain_before": 0.95, "retain_after": 0.95, "forget_after": 0.02}
+    assert RepairSettings().wanted(left_one) and RepairSettings().wanted(left_one, "classes")
+    assert not RepairSettings().wanted(left_one, "client")  # there the target is held-out accuracy, not 0
+    assert not RepairSettings().wanted({**left_one, "forget_after": 0.0})
+    assert not RepairSettings(steps=RepairConfig(forget_weight=0.0)).wanted(left_one)
+    with pytest.raises(ConfigError, match="repair-forget-weight"):
+        AppConfig.from_run_config({**BASE, "repair-forget-weight": -1.0})
     with pytest.raises(ConfigError, match="repair"):
         RepairSettings(mode="sometimes")
 
