@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -322,3 +323,28 @@ def test_robustness_classwise_retain_fisher_is_the_other_classes_mean() -> None:
     for name in kept:
         expected = sum(per_class[k][1] * per_class[k][0][name].double() for k in others) / total
         torch.testing.assert_close(kept[name].double(), expected, rtol=1e-5, atol=0.0)
+
+
+def test_robustness_across_seeds_reports_the_worst_seed_and_class(tmp_path: Path) -> None:
+    """``--seeds``: one federation per seed; each method's worst case is over every (seed, class), the kept gap
+    against the retrained federation of the same seed."""
+    bench = _load_robustness()
+    Row = bench.Row
+    rows = [(1, Row(0, "retrain", 0.0, 0.90, 1.0)), (1, Row(0, "auto", 0.01, 0.89, 0.1)),
+            (1, Row(1, "retrain", 0.0, 0.95, 1.0)), (1, Row(1, "auto", 0.00, 0.80, 0.1)),
+            (2, Row(0, "retrain", 0.0, 0.70, 1.0)), (2, Row(0, "auto", 0.04, 0.75, 0.1))]
+    across = {a["method"]: a for a in bench.summarise_seeds(rows)}
+    auto = across["auto"]
+    assert (auto["worst_forget_acc"], auto["worst_forget_seed"], auto["worst_forget_class"]) == (0.04, 2, 0)
+    assert auto["worst_kept_gap_pts"] == pytest.approx(15.0)
+    assert (auto["worst_kept_gap_seed"], auto["worst_kept_gap_class"]) == (1, 1)
+    # the command itself, at a tiny size: two federations, one class, a JSON with both and the worst over them
+    out = tmp_path / "r.json"
+    assert bench.main(["--source", "digits", "--max-train", "300", "--rounds", "1", "--classes", "2",
+                       "--methods", "auto,retrain", "--seeds", "3,4", "--fisher-samples", "32",
+                       "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted(doc["seeds"]) == ["3", "4"] and {a["method"] for a in doc["across"]} == {"auto", "retrain"}
+    assert all(doc["seeds"][s]["setup"]["seed"] == int(s) for s in doc["seeds"])
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "3,4", "--plot", str(tmp_path / "p.png")])
