@@ -276,7 +276,9 @@ class RepairConfig:
         vanishes once it is small, so it never trains a class away beyond forgetting it), and the same loss on
         the forget samples it holds back is added, with this weight, to the validation loss the repair stops
         on and keeps its best version by. Kept data alone cannot hold a class down: shared features move, and
-        on digits (seeds 42 and 45) the plain repair brought one held-out row of a forgotten class back.
+        on digits (seeds 42 and 45) the plain repair brought one held-out row of a forgotten class back. Meant
+        for forgotten classes: a model that never saw a client's or a user's samples still predicts them as it
+        does held-out data, so for those requests pass no forget rows (the App sets the weight to 0).
     """
 
     max_rounds: int = 8

@@ -226,7 +226,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     results.update(_describe(outcome, graph, store, evaluator, final_before.id, held))
 
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
-    settings = repair_settings(cfg)
+    settings = repair_settings(cfg, request.kind)
     repair_s = 0.0
     if outcome.calibration and settings.wanted(outcome.calibration, request.kind):
         repaired, results["repair"] = _repair(grid, strategy, request, settings)
@@ -255,12 +255,18 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     return results
 
 
-def repair_settings(cfg: AppConfig) -> RepairSettings:
-    """The ``repair*`` run-config keys as :class:`strategies.repair.RepairSettings`."""
+def repair_settings(cfg: AppConfig, request_kind: str = "classes") -> RepairSettings:
+    """The ``repair*`` run-config keys as :class:`strategies.repair.RepairSettings` for a ``request_kind`` request.
+
+    The forget guard is for classes only: a model that never saw a class gives it no probability, but one that never
+    saw a client's or a user's samples still predicts them as well as other held-out data, so pushing their labels
+    down would leave a trace of its own (``repair-forget-weight`` is 0 for those requests).
+    """
+    guard = cfg.repair_forget_weight if request_kind == "classes" else 0.0
     return RepairSettings(mode=cfg.repair, samples=cfg.repair_samples,
                           steps=RepairConfig(max_rounds=cfg.repair_rounds, local_steps=cfg.repair_steps,
                                              lr=cfg.repair_lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                                             forget_weight=cfg.repair_forget_weight))
+                                             forget_weight=guard))
 
 
 def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest,

@@ -1,13 +1,18 @@
 """An optional short repair after FIUn: a few FedAvg rounds of capped SGD steps on the clients' kept data.
 
 Dampening strong enough to forget some classes (MNIST class 5 needs weights zeroed at alpha 2) also costs
-kept accuracy; a few SGD steps on kept data win it back without bringing the forgotten data back (nothing
-forgotten is trained on, and its logit only gets pushed down). So, when ``alpha="auto"`` had to give up more
-than ``tolerance`` of kept accuracy on the calibration samples, the server runs ``train.repair`` rounds on the
-unlearned global model:
+kept accuracy; a few SGD steps on kept data win it back (the forgotten label is never a target), and the forget
+guard keeps the class from coming back with them. So, when ``alpha="auto"`` had to give up more than
+``tolerance`` of kept accuracy on the calibration samples, or (a class request, guard on) left any scored forget
+sample correct, the server runs ``train.repair`` rounds on the unlearned global model:
 
 - every client draws ``samples`` rows of its kept data (seeded), holds a quarter back for validation, reports
   the validation loss of the weights it received, and takes ``local_steps`` SGD steps on the rest;
+- with ``repair-forget-weight`` > 0 (the default, 1), a client holding data to forget also draws up to ``samples``
+  of its forget rows: each step adds, with that weight, the bounded forget guard ``-log(1 - p_label)`` on a batch
+  of them (``fl_unlearn.calibrate.forget_guard_loss``), and it reports the guard on its held-back quarter, which
+  the server adds, weighted, to the validation loss. Kept data alone let a forgotten class back by a held-out row
+  on digits (seeds 42 and 45); nothing in it holds the class's logit down on the class's own inputs;
 - the server averages the replies (FedAvg) and stops when the summed validation loss stops improving, or after
   ``max_rounds`` (plus one validation-only round for the last average).
 

@@ -417,6 +417,12 @@ def test_repair_settings_decide_from_the_calibration_report():
     assert not RepairSettings(steps=RepairConfig(forget_weight=0.0)).wanted(left_one)
     with pytest.raises(ConfigError, match="repair-forget-weight"):
         AppConfig.from_run_config({**BASE, "repair-forget-weight": -1.0})
+    # the guard is for classes: a client's or a user's samples are not pushed below held-out accuracy
+    from strategies.experiment import repair_settings
+
+    cfg = AppConfig.from_run_config(BASE)
+    assert repair_settings(cfg, "classes").steps.forget_weight == cfg.repair_forget_weight == 1.0
+    assert repair_settings(cfg, "client").steps.forget_weight == repair_settings(cfg, "samples").steps.forget_weight == 0
     with pytest.raises(ConfigError, match="repair"):
         RepairSettings(mode="sometimes")
 
