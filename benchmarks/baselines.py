@@ -12,7 +12,10 @@ Requests and methods:
 
 - **class request** (forget ``--forget-class``): ``fiun`` (``alpha="auto"``, the project default), ``fiun a=1``
   (the paper), ``finetune`` and ``gradient_ascent`` (``fl_unlearn.baselines``), and ``retrain`` (the gold standard:
-  the network trained again from the same seeds without the data).
+  the network trained again from the same seeds without the data). ``fiun+repair``: ``fiun``, then the App's
+  repair (``fl_unlearn.calibrate.repair``, ``repair-*`` defaults) on every affected model, each on the kept data
+  of the clients it trained on, with the forget guard on their forget rows for a class request; its time includes
+  the repair. (The App repairs the served global model and the client-held ones; this repairs every model.)
 - **client request** (forget the poisoned client): ``fiun`` (``alpha="auto"``; forget target, as in the Flower
   layer: the newest global model's accuracy on kept calibration samples before unlearning), ``fiun a=1``,
   ``fiun a=10`` (SSD's threshold), ``finetune``, ``gradient_ascent``, ``retrain``, with the backdoor's attack
@@ -70,6 +73,7 @@ from strategies.calibration import ClientCalibration  # noqa: E402
 from strategies.config import DEFAULTS  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     DEFAULT_LAMS,
+    RepairConfig,
     candidate_grid,
     check_models,
     check_sequence,
@@ -80,6 +84,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     first_forgetting,
     grid_alphas,
     per_model_candidate,
+    repair,
     scale_free,
     score_alpha_grid,
     unlearn_with_candidates,
@@ -116,8 +121,8 @@ Weights = dict[str, Tensor]
 #: The parameters every Fisher covers (and FIUn dampens): the App's default (``fisher-layers``).
 FISHER_LAYERS = str(DEFAULTS["fisher-layers"])
 
-CLASS_METHODS = ("fiun", "fiun a=1", "finetune", "gradient_ascent", "retrain")
-CLIENT_METHODS = ("fiun", "fiun a=1", "fiun a=10", "finetune", "gradient_ascent", "retrain")
+CLASS_METHODS = ("fiun", "fiun+repair", "fiun a=1", "finetune", "gradient_ascent", "retrain")
+CLIENT_METHODS = ("fiun", "fiun+repair", "fiun a=1", "fiun a=10", "finetune", "gradient_ascent", "retrain")
 
 
 @dataclass(frozen=True)
@@ -444,12 +449,40 @@ def run_ascent(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     return dict(zip(ctx.targets, result.weights)), result.seconds, {"steps": sum(result.steps), "stops": stops}
 
 
+#: The App's repair defaults (strategies.config: repair-rounds, repair-steps, repair-lr, repair-samples,
+#: repair-forget-weight)
+REPAIR_ROUNDS, REPAIR_STEPS, REPAIR_LR, REPAIR_SAMPLES, REPAIR_FORGET_WEIGHT = 16, 8, 0.05, 1024, 1.0
+
+
+def run_fiun_repair(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
+    """``fiun``, then the App's repair on every target: FedAvg rounds over the clients it trained on (one for a
+    local or derived model), each on up to 1,024 of its kept rows and, for a class request, the forget guard on
+    its forget rows; the seconds include the repair (``repair_s`` apart in the details)."""
+    new, seconds, info = run_fiun(ctx, "auto")
+    net, s, forget = ctx.net, ctx.net.setup, ctx.forget
+    guard = forget.request.kind == "classes"
+    cfg = RepairConfig(max_rounds=REPAIR_ROUNDS, local_steps=REPAIR_STEPS, lr=REPAIR_LR, batch_size=s.batch_size,
+                       seed=s.seed, forget_weight=REPAIR_FORGET_WEIGHT if guard else 0.0)
+    t0, rounds = time.perf_counter(), {}
+    for n in ctx.targets:
+        clients = [k for k in net.clients_behind(n) if len(forget.kept[k]) > 1]
+        kept = [_head(forget.kept[k], REPAIR_SAMPLES, s.seed + 200 + k) for k in clients]
+        guarded = [_head(forget.forgotten[k], REPAIR_SAMPLES, s.seed + 300 + k)
+                   if guard and len(forget.forgotten[k]) > 1 else None for k in clients]
+        new[n], rep = repair(net.new_model(), new[n], kept, cfg=cfg, forget_sets=guarded)
+        rounds[n] = rep["repair_rounds"]
+    repair_s = time.perf_counter() - t0
+    return new, seconds + repair_s, {**info, "repair_s": repair_s, "repair_rounds": rounds}
+
+
 def run_retrain(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     weights, seconds = ctx.net.train(ctx.forget)
     return {n: weights[n] for n in ctx.targets}, seconds, {"models_retrained": len(weights) - 1}
 
 
 def method_runner(method: str) -> Callable[[Context], tuple[dict[str, Weights], float, dict]]:
+    if method == "fiun+repair":
+        return run_fiun_repair
     if method.startswith("fiun"):
         alpha: float | str = "auto" if method == "fiun" else float(method.split("=")[1])
         return lambda ctx: run_fiun(ctx, alpha)

@@ -208,6 +208,12 @@ def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
     assert fiun["forget_target"] == ClientCalibration().forget_tolerance and all(v in (0.0, 1.0) for v in fiun["lam"])
     for (alpha, lam) in zip(fiun["alphas"].values(), fiun["lam"]):  # as strong as the choice, or stronger
         assert (alpha, lam) in check_sequence(*chosen)
+    # fiun+repair: the same dampening, then a repair of every affected model (timed within the row)
+    for request in ("class", "client"):
+        rows = {r["method"]: r for r in result[request]["rows"]}
+        repaired = rows["fiun+repair"]["extra"]
+        assert set(repaired["repair_rounds"]) == set(rows["fiun"]["extra"]["alphas"]) and repaired["repair_s"] > 0
+        assert all(0 <= r <= 16 for r in repaired["repair_rounds"].values())
     # a model retrained without the class never predicts it
     assert {r["method"]: r for r in result["class"]["rows"]}["retrain"]["final"]["forget_acc"] == 0.0
     scaling = result["scaling"]["rows"]
