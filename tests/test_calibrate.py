@@ -384,6 +384,11 @@ def test_repair_with_the_forget_guard_pushes_the_forget_label_down_and_validates
         return float(forget_guard_loss(torch.func.functional_call(model, w, (fx,)), torch.full((40,), 3)))
 
     assert guard(guarded) < guard(plain)
+    # no forget rows, or a weight of 0: exactly the repair on kept data alone (client and sample requests)
+    alone, _ = repair(model, weights, kept, cfg=cfg)
+    for same in (repair(model, weights, kept, cfg=cfg, forget_sets=[None, None])[0],
+                 repair(model, weights, kept, cfg=replace(cfg, forget_weight=0.0), forget_sets=forget)[0]):
+        assert all(torch.equal(same[k], alone[k]) for k in alone)
     with pytest.raises(ConfigError, match="forget samples for"):
         repair(model, weights, kept, cfg=cfg, forget_sets=forget[:1])
 
