@@ -449,9 +449,11 @@ def run_ascent(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     return dict(zip(ctx.targets, result.weights)), result.seconds, {"steps": sum(result.steps), "stops": stops}
 
 
-#: The App's repair defaults (strategies.config: repair-rounds, repair-steps, repair-lr, repair-samples,
-#: repair-forget-weight)
-REPAIR_ROUNDS, REPAIR_STEPS, REPAIR_LR, REPAIR_SAMPLES, REPAIR_FORGET_WEIGHT = 16, 8, 0.05, 1024, 1.0
+#: The App's repair defaults (``repair-rounds``, ``repair-steps``, ``repair-lr``, ``repair-samples``,
+#: ``repair-forget-weight``)
+REPAIR_ROUNDS, REPAIR_STEPS = int(DEFAULTS["repair-rounds"]), int(DEFAULTS["repair-steps"])
+REPAIR_LR, REPAIR_SAMPLES = float(DEFAULTS["repair-lr"]), int(DEFAULTS["repair-samples"])
+REPAIR_FORGET_WEIGHT = float(DEFAULTS["repair-forget-weight"])
 
 
 def run_fiun_repair(ctx: Context) -> tuple[dict[str, Weights], float, dict]:

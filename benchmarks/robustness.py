@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_seed[seed] = {"setup": asdict(setup), "train_s": train_s, "rows": [asdict(r) for r in rows],
                           "summary": summary}
         all_rows += [(seed, r) for r in rows]
-        if args.plot and len(seeds) == 1:
+        if args.plot:  # one seed (checked above)
             plot(rows, args.plot)
     across = summarise_seeds(all_rows) if len(seeds) > 1 else None
     if across is not None:

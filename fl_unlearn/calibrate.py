@@ -465,13 +465,9 @@ def _guard_val_loss(model: torch.nn.Module, weights: Weights, forget_splits) -> 
 
 @torch.no_grad()
 def _val_loss(model: torch.nn.Module, weights: Weights, splits) -> float:
-    total, count = 0.0, 0
-    for _, (x, y) in splits:
-        if len(y):
-            logits = torch.func.functional_call(model, dict(weights), (x,))
-            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            count += len(y)
-    return total / max(count, 1)
+    """Mean cross-entropy (:func:`loss_sum`) over the held-back kept rows of every client (0 without)."""
+    held_back = [split[1] for split in splits]
+    return sum(loss_sum(model, weights, x, y) for x, y in held_back) / max(sum(len(y) for _, y in held_back), 1)
 
 
 # ------------------------------------------------------------------------------------------------------

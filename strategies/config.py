@@ -13,9 +13,8 @@ Examples
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
