@@ -28,17 +28,20 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -368,19 +371,58 @@ Runner = Callable[[Sequence[str], Path, bool], int]
 
 
 def run_subprocess(argv: Sequence[str], log_path: Path, stream: bool) -> int:
-    """Run ``argv`` with the venv's bin/ first on PATH, its output into ``log_path`` (and echoed if ``stream``)."""
+    """Run ``argv`` with the venv's bin/ first on PATH, its output into ``log_path`` (and echoed if ``stream``).
+
+    Interrupted (Ctrl-C, or SIGTERM to this process), it sends the runner SIGTERM, on which
+    ``scripts/flwr_run.sh`` stops the SuperLink it started, waits for it, and raises ``KeyboardInterrupt``.
+    """
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("FLWR_HOME", None)  # the runner makes its own
-    with log_path.open("w", buffering=1) as sink, subprocess.Popen(
+    with _sigterm_interrupts(), log_path.open("w", buffering=1) as sink, subprocess.Popen(
         list(argv), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            sink.write(line)
-            if stream:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        try:
+            for line in proc.stdout:
+                sink.write(line)
+                if stream:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        except BaseException:
+            _stop_runner(proc)
+            raise
     return proc.returncode
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt`` here, as Ctrl-C does (by default it would end this process at once and
+    leave the runner, and the SuperLink, to find out only when their output has no reader)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_runner(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM, then wait (the runner stops its SuperLink first); SIGKILL only if it does not end in ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    log.warning("fl-unlearn: interrupted; stopping the run (pid %d) and its SuperLink", proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class RunFailed(UnlearnError):
@@ -496,7 +538,11 @@ def main() -> None:
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"fl-unlearn: no conf/config.yaml at {CONF_DIR}; the launcher runs from the repository "
                          "(install the project editable: pip install -e .)")
-    _hydra_main()()
+    try:
+        _hydra_main()()
+    except KeyboardInterrupt:  # the run and its SuperLink are stopped already (run_subprocess)
+        print("fl-unlearn: interrupted; the run was stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@
 # - The SuperLink outlives `flwr run`: it is stopped by the pid listening on our HTTP API port (flwr 1.41 serves
 #   the control API there too), with its process group and its children's groups (the SuperExec leads its
 #   own); never by name. Only a SuperLink this script started is stopped.
+# - Interrupted (Ctrl-C, SIGTERM, SIGHUP, or a reader that went away: SIGPIPE), it stops `flwr run` and its
+#   SuperLink before it exits (status 128 + the signal's number): a killed caller leaves no SuperLink behind.
 # - --federation-config defaults to "num-supernodes=4 client-resources-num-cpus=1" (2-core machines).
 # - FLWR_RUN_KEEP_HOME=1 keeps a temporary FLWR_HOME (SuperLink log: $FLWR_HOME/local-superlink/).
 set -euo pipefail
@@ -51,8 +53,13 @@ if [ -n "$(listener)" ]; then
   exit 2
 fi
 
+flwr_pid=""
 stop_superlink() {
   local pid children p
+  trap '' INT TERM HUP PIPE  # a second signal must not cut the clean-up short
+  if [ -n "$flwr_pid" ]; then
+    kill "$flwr_pid" 2>/dev/null || true
+  fi
   pid=$(listener)
   if [ -n "$pid" ]; then
     children=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
@@ -73,6 +80,12 @@ stop_superlink() {
   fi
 }
 trap stop_superlink EXIT
+# A signal ends the script through `exit`, so the EXIT trap above stops what it started. `flwr run` runs in the
+# background and the script waits on it: bash runs a trap only after its foreground command returns, and
+# `flwr run --stream` returns when the run ends.
+for sig in INT TERM HUP PIPE; do
+  trap "exit $((128 + $(kill -l "$sig")))" "$sig"
+done
 
 has_federation_config=0
 for arg in "$@"; do
@@ -84,7 +97,12 @@ if [ "$has_federation_config" = 0 ]; then
 fi
 
 echo "flwr_run: FLWR_HOME=$FLWR_HOME ports http=$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT control=$FLWR_LOCAL_CONTROL_API_PORT"
-flwr run "$app" "$@" "${extra[@]}" --stream || echo "flwr_run: flwr run exited $? (the run status decides)" >&2
+flwr run "$app" "$@" "${extra[@]}" --stream &
+flwr_pid=$!
+code=0
+wait "$flwr_pid" || code=$?
+flwr_pid=""
+[ "$code" = 0 ] || echo "flwr_run: flwr run exited $code (the run status decides)" >&2
 
 # The exit code of `flwr run` says nothing; read the run's status.
 status=""

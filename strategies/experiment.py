@@ -27,7 +27,7 @@ from fl_unlearn.evaluate import forget_retain_accuracy
 from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.models import build_model
-from fl_unlearn.requests import UnlearningRequest, parse_samples_file
+from fl_unlearn.requests import UnlearningRequest, parse_samples_file, validate_request
 from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything
 from strategies import records as R
@@ -73,6 +73,18 @@ def build_request(cfg: AppConfig) -> UnlearningRequest:
         request = UnlearningRequest.for_samples(parse_samples_file(cfg.forget_samples), id="r", created=0.0)
     rid = "req-" + hashlib.sha256(request.to_json().encode()).hexdigest()[:12]
     return UnlearningRequest(request.kind, request.classes, request.clients, request.samples, id=rid, created=0.0)
+
+
+def check_request_early(request: UnlearningRequest, data: FederatedData, cfg: AppConfig) -> None:
+    """Before anything trains: every class the request names is one of the data set's, every client one of
+    ``num-clients``. (Whether a model trained on them is checked against the lineage when the request is served.)
+
+    Raises
+    ------
+    RequestError
+        Unknown classes or clients, all of them listed.
+    """
+    validate_request(request, num_classes=data.num_classes, known_clients=range(cfg.num_clients))
 
 
 def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
@@ -172,6 +184,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     out_dir, store_dir = cfg.resolved_dirs()
     log(INFO, "fl_unlearn: out-dir %s, store-dir %s (mode %s)", out_dir, store_dir, cfg.mode)
     data, used, warnings = _load_data(cfg)
+    if "unlearn" in cfg.mode:  # a request for a class or client the federation cannot have must not cost a training
+        check_request_early(build_request(cfg), data, cfg)
     model_name, new_model = _model_factory(cfg, data)
     store = Store(store_dir)
     graph = LineageGraph.open(store_dir / "lineage")

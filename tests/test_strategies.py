@@ -209,6 +209,19 @@ def test_malformed_request_fails_clearly_and_changes_nothing(trained, tmp_path):
     assert tree_digest(store) == before
 
 
+@pytest.mark.parametrize("request_keys, problem", [
+    ({"forget-classes": "3,12"}, r"Unknown class \[12\]; the dataset has classes 0-9"),
+    ({"request-kind": "client", "forget-clients": "5"}, r"Unknown client \[5\]; known clients: 0-1"),
+])
+def test_a_request_the_federation_cannot_serve_fails_before_training(tmp_path, request_keys, problem):
+    """mode=train+unlearn: an unknown class or client is reported before any message is sent or model trained."""
+    cfg = AppConfig.from_run_config({**BASE, "mode": "train+unlearn", "out-dir": str(tmp_path / "out"),
+                                     "store-dir": str(tmp_path / "store"), **request_keys})
+    with pytest.raises(RequestError, match=problem):
+        run_experiment(grid=None, cfg=cfg)
+    assert not (tmp_path / "store" / "lineage").exists()
+
+
 def test_multi_root_request_merges_two_holders(tmp_path):
     # Pathological split, 4 clients x 3 classes: pick two classes that each live on one client only.
     from fl_unlearn.data import DataConfig, class_histogram, load_federated
