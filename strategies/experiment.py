@@ -24,6 +24,7 @@ from torch import nn
 from fl_unlearn.data import FederatedData, load_with_fallback
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.evaluate import forget_retain_accuracy
+from fl_unlearn.fisher import select_parameters
 from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.models import build_model
@@ -187,6 +188,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if "unlearn" in cfg.mode:  # a request for a class or client the federation cannot have must not cost a training
         check_request_early(build_request(cfg), data, cfg)
     model_name, new_model = _model_factory(cfg, data)
+    select_parameters(new_model(), cfg.fisher_layers)  # a pattern that matches nothing fails before training
     store = Store(store_dir)
     graph = LineageGraph.open(store_dir / "lineage")
     if cfg.uses_sisa:  # SISA shards / slices and the hybrid exact path (DESIGN.md section 4)

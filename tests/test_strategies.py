@@ -222,6 +222,14 @@ def test_a_request_the_federation_cannot_serve_fails_before_training(tmp_path, r
     assert not (tmp_path / "store" / "lineage").exists()
 
 
+def test_fisher_layers_matching_nothing_fail_before_training(tmp_path):
+    cfg = AppConfig.from_run_config({**BASE, "out-dir": str(tmp_path / "out"), "store-dir": str(tmp_path / "store"),
+                                     "fisher-layers": "features.9.*"})
+    with pytest.raises(ConfigError, match=r"\['features.9.\*'\] match no parameter; known: "):
+        run_experiment(grid=None, cfg=cfg)
+    assert not (tmp_path / "store" / "lineage").exists()
+
+
 def test_multi_root_request_merges_two_holders(tmp_path):
     # Pathological split, 4 clients x 3 classes: pick two classes that each live on one client only.
     from fl_unlearn.data import DataConfig, class_histogram, load_federated
