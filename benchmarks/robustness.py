@@ -61,6 +61,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from strategies.calibration import ClientCalibration  # noqa: E402
+from strategies.config import DEFAULTS  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     DEFAULT_LAMS,
     GridCounts,
@@ -113,12 +114,13 @@ class Setup:
     # auto's target for a class: the share of the scored forget samples its choice may still predict (the App's
     # calibration-forget-tolerance)
     forget_tolerance: float = ClientCalibration.forget_tolerance
-    # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr)
-    repair_samples: int = 1024
-    repair_rounds: int = 16
-    repair_steps: int = 8
-    repair_lr: float = 0.05
-    repair_forget_weight: float = 1.0  # the App's repair-forget-weight: the forget guard at the holders
+    # the App's repair defaults (strategies.config: repair-samples, repair-rounds, repair-steps, repair-lr,
+    # repair-forget-weight: the forget guard at the holders)
+    repair_samples: int = int(DEFAULTS["repair-samples"])
+    repair_rounds: int = int(DEFAULTS["repair-rounds"])
+    repair_steps: int = int(DEFAULTS["repair-steps"])
+    repair_lr: float = float(DEFAULTS["repair-lr"])
+    repair_forget_weight: float = float(DEFAULTS["repair-forget-weight"])
     assd_percentile: float = 99.0
     max_train: int | None = None
     retain_fisher: str = "whole"
@@ -430,10 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--forget-tolerance", type=float, default=Setup.forget_tolerance,
                         help="auto's target for a class: share of the scored forget samples it may keep (the App's "
                              "calibration-forget-tolerance)")
-    parser.add_argument("--repair-samples", type=int, default=1024, help="kept rows per client for the repair")
-    parser.add_argument("--repair-rounds", type=int, default=16, help="cap on repair rounds")
-    parser.add_argument("--repair-lr", type=float, default=0.05)
-    parser.add_argument("--repair-forget-weight", type=float, default=1.0,
+    parser.add_argument("--repair-samples", type=int, default=Setup.repair_samples,
+                        help="kept rows per client for the repair")
+    parser.add_argument("--repair-rounds", type=int, default=Setup.repair_rounds, help="cap on repair rounds")
+    parser.add_argument("--repair-lr", type=float, default=Setup.repair_lr)
+    parser.add_argument("--repair-forget-weight", type=float, default=Setup.repair_forget_weight,
                         help="weight of the repair's forget guard at the holders (0: kept data only)")
     parser.add_argument("--retain-fisher", default="whole", choices=["whole", "classwise"],
                         help="whole: each client's whole partition (the App's); classwise: the other classes' "

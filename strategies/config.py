@@ -63,7 +63,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "repair": "auto",
     "repair-rounds": 16,
     "repair-steps": 8,
-    "repair-lr": 0.05,
+    "repair-lr": 0.02,
     "repair-samples": 1024,
     "repair-forget-weight": 1.0,
     "fiun-lambda": 1.0,
