@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -208,12 +209,16 @@ def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
     assert fiun["forget_target"] == ClientCalibration().forget_tolerance and all(v in (0.0, 1.0) for v in fiun["lam"])
     for (alpha, lam) in zip(fiun["alphas"].values(), fiun["lam"]):  # as strong as the choice, or stronger
         assert (alpha, lam) in check_sequence(*chosen)
-    # fiun+repair: the same dampening, then a repair of every affected model (timed within the row)
+    # fiun+repair: the same dampening, then a repair of every affected model the App's rule picks (timed within
+    # the row); a model it leaves alone is fiun's model
     for request in ("class", "client"):
         rows = {r["method"]: r for r in result[request]["rows"]}
         repaired = rows["fiun+repair"]["extra"]
-        assert set(repaired["repair_rounds"]) == set(rows["fiun"]["extra"]["alphas"]) and repaired["repair_s"] > 0
-        assert all(0 <= r <= 16 for r in repaired["repair_rounds"].values())
+        assert not set(repaired["repair_rounds"]) & set(repaired["not_repaired"])
+        assert set(repaired["repair_rounds"]) | set(repaired["not_repaired"]) == set(rows["fiun"]["extra"]["alphas"])
+        assert repaired["repair_s"] > 0 and all(0 <= r <= 16 for r in repaired["repair_rounds"].values())
+        for name in repaired["not_repaired"]:
+            assert rows["fiun+repair"]["worst"]["per_model"][name] == rows["fiun"]["worst"]["per_model"][name]
     # a model retrained without the class never predicts it
     assert {r["method"]: r for r in result["class"]["rows"]}["retrain"]["final"]["forget_acc"] == 0.0
     scaling = result["scaling"]["rows"]
@@ -246,6 +251,26 @@ def test_benchmark_fiun_auto_forgets_the_calibration_samples_it_chose_on() -> No
             kept, scored = kept + count_correct(model, new[newest], (x, y)), scored + len(y)
     assert before > details["forget_target"] * scored  # there was something to forget
     assert kept <= details["forget_target"] * scored
+
+
+def test_benchmark_repair_rule_per_model() -> None:
+    """``fiun+repair`` repairs a model as the App's ``repair=auto`` does the served one: a model that still predicts
+    some of its holders' forget rows is repaired (class requests, guard on); an unchanged model lost no kept
+    accuracy and, without the guard, is not; one that lost kept accuracy is."""
+    bench = _load_benchmark()
+    setup = bench.Setup(source="digits", max_train=400, rounds=1, local_epochs=5)
+    net = bench.Network(setup)
+    weights, _ = net.train()
+    g1 = net.final_global()
+    forget = bench.class_request(net, setup.forget_class)
+    kept = [bench._head(forget.kept[k], 64, k) for k in range(setup.clients)]
+    forgotten = [bench._head(forget.forgotten[k], 64, k) for k in range(setup.clients)]
+    cfg = bench.RepairConfig(forget_weight=1.0)
+    assert bench.repair_wanted(net, weights[g1], weights[g1], kept, forgotten, cfg, "classes")  # knows the class
+    unguarded = replace(cfg, forget_weight=0.0)
+    assert not bench.repair_wanted(net, weights[g1], weights[g1], kept, [None] * len(kept), unguarded, "client")
+    damaged = {k: torch.zeros_like(v) for k, v in weights[g1].items()}  # predicts one class: kept accuracy falls
+    assert bench.repair_wanted(net, weights[g1], damaged, kept, [None] * len(kept), unguarded, "client")
 
 
 def test_benchmark_model_oracle_bounds_fiun_model_by_model() -> None:
