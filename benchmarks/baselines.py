@@ -13,9 +13,10 @@ Requests and methods:
 - **class request** (forget ``--forget-class``): ``fiun`` (``alpha="auto"``, the project default), ``fiun a=1``
   (the paper), ``finetune`` and ``gradient_ascent`` (``fl_unlearn.baselines``), and ``retrain`` (the gold standard:
   the network trained again from the same seeds without the data). ``fiun+repair``: ``fiun``, then the App's
-  repair (``fl_unlearn.calibrate.repair``, ``repair-*`` defaults) on every affected model, each on the kept data
-  of the clients it trained on, with the forget guard on their forget rows for a class request; its time includes
-  the repair. (The App repairs the served global model and the client-held ones; this repairs every model.)
+  repair (``fl_unlearn.calibrate.repair``, ``repair-*`` defaults) on every affected model the App's ``repair=auto``
+  rule picks (``repair_wanted``), each on the kept data of the clients it trained on, with the forget guard on
+  their forget rows for a class request; its time includes the repair and the checks. (The App repairs the served
+  global model and the client-held ones; this, any affected model.)
 - **client request** (forget the poisoned client): ``fiun`` (``alpha="auto"``; forget target, as in the Flower
   layer: the newest global model's accuracy on kept calibration samples before unlearning), ``fiun a=1``,
   ``fiun a=10`` (SSD's threshold), ``finetune``, ``gradient_ascent``, ``retrain``, with the backdoor's attack
