@@ -471,11 +471,15 @@ def run_fiun_repair(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     cfg = RepairConfig(max_rounds=REPAIR_ROUNDS, local_steps=REPAIR_STEPS, lr=REPAIR_LR, batch_size=s.batch_size,
                        seed=s.seed, forget_weight=REPAIR_FORGET_WEIGHT if guard else 0.0)
     t0, rounds, skipped = time.perf_counter(), {}, []
+    # each client's repair rows, drawn once: a client's data serves every model it trained
+    kept_of = {k: _head(forget.kept[k], REPAIR_SAMPLES, s.seed + 200 + k)
+               for k in range(s.clients) if len(forget.kept[k]) > 1}
+    guard_of = {k: _head(forget.forgotten[k], REPAIR_SAMPLES, s.seed + 300 + k) if guard else None
+                for k in kept_of if len(forget.forgotten[k]) > 1}
     for n in ctx.targets:
-        clients = [k for k in net.clients_behind(n) if len(forget.kept[k]) > 1]
-        kept = [_head(forget.kept[k], REPAIR_SAMPLES, s.seed + 200 + k) for k in clients]
-        guarded = [_head(forget.forgotten[k], REPAIR_SAMPLES, s.seed + 300 + k)
-                   if guard and len(forget.forgotten[k]) > 1 else None for k in clients]
+        clients = [k for k in net.clients_behind(n) if k in kept_of]
+        kept = [kept_of[k] for k in clients]
+        guarded = [guard_of.get(k) for k in clients]
         if not repair_wanted(net, ctx.weights[n], new[n], kept, guarded, cfg, forget.request.kind):
             skipped.append(n)
             continue

@@ -14,7 +14,7 @@ scratch without that class (same seed, same schedule):
                  (``score_alpha_grid``), the summed counts choose (``choose_candidate``, target: the App's
                  ``calibration-forget-tolerance``, 3 % of the scored forget samples)
 ``auto+repair``  ``auto``, then the App's repair: capped FedAvg rounds of SGD steps on 1,024 kept rows per
-                 client (``fl_unlearn.calibrate.repair``, 16 rounds at lr 0.05; time reported in the row), with
+                 client (``fl_unlearn.calibrate.repair``, the App's ``repair-*`` defaults; time reported in the row), with
                  the forget guard on up to 1,024 forget rows per client (``--repair-forget-weight``, 1.0)
 ``retrain``      FedAvg from scratch without the class (the gold standard)
 ``oracle``       not a method but a bound on ``auto``: of the same grid of candidates, the one with the best

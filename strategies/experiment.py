@@ -185,8 +185,11 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     out_dir, store_dir = cfg.resolved_dirs()
     log(INFO, "fl_unlearn: out-dir %s, store-dir %s (mode %s)", out_dir, store_dir, cfg.mode)
     data, used, warnings = _load_data(cfg)
-    if "unlearn" in cfg.mode:  # a request for a class or client the federation cannot have must not cost a training
-        check_request_early(build_request(cfg), data, cfg)
+    # The request, built once: one the federation cannot serve (an unknown class or client, a malformed samples file)
+    # must not cost a training
+    request = build_request(cfg) if "unlearn" in cfg.mode else None
+    if request is not None:
+        check_request_early(request, data, cfg)
     model_name, new_model = _model_factory(cfg, data)
     select_parameters(new_model(), cfg.fisher_layers)  # a pattern that matches nothing fails before training
     store = Store(store_dir)
@@ -198,7 +201,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
                    "config": cfg.to_run_config(), "warnings": warnings, "out_dir": str(out_dir),
                    "store_dir": str(store_dir), "timing": {}}
         return run_sisa_experiment(grid, cfg, data=data, new_model=new_model, store=store, graph=graph,
-                                   out_dir=out_dir, results=results, request_fn=lambda: build_request(cfg))
+                                   out_dir=out_dir, results=results, request_fn=lambda: request)
     test = data.test  # held out: only ever used to report
     strategy = UnlearningStrategy(
         make_strategy(cfg), store, graph, num_nodes=cfg.num_clients, seed=cfg.seed, num_classes=data.num_classes,
@@ -227,7 +230,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         return results
 
     # --- Unlearning ----------------------------------------------------------------------------------
-    request = build_request(cfg)
+    assert request is not None  # mode=train returned above
     final_before = graph.node(strategy.current)
     outcome = strategy.unlearn(grid, request)
     results["timing"].update(outcome.timing)
