@@ -584,12 +584,12 @@ def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
 def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
     """Our handlers by message type (besides ``train`` and ``evaluate``), answering errors with error replies."""
     from strategies.calibration import handle_calibrate, handle_check  # they use this module's helpers
-    from strategies.repair import handle_repair, handle_repair_held
+    from strategies.repair import handle_repair, handle_repair_held, handle_repair_sent
 
     table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
              R.MSG_UNLEARN: handle_unlearn, R.MSG_EVAL_HELD: handle_eval_held, R.MSG_DERIVE: handle_derive,
              R.MSG_CALIBRATE: handle_calibrate, R.MSG_CHECK: handle_check, R.MSG_REPAIR: handle_repair,
-             R.MSG_REPAIR_HELD: handle_repair_held}
+             R.MSG_REPAIR_HELD: handle_repair_held, R.MSG_REPAIR_SENT: handle_repair_sent}
     return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
 
 

@@ -61,6 +61,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-lambdas": "1,0",
     "calibration-walk-every-alpha": False,
     "repair": "auto",
+    "repair-scope": "all",
     "repair-rounds": 16,
     "repair-steps": 8,
     "repair-lr": 0.02,
@@ -97,6 +98,9 @@ HYBRID_POLICIES = ("auto", "exact", "approximate")
 #: Finest calibration grid accepted: 16 alphas per factor of 2 (145 alphas per lambda; each costs forward passes).
 MAX_ALPHAS_PER_OCTAVE = 16
 REPAIR_MODES = ("auto", "on", "off")
+#: ``repair-scope``: ``served``, the served global model and the client-held ones; ``all``, also every other
+#: server-held affected model (local updates at the client that trained them, earlier globals at every client)
+REPAIR_SCOPES = ("served", "all")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
@@ -162,6 +166,7 @@ class AppConfig:
     calibration_lambdas: tuple[float, ...]
     calibration_walk_every_alpha: bool
     repair: str
+    repair_scope: str
     repair_rounds: int
     repair_steps: int
     repair_lr: float
@@ -213,6 +218,7 @@ class AppConfig:
         _choice(self.retain_fisher, RETAIN_SOURCES, "retain-fisher")
         _choice(self.hybrid_policy, HYBRID_POLICIES, "hybrid-policy")
         _choice(self.repair, REPAIR_MODES, "repair")
+        _choice(self.repair_scope, REPAIR_SCOPES, "repair-scope")
         if self.repair_rounds < 0 or self.repair_steps < 1 or self.repair_lr <= 0 or self.repair_samples < 2:
             raise ConfigError("repair-rounds must be >= 0, repair-steps >= 1, repair-lr > 0 and repair-samples >= 2; "
                               f"got {self.repair_rounds}, {self.repair_steps}, {self.repair_lr}, {self.repair_samples}")

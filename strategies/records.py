@@ -36,6 +36,7 @@ MSG_CALIBRATE = "query.calibrate"  # alpha="auto": score every candidate alpha o
 MSG_CHECK = "query.checkforget"  # alpha="auto", classes: per other affected model, the alpha that forgets
 MSG_REPAIR_HELD = "train.repairheld"  # repair of client-held (derived) models on their holder's kept data, locally
 MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on kept data (strategies.repair)
+MSG_REPAIR_SENT = "train.repairsent"  # repair-scope=all: server-held local models, repaired at the client that trained them
 MSG_DERIVE = "train.derive"
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
 MSG_SISA_COUNTS = "query.sisacounts"  # kept samples per shard and slice; checks requested ids
@@ -103,6 +104,12 @@ VAL_LOSS = "val-loss-sum"  # train.repair reply: summed cross-entropy of the rec
 VAL_NUM = "val-num-examples"
 FORGET_VAL_LOSS = "forget-val-loss-sum"  # train.repair reply: summed forget guard on held-back forget rows
 FORGET_VAL_NUM = "forget-val-num-examples"
+VAL_CORRECT = "val-correct"  # train.repair reply: held-back kept rows the received weights get right
+FORGET_VAL_CORRECT = "forget-val-correct"  # train.repair reply: held-back forget rows still predicted
+REPAIR_MODE = "repair-mode"  # train.repairsent: auto (the rule decides per model) or on
+REPAIR_TOLERANCE = "repair-tolerance"  # train.repairsent: kept-accuracy loss the rule accepts without repair
+REPAIR_WANTED = "repair-wanted"  # train.repairsent reply: 1 when the model was repaired
+ORIGINAL_KEY_PREFIX = "original-"  # train.repairsent: original-0, ...: each model before unlearning, for the rule
 FORGET_CORRECT = "forget-correct"  # query.calibrate reply: correct forget predictions per alpha
 RETAIN_CORRECT = "retain-correct"  # query.calibrate reply: correct kept predictions per alpha
 RETAIN_LOSS = "retain-loss"  # query.calibrate reply: summed cross-entropy of the kept samples per alpha

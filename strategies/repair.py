@@ -32,8 +32,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fl_unlearn.calibrate import (RepairConfig, guard_sum, loss_sum, repair_steps, split_validation,
-                                  weighted_average)
+from fl_unlearn.calibrate import (RepairConfig, count_correct, guard_sum, loss_sum, repair_steps,
+                                  split_validation, weighted_average)
 from fl_unlearn.errors import ConfigError, UnlearnError
 from strategies import records as R
 from strategies.forget import ForgetSpec
@@ -108,13 +108,15 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
     kept, forget = _repair_samples(data, config, context)
     if kept is None:
         return Message(RecordDict({R.METRICS_KEY: MetricRecord({R.NUM_EXAMPLES: 0, R.VAL_LOSS: 0.0, R.VAL_NUM: 0,
-                                                                R.FORGET_VAL_LOSS: 0.0, R.FORGET_VAL_NUM: 0})}),
+                                                                R.VAL_CORRECT: 0, R.FORGET_VAL_LOSS: 0.0,
+                                                                R.FORGET_VAL_NUM: 0, R.FORGET_VAL_CORRECT: 0})}),
                        reply_to=msg)
     train, val = split_validation(*kept, fraction=fraction)
     forget_train, forget_val = split_validation(*forget, fraction=fraction) if forget is not None else (None, None)
     model = load_model(spec, context, weights)
     val_loss = loss_sum(model, weights, *val)
     forget_val_loss = guard_sum(model, weights, *forget_val) if forget_val is not None else 0.0
+    val_correct, forget_val_correct = count_correct(model, weights, val), count_correct(model, weights, forget_val)
     steps = int(config[R.REPAIR_STEPS])
     cfg = RepairConfig(local_steps=max(steps, 1), lr=float(config[R.REPAIR_LR]),
                        momentum=float(config[R.REPAIR_MOMENTUM]), batch_size=int(config[R.REPAIR_BATCH]),
@@ -122,8 +124,9 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
     new = repair_steps(model, weights, train, cfg, seed=(partition_id(context), int(config[R.REPAIR_ROUND])),
                        forget=forget_train) if steps > 0 else weights
     metrics = MetricRecord({R.NUM_EXAMPLES: len(train[1]), R.VAL_LOSS: val_loss, R.VAL_NUM: len(val[1]),
-                            R.FORGET_VAL_LOSS: forget_val_loss,
-                            R.FORGET_VAL_NUM: len(forget_val[1]) if forget_val is not None else 0})
+                            R.VAL_CORRECT: val_correct, R.FORGET_VAL_LOSS: forget_val_loss,
+                            R.FORGET_VAL_NUM: len(forget_val[1]) if forget_val is not None else 0,
+                            R.FORGET_VAL_CORRECT: forget_val_correct})
     return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(new), R.METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -160,11 +163,7 @@ def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Mess
     kept, forget_rows = _repair_samples(data, config, context)
     if kept is None:
         raise UnlearnError("train.repairheld: this client holds no kept data to repair on")
-    cfg = RepairConfig(max_rounds=int(config[R.REPAIR_ROUNDS]), local_steps=int(config[R.REPAIR_STEPS]),
-                       lr=float(config[R.REPAIR_LR]), momentum=float(config[R.REPAIR_MOMENTUM]),
-                       batch_size=int(config[R.REPAIR_BATCH]),
-                       validation_fraction=float(config[R.REPAIR_VAL_FRACTION]), seed=partition_id(context),
-                       forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)))
+    cfg = _local_repair_config(config, seed=partition_id(context))
     out = {}
     for n, (old, new) in enumerate(zip(ids, new_ids)):
         weights = store.get(index[old]["weights"])
@@ -177,6 +176,74 @@ def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Mess
     store.put_json(MODELS_DOC, index)
     log(INFO, "train.repairheld: partition %d repaired %d models", partition_id(context), len(ids))
     return Message(RecordDict(out), reply_to=msg)
+
+
+def handle_repair_sent(spec: ClientSpec, msg: Message, context: Context) -> Message:
+    """``train.repairsent``: models the server holds that this client trained (its local updates, just unlearned),
+    sent with their versions from before unlearning. Per model, the ``repair=auto`` rule on the rows the repair
+    holds back (:func:`rule_figures`) decides; a model it picks is repaired here with no round trip per step
+    (:func:`fl_unlearn.calibrate.repair`, as for ``train.repairheld``) and sent back. Nothing is stored here."""
+    from fl_unlearn.calibrate import repair
+    from strategies.client import load_model, partition_id
+
+    config = R.first_config(msg)
+    ids = [str(i) for i in config[R.MODEL_IDS]]
+    arrays = msg.content.array_records
+    for n in range(len(ids)):
+        if f"{R.MODEL_KEY_PREFIX}{n}" not in arrays or f"{R.ORIGINAL_KEY_PREFIX}{n}" not in arrays:
+            raise UnlearnError(f"{R.MSG_REPAIR_SENT}: model {ids[n]!r} came without its weights or its original")
+    data = spec.data_fn(context)
+    kept, forget = _repair_samples(data, config, context)
+    if kept is None or len(kept[1]) < 2:  # everything it held is forgotten: nothing to score or repair on
+        return Message(RecordDict({f"{R.NODE_KEY_PREFIX}{n}": ConfigRecord({R.NODE_ID: i, R.REPAIR_WANTED: 0,
+                                                                           R.REPAIR_ROUND: 0})
+                                   for n, i in enumerate(ids)}), reply_to=msg)
+    cfg = _local_repair_config(config, seed=partition_id(context))
+    settings = RepairSettings(mode=str(config[R.REPAIR_MODE]), tolerance=float(config[R.REPAIR_TOLERANCE]),
+                              steps=cfg)
+    kind = "classes" if ForgetSpec.from_config(config).classes else "other"
+    out: dict[str, Any] = {}
+    for n, model_id in enumerate(ids):
+        weights = R.record_to_tensors(arrays[f"{R.MODEL_KEY_PREFIX}{n}"])
+        original = R.record_to_tensors(arrays[f"{R.ORIGINAL_KEY_PREFIX}{n}"])
+        model = load_model(spec, context, weights)
+        figures = rule_figures(model, original, weights, kept, forget, cfg.validation_fraction)
+        wanted = settings.wanted(figures, kind)
+        reply = {R.NODE_ID: model_id, R.REPAIR_WANTED: int(wanted), R.REPAIR_ROUND: 0,
+                 **{key: float(v) for key, v in figures.items() if v is not None}}
+        if wanted:
+            weights, info = repair(model, weights, [kept], cfg=cfg, forget_sets=[forget])
+            out[f"{R.MODEL_KEY_PREFIX}{n}"] = R.tensors_to_record(weights)
+            reply.update({R.REPAIR_ROUND: int(info["repair_rounds"]), R.VAL_LOSS: [float(v) for v in info["val_loss"]]})
+        out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord(reply)
+    log(INFO, "train.repairsent: partition %d repaired %d of %d models", partition_id(context),
+        sum(k.startswith(R.MODEL_KEY_PREFIX) for k in out), len(ids))
+    return Message(RecordDict(out), reply_to=msg)
+
+
+def rule_figures(model: torch.nn.Module, original: Tensors, unlearned: Tensors, kept: tuple[torch.Tensor, torch.Tensor],
+                 forget: tuple[torch.Tensor, torch.Tensor] | None, fraction: float) -> dict[str, float | None]:
+    """What :meth:`RepairSettings.wanted` reads, for one model on one client's repair rows: kept accuracy of the
+    ``original`` and the ``unlearned`` weights on the held-back share of ``kept`` (the rows the repair validates on,
+    never trained on), and the share of the held-back ``forget`` rows still predicted (``None`` without any)."""
+    kept_val = split_validation(*kept, fraction=fraction)[1]
+    num = max(len(kept_val[1]), 1)
+    figures: dict[str, float | None] = {"retain_before": count_correct(model, original, kept_val) / num,
+                                        "retain_after": count_correct(model, unlearned, kept_val) / num,
+                                        "forget_after": None}
+    if forget is not None and len(forget[1]) > 1:
+        forget_val = split_validation(*forget, fraction=fraction)[1]
+        figures["forget_after"] = count_correct(model, unlearned, forget_val) / len(forget_val[1])
+    return figures
+
+
+def _local_repair_config(config: Any, seed: int) -> RepairConfig:
+    """The :class:`RepairConfig` a ``train.repairheld`` / ``train.repairsent`` message asks for."""
+    return RepairConfig(max_rounds=int(config[R.REPAIR_ROUNDS]), local_steps=int(config[R.REPAIR_STEPS]),
+                        lr=float(config[R.REPAIR_LR]), momentum=float(config[R.REPAIR_MOMENTUM]),
+                        batch_size=int(config[R.REPAIR_BATCH]),
+                        validation_fraction=float(config[R.REPAIR_VAL_FRACTION]), seed=seed,
+                        forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)))
 
 
 # --- server side -----------------------------------------------------------------------------------------
@@ -278,3 +345,65 @@ def repair_held_at_clients(grid: Grid, nodes: NodeDirectory, held: dict[int, lis
     if missing:
         raise UnlearnError(f"{R.MSG_REPAIR_HELD}: no repaired version of {missing}")
     return out
+
+
+def repair_sent_at_clients(grid: Grid, nodes: NodeDirectory, sent: dict[int, list[tuple[str, Tensors, Tensors]]],
+                           request_configs: dict[int, dict[str, Any]],
+                           settings: RepairSettings = RepairSettings()) -> dict[str, dict[str, Any]]:
+    """One ``train.repairsent`` per client that trained server-held models (``sent``: partition -> [(model id,
+    weights before unlearning, unlearned weights)]), all at once. Returns model id -> ``{"repaired", "weights"
+    (the repaired weights, or ``None`` where the rule left the model as it was), "rounds", "val_loss",
+    "retain_before", "retain_after", "forget_after"}`` (the rule's figures, on the client's held-back rows)."""
+    from strategies.nodes import checked_replies, exchange
+
+    steps = settings.steps
+    msgs, asked = [], {}
+    for pid, models in sorted(sent.items()):
+        arrays = {}
+        for n, (model_id, original, weights) in enumerate(models):
+            arrays[f"{R.MODEL_KEY_PREFIX}{n}"] = R.tensors_to_record(weights)
+            arrays[f"{R.ORIGINAL_KEY_PREFIX}{n}"] = R.tensors_to_record(original)
+            asked[model_id] = pid
+        cfg = ConfigRecord({R.MODEL_IDS: [m for m, _, _ in models], R.REPAIR_MODE: settings.mode,
+                            R.REPAIR_TOLERANCE: settings.tolerance, R.REPAIR_SAMPLES: settings.samples,
+                            R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
+                            R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
+                            R.REPAIR_VAL_FRACTION: steps.validation_fraction,
+                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, **request_configs[pid]})
+        msgs.append(Message(RecordDict({**arrays, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
+                            message_type=R.MSG_REPAIR_SENT))
+    out: dict[str, dict[str, Any]] = {}
+    for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR_SENT):
+        for key, cfg in reply.content.config_records.items():
+            if not key.startswith(R.NODE_KEY_PREFIX):
+                continue
+            model_id, repaired = str(cfg[R.NODE_ID]), bool(int(cfg[R.REPAIR_WANTED]))
+            arrays_key = f"{R.MODEL_KEY_PREFIX}{key[len(R.NODE_KEY_PREFIX):]}"
+            if model_id not in asked or model_id in out or repaired != (arrays_key in reply.content.array_records):
+                raise UnlearnError(f"{R.MSG_REPAIR_SENT}: a reply for {model_id!r} that was not asked for or is "
+                                   "inconsistent")
+            out[model_id] = {
+                "repaired": repaired, "rounds": int(cfg[R.REPAIR_ROUND]),
+                "val_loss": [float(v) for v in cfg[R.VAL_LOSS]] if R.VAL_LOSS in cfg else [],
+                "weights": R.record_to_tensors(reply.content.array_records[arrays_key]) if repaired else None,
+                **{k: float(cfg[k]) if k in cfg else None for k in ("retain_before", "retain_after", "forget_after")}}
+    missing = sorted(set(asked) - set(out))
+    if missing:
+        raise UnlearnError(f"{R.MSG_REPAIR_SENT}: no answer about {missing}")
+    return out
+
+
+def validate_at_clients(grid: Grid, nodes: NodeDirectory, pids: Sequence[int], request_configs: dict[int, dict[str, Any]],
+                        weights: Tensors, settings: RepairSettings = RepairSettings()) -> dict[str, float | None]:
+    """One ``train.repair`` round with no steps: kept accuracy of ``weights`` on the rows the clients' repair holds
+    back, and the share of the holders' held-back forget rows still predicted (``None`` without any)."""
+    from strategies.nodes import checked_replies, exchange
+
+    msgs = [_repair_message(nodes, pid, weights, request_configs[pid], settings, 0, 0) for pid in pids]
+    metrics = [r.content.metric_records[R.METRICS_KEY]
+               for r in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR)]
+    n_val, n_forget = (sum(int(m.get(k, 0)) for m in metrics) for k in (R.VAL_NUM, R.FORGET_VAL_NUM))
+    if n_val == 0:
+        raise UnlearnError("train.repair: no client holds kept data to validate on")
+    return {"retain_acc": sum(int(m.get(R.VAL_CORRECT, 0)) for m in metrics) / n_val,
+            "forget_acc": sum(int(m.get(R.FORGET_VAL_CORRECT, 0)) for m in metrics) / n_forget if n_forget else None}

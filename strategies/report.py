@@ -85,20 +85,26 @@ def render_report(results: dict[str, Any]) -> str:
         "| final global model | forget acc | retain acc |",
         "|---|---|---|",
     ]
-    for label in ("before", "after", "retrained"):
-        part = final.get(label) or {}
-        lines.append(f"| {label} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} |")
-    lines += ["", "| model | kind | forget before | forget after | retain before | retain after |", "|---|---|---|---|---|---|"]
+    for label in ("before", "after", "after_repair", "retrained"):
+        part = final.get(label)
+        if part is None and label == "after_repair":
+            continue
+        part = part or {}
+        lines.append(f"| {label.replace('_', ' ')} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} |")
+    lines += ["", "| model | kind | forget before | forget after | retain before | retain after | after repair "
+              "(forget / retain) |", "|---|---|---|---|---|---|---|"]
     for m in results.get("affected_models", []):
-        b, a = m.get("before") or {}, m.get("after") or {}
+        b, a, r = m.get("before") or {}, m.get("after") or {}, m.get("after_repair")
+        repaired = "-" if r is None else f"{_pct(r.get('forget_acc'))} / {_pct(r.get('retain_acc'))}"
         lines.append(f"| {m['id']} | {m['kind']} | {_pct(b.get('forget_acc'))} | {_pct(a.get('forget_acc'))} | "
-                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} |")
+                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} | {repaired} |")
     ratio = tg.get("time_ratio")
     lines += [
         "",
         f"- timing: train {timing.get('train_s', 0):.1f} s, unlearn {timing.get('unlearn_s', 0):.2f} s, "
         f"retrain {timing.get('retrain_s') or 0:.1f} s"
-        + (f" (unlearn/retrain = {100 * ratio:.2f} %)" if ratio is not None else ""),
+        + (f" (unlearn/retrain = {100 * ratio:.2f} %)" if ratio is not None else "")
+        + (f"; repair {timing['repair_s']:.2f} s, apart" if timing.get("repair_s") else ""),
         f"- targets: final forget <= 5 %: {tg.get('final_forget_ok')}, every affected model: "
         f"{tg.get('all_affected_forget_ok')}, retain within 5 points of retrained: {tg.get('retain_ok')}, "
         f"time < 5 %: {tg.get('time_ok')}",

@@ -256,6 +256,10 @@ def test_client_request_is_served_and_reported(tmp_path):
     assert {m["id"] for m in res["affected_models"]} == {"local-r1-p1", "global-r1"}
     for part in ("before", "after", "retrained"):
         assert res["final_global"][part]["forget_acc"] is not None  # measured on client 1, where the data is
+    # client 1 trained local-r1-p1 but holds nothing to keep: it leaves the model as FIUn left it, and says so
+    assert res["repair_server"]["models"]["local-r1-p1"] == {
+        "repaired": False, "rounds": 0, "val_loss": [], "node": None,
+        "retain_before": None, "retain_after": None, "forget_after": None}
 
 
 def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
@@ -318,7 +322,20 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     assert ("repair" in res) == gave_up
     graph = LineageGraph.load(store / "lineage")
     held = res["repair_held"]  # the clients' own models are always offered a repair (repair=auto), where they live
-    assert res["timing"]["repair_s"] == pytest.approx(held["seconds"] + (res["repair"]["seconds"] if gave_up else 0))
+    others = res["repair_server"]  # repair-scope=all: every other server-held model, where the rule asks
+    assert res["timing"]["repair_s"] == pytest.approx(held["seconds"] + others["seconds"]
+                                                      + (res["repair"]["seconds"] if gave_up else 0))
+    assert set(others["models"]) == server_held - {res["final_global"]["id"]}
+    for m in res["affected_models"]:
+        if m["id"] not in others["models"]:
+            continue
+        rep = others["models"][m["id"]]
+        wanted = rep["retain_before"] - rep["retain_after"] > 0.01 or (rep["forget_after"] or 0) > 0
+        assert rep["repaired"] == wanted == (rep["node"] is not None) == ("after_repair" in m), (m["id"], rep)
+        if rep["repaired"]:
+            node = graph.node(rep["node"])
+            assert node.parents == (m["version"],) and node.kind == m["kind"] and Store(store).get(node.weights)
+            assert rep["val_loss"] and min(rep["val_loss"]) <= rep["val_loss"][0]
     assert set(held["models"]) == {m["id"] for m in derived}
     for m in derived:
         node = graph.node(held["models"][m["id"]]["node"])  # a new node below its unlearned version
@@ -446,6 +463,27 @@ def test_repair_settings_decide_from_the_calibration_report():
     assert repair_settings(cfg, "client").steps.forget_weight == repair_settings(cfg, "samples").steps.forget_weight == 0
     with pytest.raises(ConfigError, match="repair"):
         RepairSettings(mode="sometimes")
+    with pytest.raises(ConfigError, match="repair-scope"):
+        AppConfig.from_run_config({**BASE, "repair-scope": "everything"})
+
+
+def test_repair_rule_figures_read_only_the_rows_the_repair_holds_back():
+    from strategies.repair import RepairSettings, rule_figures
+
+    model = torch.nn.Linear(2, 2)
+    right = {"weight": torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), "bias": torch.zeros(2)}  # class = sign of x[0]
+    broken = {"weight": torch.zeros(2, 2), "bias": torch.tensor([1.0, 0.0])}  # always class 0
+    x = torch.tensor([[1.0, 0.0]] * 4 + [[-1.0, 0.0]] * 12)
+    kept = (x, (x[:, 0] > 0).long())  # the held-back quarter (the first 4 rows) is class 1, the rest class 0
+    figures = rule_figures(model, right, broken, kept, None, 0.25)
+    # on every row the broken model would keep 12 of 16 (75 %); on the 4 held-back rows it keeps none
+    assert figures == {"retain_before": 1.0, "retain_after": 0.0, "forget_after": None}
+    assert RepairSettings().wanted(figures)
+    forget = (torch.tensor([[-1.0, 0.0]] * 8), torch.zeros(8, dtype=torch.long))  # still predicted by both
+    figures = rule_figures(model, right, right, kept, forget, 0.25)
+    assert figures == {"retain_before": 1.0, "retain_after": 1.0, "forget_after": 1.0}
+    assert RepairSettings().wanted(figures, "classes") and not RepairSettings().wanted(figures, "client")
+    assert rule_figures(model, right, right, kept, (forget[0][:1], forget[1][:1]), 0.25)["forget_after"] is None
 
 
 def test_sample_request_on_a_stored_training(trained, tmp_path):
@@ -458,7 +496,8 @@ def test_sample_request_on_a_stored_training(trained, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(trained / "store", store)
     res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), request_kind="samples",
-                  forget_samples=str(forget), derive="finetune", derive_depth=2)
+                  forget_samples=str(forget), derive="finetune", derive_depth=2, repair_scope="served")
+    assert "repair_server" not in res  # repair-scope=served: the served global and the client-held models only
     assert res["holders"] == {"0": 20}
     assert res["roots"] and all("-p0" in r for r in res["roots"])  # only client 0's models trained on them
     assert res["final_global"]["after"]["forget_acc"] is not None  # measured by client 0 on its 20 samples
