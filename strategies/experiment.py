@@ -39,8 +39,8 @@ from strategies.nodes import checked_replies, exchange
 from strategies.retrain import RetrainStrategy
 from fl_unlearn.calibrate import RepairConfig, grid_alphas
 from strategies.calibration import ClientCalibration
-from strategies.repair import (RepairSettings, repair_at_clients, repair_held_at_clients, repair_sent_at_clients,
-                               validate_at_clients)
+from strategies.repair import (RepairSettings, repair_at_clients, repair_held_at_clients, repair_many_at_clients,
+                               repair_sent_at_clients, validate_at_clients)
 from strategies.server import UnlearningStrategy, UnlearnOutcome
 
 Tensors = dict[str, torch.Tensor]
@@ -346,8 +346,8 @@ def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: Unlea
                         served: str) -> tuple[dict[str, dict[str, Any]], float]:
     """Repair the server-held unlearned models other than the ``served`` one where the ``repair`` rule asks for it
     (:meth:`RepairSettings.wanted`, on the rows each repair holds back): a local update at the client that trained
-    it (``train.repairsent``, all clients at once), an earlier global model by FedAvg rounds over every client
-    (``train.repair``, one model after another, each decided by two validation-only rounds). Each repaired model
+    it (``train.repairsent``, all clients at once), the earlier global models by FedAvg rounds over every client
+    (``train.repair``, all of them in the same rounds, decided by one validation-only round). Each repaired model
     becomes a ``<version>~repair`` node. Returns affected model id -> report (``node`` ``None`` where the rule
     left it as it was), and the seconds taken."""
     start = time.perf_counter()
@@ -365,21 +365,22 @@ def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: Unlea
     for i, rep in (repair_sent_at_clients(grid, strategy.nodes, sent, configs, settings) if sent else {}).items():
         weights = rep.pop("weights")
         report[i] = {**rep, "node": _add_repair_node(strategy, outcome.versions[i], weights) if rep["repaired"] else None}
-    for i in ids:
-        if i in report or graph.node(i).kind != "global":
-            continue
-        version = store.get(graph.node(outcome.versions[i]).weights)
-        before = validate_at_clients(grid, strategy.nodes, pids, configs, store.get(graph.node(i).weights), settings)
-        after = validate_at_clients(grid, strategy.nodes, pids, configs, version, settings)
-        figures = {"retain_before": before["retain_acc"], "retain_after": after["retain_acc"],
-                   "forget_after": after["forget_acc"]}
-        entry: dict[str, Any] = {**figures, "repaired": settings.wanted(figures, request.kind), "rounds": 0,
-                                 "val_loss": [], "node": None}
-        if entry["repaired"]:
-            weights, info = repair_at_clients(grid, strategy.nodes, pids, configs, version, settings)
-            entry.update(rounds=info["rounds"], val_loss=info["val_loss"],
-                         node=_add_repair_node(strategy, outcome.versions[i], weights))
-        report[i] = entry
+    globals_ = [i for i in ids if i not in report and graph.node(i).kind == "global"]
+    if globals_:  # all earlier globals at once: one validation round (before and after unlearning), then rounds
+        unlearned = [store.get(graph.node(outcome.versions[i]).weights) for i in globals_]
+        scores = validate_at_clients(grid, strategy.nodes, pids, configs,
+                                     [store.get(graph.node(i).weights) for i in globals_] + unlearned, settings)
+        for i, before, after in zip(globals_, scores, scores[len(globals_):]):
+            figures = {"retain_before": before["retain_acc"], "retain_after": after["retain_acc"],
+                       "forget_after": after["forget_acc"]}
+            report[i] = {**figures, "repaired": settings.wanted(figures, request.kind), "rounds": 0, "val_loss": [],
+                         "node": None}
+        wanted = [(i, w) for i, w in zip(globals_, unlearned) if report[i]["repaired"]]
+        repaired = repair_many_at_clients(grid, strategy.nodes, pids, configs, [w for _, w in wanted],
+                                          settings) if wanted else []
+        for (i, _), (weights, info) in zip(wanted, repaired):
+            report[i].update(rounds=info["rounds"], val_loss=info["val_loss"],
+                             node=_add_repair_node(strategy, outcome.versions[i], weights))
     seconds = time.perf_counter() - start
     log(INFO, "repair: %d of %d other server-held models repaired (%.2f s)",
         sum(bool(r["node"]) for r in report.values()), len(report), seconds)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO
 from typing import TYPE_CHECKING, Any
 
@@ -97,37 +97,41 @@ class RepairSettings:
 
 
 def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``train.repair``: validation loss of the received weights, then capped SGD steps on kept data (and, at a
-    holder with ``repair-forget-weight`` > 0, the forget guard on its forget rows)."""
+    """``train.repair``: for each model in the message (``model-0``, ``model-1``, ...), the validation loss and
+    counts of the received weights on the held-back rows, then its ``repair-steps`` (one entry per model; 0: only
+    validate) capped SGD steps on kept data (and, at a holder with ``repair-forget-weight`` > 0, the forget guard on
+    its forget rows). Replies ``model-n`` (trained weights, where steps were asked) and ``metrics-n`` per model."""
     from strategies.client import load_model, partition_id
 
     config = R.first_config(msg)
-    weights = R.record_to_tensors(msg.content.array_records[R.ARRAYS_KEY])
+    steps = [int(v) for v in config[R.REPAIR_STEPS]]
+    weights = [R.record_to_tensors(msg.content.array_records[f"{R.MODEL_KEY_PREFIX}{n}"]) for n in range(len(steps))]
     data = spec.data_fn(context)
     fraction = float(config[R.REPAIR_VAL_FRACTION])
     kept, forget = _repair_samples(data, config, context)
     if kept is None:
-        return Message(RecordDict({R.METRICS_KEY: MetricRecord({R.NUM_EXAMPLES: 0, R.VAL_LOSS: 0.0, R.VAL_NUM: 0,
-                                                                R.VAL_CORRECT: 0, R.FORGET_VAL_LOSS: 0.0,
-                                                                R.FORGET_VAL_NUM: 0, R.FORGET_VAL_CORRECT: 0})}),
-                       reply_to=msg)
+        empty = MetricRecord({R.NUM_EXAMPLES: 0, R.VAL_LOSS: 0.0, R.VAL_NUM: 0, R.VAL_CORRECT: 0,
+                              R.FORGET_VAL_LOSS: 0.0, R.FORGET_VAL_NUM: 0, R.FORGET_VAL_CORRECT: 0})
+        return Message(RecordDict({f"{R.METRICS_KEY}-{n}": empty for n in range(len(steps))}), reply_to=msg)
     train, val = split_validation(*kept, fraction=fraction)
     forget_train, forget_val = split_validation(*forget, fraction=fraction) if forget is not None else (None, None)
-    model = load_model(spec, context, weights)
-    val_loss = loss_sum(model, weights, *val)
-    forget_val_loss = guard_sum(model, weights, *forget_val) if forget_val is not None else 0.0
-    val_correct, forget_val_correct = count_correct(model, weights, val), count_correct(model, weights, forget_val)
-    steps = int(config[R.REPAIR_STEPS])
-    cfg = RepairConfig(local_steps=max(steps, 1), lr=float(config[R.REPAIR_LR]),
+    model = load_model(spec, context, weights[0])
+    cfg = RepairConfig(local_steps=max(max(steps), 1), lr=float(config[R.REPAIR_LR]),
                        momentum=float(config[R.REPAIR_MOMENTUM]), batch_size=int(config[R.REPAIR_BATCH]),
                        forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)))
-    new = repair_steps(model, weights, train, cfg, seed=(partition_id(context), int(config[R.REPAIR_ROUND])),
-                       forget=forget_train) if steps > 0 else weights
-    metrics = MetricRecord({R.NUM_EXAMPLES: len(train[1]), R.VAL_LOSS: val_loss, R.VAL_NUM: len(val[1]),
-                            R.VAL_CORRECT: val_correct, R.FORGET_VAL_LOSS: forget_val_loss,
-                            R.FORGET_VAL_NUM: len(forget_val[1]) if forget_val is not None else 0,
-                            R.FORGET_VAL_CORRECT: forget_val_correct})
-    return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(new), R.METRICS_KEY: metrics}), reply_to=msg)
+    out: dict[str, Any] = {}
+    for n, (w, local_steps) in enumerate(zip(weights, steps)):
+        out[f"{R.METRICS_KEY}-{n}"] = MetricRecord({
+            R.NUM_EXAMPLES: len(train[1]), R.VAL_LOSS: loss_sum(model, w, *val), R.VAL_NUM: len(val[1]),
+            R.VAL_CORRECT: count_correct(model, w, val),
+            R.FORGET_VAL_LOSS: guard_sum(model, w, *forget_val) if forget_val is not None else 0.0,
+            R.FORGET_VAL_NUM: len(forget_val[1]) if forget_val is not None else 0,
+            R.FORGET_VAL_CORRECT: count_correct(model, w, forget_val)})
+        if local_steps > 0:
+            new = repair_steps(model, w, train, replace(cfg, local_steps=local_steps),
+                               seed=(partition_id(context), int(config[R.REPAIR_ROUND])), forget=forget_train)
+            out[f"{R.MODEL_KEY_PREFIX}{n}"] = R.tensors_to_record(new)
+    return Message(RecordDict(out), reply_to=msg)
 
 
 def _repair_samples(data: Any, config: Any, context: Context) -> tuple[Any, Any]:
@@ -265,34 +269,72 @@ def repair_at_clients(
         ``info``: ``rounds`` (training rounds run), ``val_loss`` (per model version, index 0 = the input),
         ``chosen`` (index of the returned version), ``seconds``.
     """
+    [(best, info)] = repair_many_at_clients(grid, nodes, pids, request_configs, [weights], settings)
+    return best, info
+
+
+def repair_many_at_clients(
+    grid: Grid,
+    nodes: NodeDirectory,
+    pids: Sequence[int],
+    request_configs: dict[int, dict[str, Any]],
+    models: Sequence[Tensors],
+    settings: RepairSettings = RepairSettings(),
+) -> list[tuple[Tensors, dict[str, Any]]]:
+    """:func:`repair_at_clients` for several models at once: each round one ``train.repair`` per client carries
+    every model still repairing, and each model stops on its own (validation loss stalled, or ``max_rounds``), so
+    k models cost the round trips of the slowest, not k times as many. Returns ``(weights, info)`` per model."""
     from strategies.nodes import checked_replies, exchange
 
     start = time.perf_counter()
     steps = settings.steps
-    versions, losses = [weights], []
-    current = weights
-    for rnd in range(steps.max_rounds + 1):
-        local_steps = steps.local_steps if rnd < steps.max_rounds else 0  # the last round only validates
-        msgs = [_repair_message(nodes, pid, current, request_configs[pid], settings, rnd, local_steps) for pid in pids]
-        replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "train.repair"))
-        metrics = [r.content.metric_records[R.METRICS_KEY] for r in replies]
-        n_val = sum(int(m[R.VAL_NUM]) for m in metrics)
-        if n_val == 0:
-            raise UnlearnError("train.repair: no client holds kept data to repair on")
-        losses.append(sum(float(m[R.VAL_LOSS]) for m in metrics) / n_val + steps.forget_weight * _guard_mean(metrics))
-        stale = len(losses) - 1 - min(range(len(losses)), key=losses.__getitem__)
-        if local_steps == 0 or stale >= steps.patience:
-            break
-        updates = [(R.record_to_tensors(r.content.array_records[R.ARRAYS_KEY]), int(m[R.NUM_EXAMPLES]))
-                   for r, m in zip(replies, metrics) if int(m[R.NUM_EXAMPLES]) > 0]
-        current = weighted_average([u for u, _ in updates], [n for _, n in updates])
-        versions.append(current)
-    chosen = min(range(len(losses)), key=losses.__getitem__)
-    info = {"rounds": len(versions) - 1, "val_loss": losses, "chosen": chosen,
-            "seconds": time.perf_counter() - start}
-    log(INFO, "repair: %d rounds on %d clients, validation loss %s, kept version %d (%.2f s)", info["rounds"],
-        len(pids), " -> ".join(f"{v:.4f}" for v in losses), chosen, info["seconds"])
-    return versions[chosen], info
+    runs = [_RepairRun(w) for w in models]
+    rnd = 0
+    while active := [r for r in runs if not r.done]:
+        # a model's last round (max_rounds reached) only validates the last average
+        local_steps = [steps.local_steps if r.rounds < steps.max_rounds else 0 for r in active]
+        msgs = [_repair_message(nodes, pid, [r.current for r in active], request_configs[pid], settings, rnd,
+                                local_steps) for pid in pids]
+        replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR))
+        for n, (run, n_steps) in enumerate(zip(active, local_steps)):
+            metrics = [r.content.metric_records[f"{R.METRICS_KEY}-{n}"] for r in replies]
+            n_val = sum(int(m[R.VAL_NUM]) for m in metrics)
+            if n_val == 0:
+                raise UnlearnError("train.repair: no client holds kept data to repair on")
+            run.losses.append(sum(float(m[R.VAL_LOSS]) for m in metrics) / n_val
+                              + steps.forget_weight * _guard_mean(metrics))
+            if n_steps == 0 or run.stale >= steps.patience:
+                run.done = True
+                continue
+            updates = [(R.record_to_tensors(r.content.array_records[f"{R.MODEL_KEY_PREFIX}{n}"]),
+                        int(m[R.NUM_EXAMPLES])) for r, m in zip(replies, metrics) if int(m[R.NUM_EXAMPLES]) > 0]
+            run.current = weighted_average([u for u, _ in updates], [k for _, k in updates])
+            run.versions.append(run.current)
+            run.rounds += 1
+        rnd += 1
+    seconds = time.perf_counter() - start
+    out = []
+    for run in runs:
+        chosen = min(range(len(run.losses)), key=run.losses.__getitem__)
+        out.append((run.versions[chosen], {"rounds": run.rounds, "val_loss": run.losses, "chosen": chosen,
+                                           "seconds": seconds}))
+        log(INFO, "repair: %d rounds on %d clients, validation loss %s, kept version %d", run.rounds, len(pids),
+            " -> ".join(f"{v:.4f}" for v in run.losses), chosen)
+    log(INFO, "repair: %d model(s) in %d round trips (%.2f s)", len(runs), rnd, seconds)
+    return out
+
+
+class _RepairRun:
+    """One model's repair state in :func:`repair_many_at_clients`."""
+
+    def __init__(self, weights: Tensors) -> None:
+        self.current, self.versions, self.losses = weights, [weights], []
+        self.rounds, self.done = 0, False
+
+    @property
+    def stale(self) -> int:
+        """Rounds since the best validation loss so far."""
+        return len(self.losses) - 1 - min(range(len(self.losses)), key=self.losses.__getitem__)
 
 
 def _guard_mean(metrics: Sequence[Any]) -> float:
@@ -301,15 +343,16 @@ def _guard_mean(metrics: Sequence[Any]) -> float:
     return sum(float(m.get(R.FORGET_VAL_LOSS, 0.0)) for m in metrics) / n if n else 0.0
 
 
-def _repair_message(nodes: NodeDirectory, pid: int, weights: Tensors, request_config: dict[str, Any],
-                    settings: RepairSettings, rnd: int, local_steps: int) -> Message:
+def _repair_message(nodes: NodeDirectory, pid: int, models: Sequence[Tensors], request_config: dict[str, Any],
+                    settings: RepairSettings, rnd: int, local_steps: Sequence[int]) -> Message:
     steps = settings.steps
-    cfg = ConfigRecord({R.REPAIR_SAMPLES: settings.samples, R.REPAIR_STEPS: local_steps, R.REPAIR_LR: steps.lr,
-                        R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size, R.REPAIR_ROUND: rnd,
-                        R.REPAIR_VAL_FRACTION: steps.validation_fraction, R.REPAIR_FORGET_WEIGHT: steps.forget_weight,
-                        **request_config})
-    return Message(RecordDict({R.ARRAYS_KEY: R.tensors_to_record(weights), R.CONFIG_KEY: cfg}),
-                   dst_node_id=nodes.node_of(pid), message_type=R.MSG_REPAIR)
+    cfg = ConfigRecord({R.REPAIR_SAMPLES: settings.samples, R.REPAIR_STEPS: [int(k) for k in local_steps],
+                        R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
+                        R.REPAIR_ROUND: rnd, R.REPAIR_VAL_FRACTION: steps.validation_fraction,
+                        R.REPAIR_FORGET_WEIGHT: steps.forget_weight, **request_config})
+    arrays = {f"{R.MODEL_KEY_PREFIX}{n}": R.tensors_to_record(w) for n, w in enumerate(models)}
+    return Message(RecordDict({**arrays, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
+                   message_type=R.MSG_REPAIR)
 
 
 def repair_held_at_clients(grid: Grid, nodes: NodeDirectory, held: dict[int, list[tuple[str, str]]],
@@ -394,16 +437,21 @@ def repair_sent_at_clients(grid: Grid, nodes: NodeDirectory, sent: dict[int, lis
 
 
 def validate_at_clients(grid: Grid, nodes: NodeDirectory, pids: Sequence[int], request_configs: dict[int, dict[str, Any]],
-                        weights: Tensors, settings: RepairSettings = RepairSettings()) -> dict[str, float | None]:
-    """One ``train.repair`` round with no steps: kept accuracy of ``weights`` on the rows the clients' repair holds
+                        models: Sequence[Tensors], settings: RepairSettings = RepairSettings()
+                        ) -> list[dict[str, float | None]]:
+    """One ``train.repair`` round with no steps: per model, kept accuracy on the rows the clients' repair holds
     back, and the share of the holders' held-back forget rows still predicted (``None`` without any)."""
     from strategies.nodes import checked_replies, exchange
 
-    msgs = [_repair_message(nodes, pid, weights, request_configs[pid], settings, 0, 0) for pid in pids]
-    metrics = [r.content.metric_records[R.METRICS_KEY]
-               for r in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR)]
-    n_val, n_forget = (sum(int(m.get(k, 0)) for m in metrics) for k in (R.VAL_NUM, R.FORGET_VAL_NUM))
-    if n_val == 0:
-        raise UnlearnError("train.repair: no client holds kept data to validate on")
-    return {"retain_acc": sum(int(m.get(R.VAL_CORRECT, 0)) for m in metrics) / n_val,
-            "forget_acc": sum(int(m.get(R.FORGET_VAL_CORRECT, 0)) for m in metrics) / n_forget if n_forget else None}
+    msgs = [_repair_message(nodes, pid, models, request_configs[pid], settings, 0, [0] * len(models)) for pid in pids]
+    replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR))
+    out = []
+    for n in range(len(models)):
+        metrics = [r.content.metric_records[f"{R.METRICS_KEY}-{n}"] for r in replies]
+        n_val, n_forget = (sum(int(m.get(k, 0)) for m in metrics) for k in (R.VAL_NUM, R.FORGET_VAL_NUM))
+        if n_val == 0:
+            raise UnlearnError("train.repair: no client holds kept data to validate on")
+        out.append({"retain_acc": sum(int(m.get(R.VAL_CORRECT, 0)) for m in metrics) / n_val,
+                    "forget_acc": sum(int(m.get(R.FORGET_VAL_CORRECT, 0)) for m in metrics) / n_forget
+                    if n_forget else None})
+    return out

@@ -838,3 +838,95 @@ def test_node_directory_asks_silent_nodes_again_then_refuses_instead_of_hanging(
     never = NodeDirectory(2, timeout=0.1)
     with pytest.raises(UnlearnError, match=r"nodes \[2\] did not answer"):
         never.refresh(_SilentGrid(answers_from=99))
+
+
+class _HandlerGrid:
+    """Answers every message with the App's own client handlers, in this process (node n holds partition n - 1)."""
+
+    def __init__(self, run_config: dict):
+        from strategies.client import unlearning_handlers
+
+        self.handlers = unlearning_handlers(ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test))
+        self.run_config, self.round_trips = run_config, 0
+
+    def send_and_receive(self, messages, timeout=None):
+        self.round_trips += 1
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            ctx = Context(0, node, {"partition-id": node - 1, "num-partitions": 2}, RecordDict(), self.run_config)
+            reply = self.handlers[m.metadata.message_type](m, ctx)
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def test_models_repaired_in_the_same_rounds_end_as_when_repaired_alone(task_identity):
+    """``repair_many_at_clients`` shares each round trip among the models still repairing; each model stops on its
+    own, and ends exactly where a repair of it alone ends."""
+    from strategies.nodes import NodeDirectory
+    from strategies.repair import RepairSettings, repair_at_clients, repair_many_at_clients, validate_at_clients
+
+    run_config = {**DEFAULTS, **BASE}
+    model = app_model(Context(0, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config))
+    torch.manual_seed(0)
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items()}  # untrained: many rounds to go
+    nodes = NodeDirectory(2)
+    nodes.partition = {1: 0, 2: 1}
+    configs = {0: {R.FORGET_CLASSES: [3]}, 1: {R.FORGET_CLASSES: [3]}}
+    from fl_unlearn.calibrate import RepairConfig
+
+    settings = RepairSettings(samples=128, steps=RepairConfig(max_rounds=3, local_steps=8, lr=0.1, batch_size=16))
+    grid = _HandlerGrid(run_config)
+    # a model repaired for long already: its validation loss stalls sooner than the fresh one's
+    other, _ = repair_at_clients(grid, nodes, [0, 1], configs, fresh,
+                                 RepairSettings(samples=128, steps=RepairConfig(max_rounds=12, local_steps=8, lr=0.1,
+                                                                                batch_size=16, patience=3)))
+    grid.round_trips = 0
+    together = repair_many_at_clients(grid, nodes, [0, 1], configs, [fresh, other], settings)
+    trips_together = grid.round_trips
+    assert together[0][1]["rounds"] > together[1][1]["rounds"]  # each stopped on its own
+    alone = []
+    for weights in (fresh, other):
+        grid.round_trips = 0
+        alone.append((*repair_at_clients(grid, nodes, [0, 1], configs, weights, settings), grid.round_trips))
+    for (w_many, info_many), (w_one, info_one, _) in zip(together, alone):
+        assert info_many["rounds"] == info_one["rounds"] and info_many["val_loss"] == info_one["val_loss"]
+        assert all(torch.equal(w_many[k], w_one[k]) for k in w_one)
+    assert trips_together == max(trips for _, _, trips in alone) < sum(trips for _, _, trips in alone)
+    assert together[0][1]["val_loss"][-1] < together[0][1]["val_loss"][0]  # the repair trained the fresh model
+    # one validation round scores several models: kept accuracy on the held-back rows, forget rows predicted
+    grid.round_trips = 0
+    scores = validate_at_clients(grid, nodes, [0, 1], configs, [fresh, together[0][0]], settings)
+    assert grid.round_trips == 1 and len(scores) == 2
+    assert all(0 <= s["retain_acc"] <= 1 and 0 <= s["forget_acc"] <= 1 for s in scores)
+    assert scores[1]["retain_acc"] > scores[0]["retain_acc"]
+
+
+def test_server_held_models_are_repaired_at_their_client_where_the_rule_asks(task_identity):
+    from fl_unlearn.calibrate import RepairConfig
+    from strategies.nodes import NodeDirectory
+    from strategies.repair import RepairSettings, repair_sent_at_clients
+
+    run_config = {**DEFAULTS, **BASE}
+    torch.manual_seed(0)
+    model = app_model(Context(0, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config))
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    nodes = NodeDirectory(2)
+    nodes.partition = {1: 0, 2: 1}
+    configs = {0: {R.FORGET_CLASSES: [3]}, 1: {R.FORGET_CLASSES: [3]}}
+    steps = RepairConfig(max_rounds=2, local_steps=4, lr=0.1, batch_size=16, forget_weight=0.0)
+    grid = _HandlerGrid(run_config)
+    sent = {0: [("a", fresh, fresh)], 1: [("b", fresh, fresh)]}
+    # unchanged by unlearning, no guard: the rule leaves both alone, and nothing comes back
+    kept_as_is = repair_sent_at_clients(grid, nodes, sent, configs, RepairSettings(samples=128, steps=steps))
+    assert grid.round_trips == 1 and set(kept_as_is) == {"a", "b"}
+    for rep in kept_as_is.values():
+        assert not rep["repaired"] and rep["weights"] is None and rep["retain_before"] == rep["retain_after"]
+    # repair=on: each is repaired at its own client, in the same round trip, and the repaired weights come back
+    done = repair_sent_at_clients(grid, nodes, sent, configs, RepairSettings(mode="on", samples=128, steps=steps))
+    assert grid.round_trips == 2
+    for rep in done.values():
+        assert rep["repaired"] and 1 <= rep["rounds"] <= 2 and min(rep["val_loss"]) <= rep["val_loss"][0]
+        assert set(rep["weights"]) == set(fresh)
+    assert not all(torch.equal(done["a"]["weights"][k], done["b"]["weights"][k]) for k in fresh)  # own data each
