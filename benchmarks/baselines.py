@@ -155,6 +155,7 @@ class Setup:
     alphas_per_octave: int = 2
     lams: tuple[float, ...] = DEFAULT_LAMS
     walk_every_alpha: bool = False  # the per-model walk over every grid alpha (the App's calibration-walk-every-alpha)
+    repair_stop: str = str(DEFAULTS["repair-stop"])  # fiun+repair: the App's repair-stop
     finetune_steps: int = 50
     finetune_lr: float = 0.05
     ascent_steps: int = 30
@@ -469,7 +470,7 @@ def run_fiun_repair(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     net, s, forget = ctx.net, ctx.net.setup, ctx.forget
     guard = forget.request.kind == "classes"
     cfg = RepairConfig(max_rounds=REPAIR_ROUNDS, local_steps=REPAIR_STEPS, lr=REPAIR_LR, batch_size=s.batch_size,
-                       seed=s.seed, forget_weight=REPAIR_FORGET_WEIGHT if guard else 0.0)
+                       seed=s.seed, forget_weight=REPAIR_FORGET_WEIGHT if guard else 0.0, stop=s.repair_stop)
     t0, rounds, skipped = time.perf_counter(), {}, []
     # each client's repair rows, drawn once: a client's data serves every model it trained
     kept_of = {k: _head(forget.kept[k], REPAIR_SAMPLES, s.seed + 200 + k)
@@ -483,7 +484,7 @@ def run_fiun_repair(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
         if not repair_wanted(net, ctx.weights[n], new[n], kept, guarded, cfg, forget.request.kind):
             skipped.append(n)
             continue
-        new[n], rep = repair(net.new_model(), new[n], kept, cfg=cfg, forget_sets=guarded)
+        new[n], rep = repair(net.new_model(), new[n], kept, cfg=cfg, forget_sets=guarded, original=ctx.weights[n])
         rounds[n] = rep["repair_rounds"]
     repair_s = time.perf_counter() - t0
     return new, seconds + repair_s, {**info, "repair_s": repair_s, "repair_rounds": rounds, "not_repaired": skipped}
@@ -799,6 +800,9 @@ def main() -> None:
     parser.add_argument("--model-oracle", action="store_true",
                         help="class request: per affected model, the best grid candidate forgetting to <= 5 %% held "
                              "out (a bound read from the test split; ~1 min more on MNIST)")
+    parser.add_argument("--repair-stop", choices=["restore", "stall"],
+                        help="fiun+repair: stop once the kept loss is back at the trained model's, or only on a stall "
+                             "(the App's repair-stop)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     setup = QUICK if args.quick else Setup()

@@ -121,6 +121,7 @@ class Setup:
     repair_steps: int = int(DEFAULTS["repair-steps"])
     repair_lr: float = float(DEFAULTS["repair-lr"])
     repair_forget_weight: float = float(DEFAULTS["repair-forget-weight"])
+    repair_stop: str = str(DEFAULTS.get("repair-stop", "stall"))
     assd_percentile: float = 99.0
     max_train: int | None = None
     retain_fisher: str = "whole"
@@ -274,7 +275,8 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
     rep_forget = [_tensors(samples_of_classes(p, [forget_class]), s.repair_samples, s.seed + 300 + i)
                   for i, p in enumerate(fed.parts)]
     rep_cfg = RepairConfig(max_rounds=s.repair_rounds, local_steps=s.repair_steps, lr=s.repair_lr,
-                           batch_size=s.batch_size, seed=s.seed, forget_weight=s.repair_forget_weight)
+                           batch_size=s.batch_size, seed=s.seed, forget_weight=s.repair_forget_weight,
+                           stop=s.repair_stop)
     auto = None
     for method in methods:
         extra: dict = {}
@@ -294,7 +296,7 @@ def unlearn_class(fed: Federation, weights: Weights, forget_class: int, methods:
             if method == "auto+repair":
                 t0 = time.perf_counter()
                 new, info = repair(fed.new_model(), new, rep_retain, cal_forget_all, rep_cfg,
-                                   forget_sets=rep_forget)
+                                   forget_sets=rep_forget, original=weights)
                 extra.update(repair_s=time.perf_counter() - t0, repair_rounds=info["repair_rounds"],
                              repair_forget_acc=info["repair_forget_acc"][-1])
                 sec += extra["repair_s"]
@@ -438,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repair-lr", type=float, default=Setup.repair_lr)
     parser.add_argument("--repair-forget-weight", type=float, default=Setup.repair_forget_weight,
                         help="weight of the repair's forget guard at the holders (0: kept data only)")
+    parser.add_argument("--repair-stop", default=Setup.repair_stop, choices=["stall", "restore"],
+                        help="stall: until the validation loss stops improving; restore: also once the kept loss is "
+                             "back at the trained model's")
     parser.add_argument("--retain-fisher", default="whole", choices=["whole", "classwise"],
                         help="whole: each client's whole partition (the App's); classwise: the other classes' "
                              "forget-Fishers (kept data only)")
@@ -470,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       calibration_forget=args.calibration_forget, calibration_retain=args.calibration_retain,
                       forget_tolerance=args.forget_tolerance,
                       repair_samples=args.repair_samples, repair_rounds=args.repair_rounds, repair_lr=args.repair_lr,
-                      repair_forget_weight=args.repair_forget_weight,
+                      repair_forget_weight=args.repair_forget_weight, repair_stop=args.repair_stop,
                       retain_fisher=args.retain_fisher, oracle_forget=args.oracle_forget,
                       alphas_per_octave=args.alphas_per_octave, lams=tuple(float(v) for v in args.lams.split(",")))
         rows, train_s = run_federation(setup, args.classes, methods)

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-walk-every-alpha": False,
     "repair": "auto",
     "repair-scope": "all",
+    "repair-stop": "restore",
     "repair-rounds": 16,
     "repair-steps": 8,
     "repair-lr": 0.02,
@@ -101,6 +102,9 @@ REPAIR_MODES = ("auto", "on", "off")
 #: ``repair-scope``: ``served``, the served global model and the client-held ones; ``all``, also every other
 #: server-held affected model (local updates at the client that trained them, earlier globals at every client)
 REPAIR_SCOPES = ("served", "all")
+#: ``repair-stop``: ``restore``, stop once the kept validation loss is back at the model's before unlearning (or
+#: when it stalls); ``stall``, only when it stalls (fl_unlearn.calibrate.RepairConfig.stop)
+REPAIR_STOPS = ("restore", "stall")
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
@@ -167,6 +171,7 @@ class AppConfig:
     calibration_walk_every_alpha: bool
     repair: str
     repair_scope: str
+    repair_stop: str
     repair_rounds: int
     repair_steps: int
     repair_lr: float
@@ -219,6 +224,7 @@ class AppConfig:
         _choice(self.hybrid_policy, HYBRID_POLICIES, "hybrid-policy")
         _choice(self.repair, REPAIR_MODES, "repair")
         _choice(self.repair_scope, REPAIR_SCOPES, "repair-scope")
+        _choice(self.repair_stop, REPAIR_STOPS, "repair-stop")
         if self.repair_rounds < 0 or self.repair_steps < 1 or self.repair_lr <= 0 or self.repair_samples < 2:
             raise ConfigError("repair-rounds must be >= 0, repair-steps >= 1, repair-lr > 0 and repair-samples >= 2; "
                               f"got {self.repair_rounds}, {self.repair_steps}, {self.repair_lr}, {self.repair_samples}")

@@ -249,7 +249,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     settings = repair_settings(cfg, request.kind)
     repair_s = 0.0
     if outcome.calibration and settings.wanted(outcome.calibration, request.kind):
-        repaired, results["repair"] = _repair(grid, strategy, request, settings)
+        repaired, results["repair"] = _repair(grid, strategy, request, settings, store.get(final_before.weights))
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
         repair_s += results["repair"]["seconds"]
     if outcome.calibration and outcome.client_results and settings.mode != "off":
@@ -296,17 +296,18 @@ def repair_settings(cfg: AppConfig, request_kind: str = "classes") -> RepairSett
     return RepairSettings(mode=cfg.repair, samples=cfg.repair_samples,
                           steps=RepairConfig(max_rounds=cfg.repair_rounds, local_steps=cfg.repair_steps,
                                              lr=cfg.repair_lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                                             forget_weight=guard))
+                                             forget_weight=guard, stop=cfg.repair_stop))
 
 
 def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest,
-            settings: RepairSettings) -> tuple[Tensors, dict[str, Any]]:
-    """Repair the unlearned global model on kept data; record the result as a new global lineage node."""
+            settings: RepairSettings, original: Tensors) -> tuple[Tensors, dict[str, Any]]:
+    """Repair the unlearned global model on kept data (``original``: the model before unlearning, where
+    ``repair-stop=restore`` stops); record the result as a new global lineage node."""
     graph, store = strategy.graph, strategy.store
     unlearned = graph.node(strategy.current)
     pids = sorted(strategy.nodes.partition.values())
     weights, info = repair_at_clients(grid, strategy.nodes, pids, {p: request_config(request, p) for p in pids},
-                                      store.get(unlearned.weights), settings)
+                                      store.get(unlearned.weights), settings, original)
     node_id = f"{unlearned.id}~repair"
     digest = store.put(weights, {"kind": "global", "repair-of": unlearned.id, "request": request.id})
     graph.add_node(node_id, "global", round=unlearned.round, shard=unlearned.shard, owner=unlearned.owner,
@@ -376,8 +377,8 @@ def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: Unlea
             report[i] = {**figures, "repaired": settings.wanted(figures, request.kind), "rounds": 0, "val_loss": [],
                          "node": None}
         wanted = [(i, w) for i, w in zip(globals_, unlearned) if report[i]["repaired"]]
-        repaired = repair_many_at_clients(grid, strategy.nodes, pids, configs, [w for _, w in wanted],
-                                          settings) if wanted else []
+        repaired = repair_many_at_clients(grid, strategy.nodes, pids, configs, [w for _, w in wanted], settings,
+                                          [store.get(graph.node(i).weights) for i, _ in wanted]) if wanted else []
         for (i, _), (weights, info) in zip(wanted, repaired):
             report[i].update(rounds=info["rounds"], val_loss=info["val_loss"],
                              node=_add_repair_node(strategy, outcome.versions[i], weights))

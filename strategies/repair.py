@@ -171,7 +171,10 @@ def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Mess
     out = {}
     for n, (old, new) in enumerate(zip(ids, new_ids)):
         weights = store.get(index[old]["weights"])
-        repaired, info = repair(load_model(spec, context, weights), weights, [kept], cfg=cfg, forget_sets=[forget_rows])
+        parent = index[old].get("parent")  # the model before unlearning (train.unlearn records it as the parent)
+        original = store.get(index[parent]["weights"]) if parent in index else None
+        repaired, info = repair(load_model(spec, context, weights), weights, [kept], cfg=cfg, forget_sets=[forget_rows],
+                                original=original)
         digest = store.put(repaired, {"node": new, "repair-of": old})
         index[new] = {**index[old], "weights": digest, "parent": old}
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
@@ -216,7 +219,7 @@ def handle_repair_sent(spec: ClientSpec, msg: Message, context: Context) -> Mess
         reply = {R.NODE_ID: model_id, R.REPAIR_WANTED: int(wanted), R.REPAIR_ROUND: 0,
                  **{key: float(v) for key, v in figures.items() if v is not None}}
         if wanted:
-            weights, info = repair(model, weights, [kept], cfg=cfg, forget_sets=[forget])
+            weights, info = repair(model, weights, [kept], cfg=cfg, forget_sets=[forget], original=original)
             out[f"{R.MODEL_KEY_PREFIX}{n}"] = R.tensors_to_record(weights)
             reply.update({R.REPAIR_ROUND: int(info["repair_rounds"]), R.VAL_LOSS: [float(v) for v in info["val_loss"]]})
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord(reply)
@@ -247,7 +250,8 @@ def _local_repair_config(config: Any, seed: int) -> RepairConfig:
                         lr=float(config[R.REPAIR_LR]), momentum=float(config[R.REPAIR_MOMENTUM]),
                         batch_size=int(config[R.REPAIR_BATCH]),
                         validation_fraction=float(config[R.REPAIR_VAL_FRACTION]), seed=seed,
-                        forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)))
+                        forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)),
+                        stop=str(config.get(R.REPAIR_STOP, "stall")))
 
 
 # --- server side -----------------------------------------------------------------------------------------
@@ -260,8 +264,11 @@ def repair_at_clients(
     request_configs: dict[int, dict[str, Any]],
     weights: Tensors,
     settings: RepairSettings = RepairSettings(),
+    original: Tensors | None = None,
 ) -> tuple[Tensors, dict[str, Any]]:
     """FedAvg rounds of ``train.repair`` on ``weights``; returns the best weights by validation loss and a report.
+    With ``settings.steps.stop == "restore"`` and the ``original`` (the model before unlearning), the rounds also
+    stop once the kept validation loss is back at the original's.
 
     Returns
     -------
@@ -269,7 +276,7 @@ def repair_at_clients(
         ``info``: ``rounds`` (training rounds run), ``val_loss`` (per model version, index 0 = the input),
         ``chosen`` (index of the returned version), ``seconds``.
     """
-    [(best, info)] = repair_many_at_clients(grid, nodes, pids, request_configs, [weights], settings)
+    [(best, info)] = repair_many_at_clients(grid, nodes, pids, request_configs, [weights], settings, [original])
     return best, info
 
 
@@ -280,30 +287,38 @@ def repair_many_at_clients(
     request_configs: dict[int, dict[str, Any]],
     models: Sequence[Tensors],
     settings: RepairSettings = RepairSettings(),
+    originals: Sequence[Tensors | None] | None = None,
 ) -> list[tuple[Tensors, dict[str, Any]]]:
     """:func:`repair_at_clients` for several models at once: each round one ``train.repair`` per client carries
-    every model still repairing, and each model stops on its own (validation loss stalled, or ``max_rounds``), so
-    k models cost the round trips of the slowest, not k times as many. Returns ``(weights, info)`` per model."""
+    every model still repairing, and each model stops on its own (validation loss stalled, back at its original's
+    with ``stop="restore"``, or ``max_rounds``), so k models cost the round trips of the slowest, not k times as
+    many. ``originals`` (aligned with ``models``) ride along in the first round, validation only. Returns
+    ``(weights, info)`` per model."""
     from strategies.nodes import checked_replies, exchange
 
     start = time.perf_counter()
     steps = settings.steps
     runs = [_RepairRun(w) for w in models]
+    restoring = steps.stop == "restore" and originals is not None
+    first_extra = [(run, o) for run, o in zip(runs, originals or []) if restoring and o is not None]
     rnd = 0
     while active := [r for r in runs if not r.done]:
         # a model's last round (max_rounds reached) only validates the last average
         local_steps = [steps.local_steps if r.rounds < steps.max_rounds else 0 for r in active]
-        msgs = [_repair_message(nodes, pid, [r.current for r in active], request_configs[pid], settings, rnd,
-                                local_steps) for pid in pids]
+        extra = first_extra if rnd == 0 else []
+        msgs = [_repair_message(nodes, pid, [r.current for r in active] + [o for _, o in extra],
+                                request_configs[pid], settings, rnd, local_steps + [0] * len(extra)) for pid in pids]
         replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR))
+        for k, (run, _) in enumerate(extra):  # the originals' kept loss: where "restored" is
+            run.restore = _kept_mean([r.content.metric_records[f"{R.METRICS_KEY}-{len(active) + k}"]
+                                      for r in replies])
         for n, (run, n_steps) in enumerate(zip(active, local_steps)):
             metrics = [r.content.metric_records[f"{R.METRICS_KEY}-{n}"] for r in replies]
-            n_val = sum(int(m[R.VAL_NUM]) for m in metrics)
-            if n_val == 0:
-                raise UnlearnError("train.repair: no client holds kept data to repair on")
-            run.losses.append(sum(float(m[R.VAL_LOSS]) for m in metrics) / n_val
-                              + steps.forget_weight * _guard_mean(metrics))
-            if n_steps == 0 or run.stale >= steps.patience:
+            kept = _kept_mean(metrics)
+            run.losses.append(kept + steps.forget_weight * _guard_mean(metrics))
+            left = steps.forget_weight > 0 and any(int(m.get(R.FORGET_VAL_CORRECT, 0)) for m in metrics)
+            run.restored = run.restore is not None and kept <= run.restore and not left
+            if n_steps == 0 or run.stale >= steps.patience or run.restored:
                 run.done = True
                 continue
             updates = [(R.record_to_tensors(r.content.array_records[f"{R.MODEL_KEY_PREFIX}{n}"]),
@@ -317,6 +332,7 @@ def repair_many_at_clients(
     for run in runs:
         chosen = min(range(len(run.losses)), key=run.losses.__getitem__)
         out.append((run.versions[chosen], {"rounds": run.rounds, "val_loss": run.losses, "chosen": chosen,
+                                           "restore_loss": run.restore, "restored": run.restored,
                                            "seconds": seconds}))
         log(INFO, "repair: %d rounds on %d clients, validation loss %s, kept version %d", run.rounds, len(pids),
             " -> ".join(f"{v:.4f}" for v in run.losses), chosen)
@@ -330,11 +346,21 @@ class _RepairRun:
     def __init__(self, weights: Tensors) -> None:
         self.current, self.versions, self.losses = weights, [weights], []
         self.rounds, self.done = 0, False
+        self.restore: float | None = None  # the original's kept validation loss (stop="restore")
+        self.restored = False
 
     @property
     def stale(self) -> int:
         """Rounds since the best validation loss so far."""
         return len(self.losses) - 1 - min(range(len(self.losses)), key=self.losses.__getitem__)
+
+
+def _kept_mean(metrics: Sequence[Any]) -> float:
+    """Mean cross-entropy over the clients' held-back kept rows."""
+    n_val = sum(int(m[R.VAL_NUM]) for m in metrics)
+    if n_val == 0:
+        raise UnlearnError("train.repair: no client holds kept data to repair on")
+    return sum(float(m[R.VAL_LOSS]) for m in metrics) / n_val
 
 
 def _guard_mean(metrics: Sequence[Any]) -> float:
@@ -370,7 +396,8 @@ def repair_held_at_clients(grid: Grid, nodes: NodeDirectory, held: dict[int, lis
                             R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
                             R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
                             R.REPAIR_VAL_FRACTION: steps.validation_fraction,
-                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, **request_configs[pid]})
+                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, R.REPAIR_STOP: steps.stop,
+                            **request_configs[pid]})
         msgs.append(Message(RecordDict({R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                             message_type=R.MSG_REPAIR_HELD))
     asked = {a: b for pairs in held.values() for a, b in pairs}
@@ -412,7 +439,8 @@ def repair_sent_at_clients(grid: Grid, nodes: NodeDirectory, sent: dict[int, lis
                             R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
                             R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
                             R.REPAIR_VAL_FRACTION: steps.validation_fraction,
-                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, **request_configs[pid]})
+                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, R.REPAIR_STOP: steps.stop,
+                            **request_configs[pid]})
         msgs.append(Message(RecordDict({**arrays, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                             message_type=R.MSG_REPAIR_SENT))
     out: dict[str, dict[str, Any]] = {}

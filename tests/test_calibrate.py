@@ -338,6 +338,46 @@ def test_repair_keeps_the_best_validation_loss_and_never_mutates_its_input():
     assert info0["repair_rounds"] == 0 and all(torch.equal(unchanged[k], original[k]) for k in weights)
 
 
+def test_repair_with_the_restore_stop_ends_once_the_kept_loss_is_back_at_the_originals():
+    from fl_unlearn.calibrate import _val_loss, split_validation
+
+    torch.manual_seed(0)
+    model = _Linear()
+    sets = []
+    for i in range(3):  # learnable: the label is the largest of the first four features
+        x = torch.randn(64, 6, generator=torch.Generator().manual_seed(10 + i))
+        sets.append((x, x[:, :4].argmax(1)))
+    untrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stall = RepairConfig(max_rounds=30, lr=0.1, patience=2)
+    trained, long_run = repair(model, untrained, sets, cfg=stall)  # the "original": trained until it stalls
+    splits = [split_validation(x, y, 0.25) for x, y in sets]
+    target = _val_loss(model, trained, splits)
+    damaged = {k: 0.3 * v for k, v in trained.items()}  # what a strong dampening leaves
+    assert _val_loss(model, damaged, splits) > target
+    restore = replace(stall, stop="restore")
+    fixed, info = repair(model, damaged, sets, cfg=restore, original=trained)
+    _, stalled = repair(model, damaged, sets, cfg=stall)
+    # it stops in the first round whose kept loss is back at the original's: never later, and fewer rounds than
+    # waiting for a stall
+    assert info["restored"] and info["restore_loss"] == pytest.approx(target)
+    assert info["val_loss"][-1] <= target < min(info["val_loss"][:-1])
+    assert info["repair_rounds"] < stalled["repair_rounds"]
+    assert _val_loss(model, fixed, splits) <= target
+    # nothing to restore: no round at all; and without an original it is the stall rule
+    _, none = repair(model, trained, sets, cfg=restore, original=trained)
+    assert none["repair_rounds"] == 0 and none["restored"]
+    _, plain = repair(model, damaged, sets, cfg=restore)
+    assert plain["repair_rounds"] == stalled["repair_rounds"] and "restored" not in plain
+    # with the guard on, a forget row still predicted is not "restored", whatever the kept loss says
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(99))
+    forget = (x, x[:, :4].argmax(1))  # rows the trained model gets right
+    _, guarded = repair(model, trained, sets, cfg=replace(restore, forget_weight=1.0), forget_sets=[forget, None, None],
+                        original=trained)
+    assert guarded["repair_rounds"] >= 1
+    with pytest.raises(ConfigError, match="stop"):
+        RepairConfig(stop="sometimes")
+
+
 def test_repair_config_lists_every_bad_value():
     with pytest.raises(ConfigError, match="forget_weight.*max_rounds.*local_steps.*lr.*patience"):
         RepairConfig(max_rounds=-1, local_steps=0, lr=0.0, patience=0, forget_weight=-1.0)
