@@ -251,6 +251,9 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if outcome.calibration and settings.wanted(outcome.calibration, request.kind):
         repaired, results["repair"] = _repair(grid, strategy, request, settings, store.get(final_before.weights))
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
+        for entry in results["affected_models"]:  # the served model's row in the per-model table, too
+            if entry["id"] == final_before.id:
+                entry["after_repair"] = results["final_global"]["after_repair"]
         repair_s += results["repair"]["seconds"]
     if outcome.calibration and outcome.client_results and settings.mode != "off":
         # the clients' own (derived) models, each on its holder's kept data; the calibration on the newest global

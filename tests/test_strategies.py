@@ -344,6 +344,8 @@ def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     if gave_up:
         rep = res["repair"]
         assert res["final_global"]["after_repair"] and rep["val_loss"][rep["chosen"]] == min(rep["val_loss"])
+        served = next(m for m in res["affected_models"] if m["id"] == res["final_global"]["id"])
+        assert served["after_repair"] == res["final_global"]["after_repair"]
         assert graph.node(rep["node"]).parents == (res["final_global"]["version"],)
 
 
