@@ -288,8 +288,13 @@ class UnlearningStrategy(DelegatingStrategy):
     # -- training: lineage and checkpoints --------------------------------------------------------------
 
     def _newest_global(self) -> str | None:
-        globals_ = [n.id for n in self.graph.nodes() if n.kind == "global"]
-        return globals_[-1] if globals_ else None
+        """The served global model: the newest global node holding the weights the store's ``latest-global`` ref
+        points at (an earlier global repaired after a request is newer in the lineage, but not served), else the
+        newest global node."""
+        globals_ = [n for n in self.graph.nodes() if n.kind == "global"]
+        served = self.store.get_ref("latest-global")
+        matching = [n.id for n in globals_ if served is not None and n.weights == served]
+        return (matching or [n.id for n in globals_] or [None])[-1]
 
     def _extra_train_config(self, server_round: int) -> dict[str, Any]:
         return {R.PARENT_ID: self.current or "", R.FISHER_LAYERS: self.fisher_layers,

@@ -716,6 +716,18 @@ def test_seeded_random_repeats_and_restores_the_global_stream():
     assert random.random() == expected_global
 
 
+def test_the_served_global_is_the_one_latest_global_points_at_not_the_newest_node(tmp_path):
+    # repair-scope=all records a repaired earlier global after the served one: a later run must not serve it
+    store, graph = Store(tmp_path / "store"), LineageGraph()
+    digests = {i: store.put({"w": torch.full((2,), float(i))}, {"kind": "global"}) for i in range(3)}
+    graph.add_node("global-r1", "global", round=1, weights=digests[1])
+    graph.add_node("global-r2", "global", round=2, parents=("global-r1",), weights=digests[2])
+    graph.add_node("global-r1~repair", "global", round=1, parents=("global-r1",), weights=digests[0])
+    assert UnlearningStrategy(FedAvg(), store, graph).current == "global-r1~repair"  # no ref: the newest node
+    store.set_ref("latest-global", digests[2])
+    assert UnlearningStrategy(FedAvg(), store, graph).current == "global-r2"
+
+
 def test_wrapper_refuses_a_legacy_strategy():
     from flwr.server.strategy import FedAvg as LegacyFedAvg
 
