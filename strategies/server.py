@@ -492,10 +492,14 @@ class UnlearningStrategy(DelegatingStrategy):
         return sorted({c for r in roots if (c := self.graph.node(r).data.client) is not None})
 
     def _newest_affected_global(self, affected: list[str]) -> ModelNode:
+        """The served global model when it is affected (it inherited from every earlier global), else the newest
+        affected global node. Not simply the newest node: a repaired earlier global is recorded after the served
+        model (``repair-scope=all``)."""
         globals_ = [self.graph.node(a) for a in affected if self.graph.node(a).kind == "global"]
         if not globals_:
             raise UnlearnError("no global model is affected; nothing to compute the forget-Fisher on")
-        return globals_[-1]
+        served = [g for g in globals_ if g.id == self.current]
+        return (served or globals_)[-1]
 
     def _gather_fishers(
         self, grid: Grid, request: UnlearningRequest, roots: list[str], outcome: UnlearnOutcome

@@ -725,7 +725,11 @@ def test_the_served_global_is_the_one_latest_global_points_at_not_the_newest_nod
     graph.add_node("global-r1~repair", "global", round=1, parents=("global-r1",), weights=digests[0])
     assert UnlearningStrategy(FedAvg(), store, graph).current == "global-r1~repair"  # no ref: the newest node
     store.set_ref("latest-global", digests[2])
-    assert UnlearningStrategy(FedAvg(), store, graph).current == "global-r2"
+    strategy = UnlearningStrategy(FedAvg(), store, graph)
+    assert strategy.current == "global-r2"
+    # ... and the forget-Fisher and the calibration of the next request are taken on it
+    assert strategy._newest_affected_global(["global-r1", "global-r2", "global-r1~repair"]).id == "global-r2"
+    assert strategy._newest_affected_global(["global-r1", "global-r1~repair"]).id == "global-r1~repair"
 
 
 def test_wrapper_refuses_a_legacy_strategy():
