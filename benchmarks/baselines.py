@@ -72,16 +72,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
 from strategies.calibration import ClientCalibration  # noqa: E402
 from strategies.config import DEFAULTS  # noqa: E402
-from strategies.repair import RepairSettings  # noqa: E402
+from strategies.repair import RepairSettings, rule_figures  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     DEFAULT_LAMS,
+    REPAIR_STOPS,
     RepairConfig,
     candidate_grid,
     check_models,
     check_sequence,
     choose_candidate,
     dampening_change,
-    count_correct,
     count_correct_split,
     feasible_starts,
     first_forgetting,
@@ -90,7 +90,6 @@ from fl_unlearn.calibrate import (  # noqa: E402
     repair,
     scale_free,
     score_alpha_grid,
-    split_validation,
     unlearn_with_candidates,
     walk_alphas,
     walk_models,
@@ -498,16 +497,8 @@ def repair_wanted(net: Network, original: Weights, unlearned: Weights, kept: Seq
     when any of those forget rows is still predicted. (The App scores its served model on the calibration's 32 kept
     rows per client; per model that is too few: ``g1`` of the MNIST network fell from 104 to 103 of 128 there, from
     846 to 819 of 1,024 rows, and 8 points held out.)"""
-    model = net.new_model()
-    kept_val = [split_validation(*rows, cfg.validation_fraction)[1] for rows in kept]
-    num_kept = max(sum(len(y) for _, y in kept_val), 1)
-    before = sum(count_correct(model, original, rows) for rows in kept_val) / num_kept
-    after = sum(count_correct(model, unlearned, rows) for rows in kept_val) / num_kept
-    forget_val = [split_validation(*rows, cfg.validation_fraction)[1] for rows in forgotten if rows is not None]
-    num_forget = sum(len(y) for _, y in forget_val)
-    left = sum(count_correct(model, unlearned, rows) for rows in forget_val) / num_forget if num_forget else None
-    settings = RepairSettings(mode="auto", steps=cfg)
-    return settings.wanted({"retain_before": before, "retain_after": after, "forget_after": left}, request_kind)
+    figures = rule_figures(net.new_model(), original, unlearned, kept, forgotten, cfg.validation_fraction)
+    return RepairSettings(mode="auto", steps=cfg).wanted(figures, request_kind)
 
 
 def run_retrain(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
@@ -800,7 +791,7 @@ def main() -> None:
     parser.add_argument("--model-oracle", action="store_true",
                         help="class request: per affected model, the best grid candidate forgetting to <= 5 %% held "
                              "out (a bound read from the test split; ~1 min more on MNIST)")
-    parser.add_argument("--repair-stop", choices=["restore", "stall"],
+    parser.add_argument("--repair-stop", choices=REPAIR_STOPS,
                         help="fiun+repair: stop once the kept loss is back at the trained model's, or only on a stall "
                              "(the App's repair-stop)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

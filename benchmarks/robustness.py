@@ -64,6 +64,7 @@ from strategies.calibration import ClientCalibration  # noqa: E402
 from strategies.config import DEFAULTS  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
     DEFAULT_LAMS,
+    REPAIR_STOPS,
     GridCounts,
     RepairConfig,
     candidate_grid,
@@ -121,7 +122,7 @@ class Setup:
     repair_steps: int = int(DEFAULTS["repair-steps"])
     repair_lr: float = float(DEFAULTS["repair-lr"])
     repair_forget_weight: float = float(DEFAULTS["repair-forget-weight"])
-    repair_stop: str = str(DEFAULTS.get("repair-stop", "stall"))
+    repair_stop: str = str(DEFAULTS["repair-stop"])
     assd_percentile: float = 99.0
     max_train: int | None = None
     retain_fisher: str = "whole"
@@ -440,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repair-lr", type=float, default=Setup.repair_lr)
     parser.add_argument("--repair-forget-weight", type=float, default=Setup.repair_forget_weight,
                         help="weight of the repair's forget guard at the holders (0: kept data only)")
-    parser.add_argument("--repair-stop", default=Setup.repair_stop, choices=["stall", "restore"],
+    parser.add_argument("--repair-stop", default=Setup.repair_stop, choices=REPAIR_STOPS,
                         help="stall: until the validation loss stops improving; restore: also once the kept loss is "
                              "back at the trained model's")
     parser.add_argument("--retain-fisher", default="whole", choices=["whole", "classwise"],

@@ -378,21 +378,23 @@ def repair(
     forget_splits = [split_validation(*f, cfg.validation_fraction) if guarded and f is not None and len(f[1]) > 1
                      else None for _, f in pairs]
 
-    def val_loss(w: Weights) -> float:
-        guard = _guard_val_loss(model, w, forget_splits) if guarded else 0.0
-        return _val_loss(model, w, splits) + cfg.forget_weight * guard
-
     restore = _val_loss(model, original, splits) if cfg.stop == "restore" and original is not None else None
-    best = {k: v.clone() for k, v in weights.items()}
-    losses = [val_loss(best)]
-    forget_acc = [_acc(model, best, *forget_set)] if forget_set is not None else []
-    current, stale, rounds = best, 0, 0
 
-    def is_restored(w: Weights) -> bool:  # kept loss back at the original's, and (guard on) no forget row left
-        return restore is not None and _val_loss(model, w, splits) <= restore and not (
+    def val_loss(w: Weights) -> tuple[float, float]:
+        """(the kept part, the validation loss: kept plus the weighted guard)."""
+        kept = _val_loss(model, w, splits)
+        return kept, kept + cfg.forget_weight * (_guard_val_loss(model, w, forget_splits) if guarded else 0.0)
+
+    def is_restored(w: Weights, kept: float) -> bool:  # kept loss back at the original's, no forget row left
+        return restore is not None and kept <= restore and not (
             guarded and any(count_correct(model, w, f[1]) for f in forget_splits if f is not None))
 
-    restored = is_restored(best)
+    best = {k: v.clone() for k, v in weights.items()}
+    kept, loss = val_loss(best)
+    losses = [loss]
+    forget_acc = [_acc(model, best, *forget_set)] if forget_set is not None else []
+    current, stale, rounds = best, 0, 0
+    restored = is_restored(best, kept)
     while rounds < cfg.max_rounds and stale < cfg.patience and not restored:
         rounds += 1
         updates = [repair_steps(model, current, train, cfg, seed=(cfg.seed, rounds, i),
@@ -400,14 +402,15 @@ def repair(
                    for i, ((train, _), f) in enumerate(zip(splits, forget_splits))]
         sizes = [len(train[1]) for train, _ in splits]
         current = weighted_average(updates, sizes)
-        losses.append(val_loss(current))
+        kept, loss = val_loss(current)
+        losses.append(loss)
         if forget_set is not None:
             forget_acc.append(_acc(model, current, *forget_set))
         if losses[-1] < min(losses[:-1]):
             best, stale = current, 0
         else:
             stale += 1
-        restored = is_restored(current)
+        restored = is_restored(current, kept)
     info: dict[str, Any] = {"repair_rounds": rounds, "val_loss": losses}
     if restore is not None:
         info.update(restore_loss=restore, restored=restored)

@@ -248,12 +248,12 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
     settings = repair_settings(cfg, request.kind)
     repair_s = 0.0
+    rows = {entry["id"]: entry for entry in results["affected_models"]}  # each repair adds its model's after_repair
     if outcome.calibration and settings.wanted(outcome.calibration, request.kind):
         repaired, results["repair"] = _repair(grid, strategy, request, settings, store.get(final_before.weights))
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
-        for entry in results["affected_models"]:  # the served model's row in the per-model table, too
-            if entry["id"] == final_before.id:
-                entry["after_repair"] = results["final_global"]["after_repair"]
+        if final_before.id in rows:  # the served model's row in the per-model table, too
+            rows[final_before.id]["after_repair"] = results["final_global"]["after_repair"]
         repair_s += results["repair"]["seconds"]
     if outcome.calibration and outcome.client_results and settings.mode != "off":
         # the clients' own (derived) models, each on its holder's kept data; the calibration on the newest global
@@ -261,9 +261,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         held, held_s = _repair_held(grid, strategy, outcome, settings)
         results["repair_held"] = {"models": held, "seconds": held_s}
         figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()])
-        for entry in results["affected_models"]:
-            if entry["id"] in held:
-                entry["after_repair"] = figures[held[entry["id"]]["node"]]
+        for model_id, rep in held.items():
+            rows[model_id]["after_repair"] = figures[rep["node"]]
         repair_s += held_s
     if outcome.calibration and cfg.repair_scope == "all" and settings.mode != "off":
         # every other model the server holds (local updates, earlier globals): FIUn left some of them far below
@@ -273,7 +272,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         results["repair_server"] = {"models": others, "seconds": others_s}
         done = [i for i, rep in others.items() if rep["node"]]
         for i, figures in zip(done, evaluator([store.get(graph.node(others[i]["node"]).weights) for i in done])):
-            next(e for e in results["affected_models"] if e["id"] == i)["after_repair"] = figures
+            rows[i]["after_repair"] = figures
         repair_s += others_s
     if repair_s:
         results["timing"]["repair_s"] = repair_s
@@ -311,13 +310,9 @@ def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest
     pids = sorted(strategy.nodes.partition.values())
     weights, info = repair_at_clients(grid, strategy.nodes, pids, {p: request_config(request, p) for p in pids},
                                       store.get(unlearned.weights), settings, original)
-    node_id = f"{unlearned.id}~repair"
-    digest = store.put(weights, {"kind": "global", "repair-of": unlearned.id, "request": request.id})
-    graph.add_node(node_id, "global", round=unlearned.round, shard=unlearned.shard, owner=unlearned.owner,
-                   parents=(unlearned.id,), weights=digest, request_id=request.id,
-                   meta={"repair-of": unlearned.id, "held-by": "server"})
+    node_id = _add_repair_node(strategy, unlearned.id, weights)
     strategy.current = node_id
-    store.set_ref("latest-global", digest)
+    store.set_ref("latest-global", graph.node(node_id).weights)
     return weights, {**info, "node": node_id}
 
 
@@ -371,18 +366,18 @@ def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: Unlea
         report[i] = {**rep, "node": _add_repair_node(strategy, outcome.versions[i], weights) if rep["repaired"] else None}
     globals_ = [i for i in ids if i not in report and graph.node(i).kind == "global"]
     if globals_:  # all earlier globals at once: one validation round (before and after unlearning), then rounds
+        originals = [store.get(graph.node(i).weights) for i in globals_]
         unlearned = [store.get(graph.node(outcome.versions[i]).weights) for i in globals_]
-        scores = validate_at_clients(grid, strategy.nodes, pids, configs,
-                                     [store.get(graph.node(i).weights) for i in globals_] + unlearned, settings)
+        scores = validate_at_clients(grid, strategy.nodes, pids, configs, originals + unlearned, settings)
         for i, before, after in zip(globals_, scores, scores[len(globals_):]):
             figures = {"retain_before": before["retain_acc"], "retain_after": after["retain_acc"],
                        "forget_after": after["forget_acc"]}
             report[i] = {**figures, "repaired": settings.wanted(figures, request.kind), "rounds": 0, "val_loss": [],
                          "node": None}
-        wanted = [(i, w) for i, w in zip(globals_, unlearned) if report[i]["repaired"]]
-        repaired = repair_many_at_clients(grid, strategy.nodes, pids, configs, [w for _, w in wanted], settings,
-                                          [store.get(graph.node(i).weights) for i, _ in wanted]) if wanted else []
-        for (i, _), (weights, info) in zip(wanted, repaired):
+        wanted = [(i, w, o) for i, w, o in zip(globals_, unlearned, originals) if report[i]["repaired"]]
+        repaired = repair_many_at_clients(grid, strategy.nodes, pids, configs, [w for _, w, _ in wanted], settings,
+                                          [o for _, _, o in wanted]) if wanted else []
+        for (i, _, _), (weights, info) in zip(wanted, repaired):
             report[i].update(rounds=info["rounds"], val_loss=info["val_loss"],
                              node=_add_repair_node(strategy, outcome.versions[i], weights))
     seconds = time.perf_counter() - start

@@ -210,11 +210,12 @@ def handle_repair_sent(spec: ClientSpec, msg: Message, context: Context) -> Mess
                               steps=cfg)
     kind = "classes" if ForgetSpec.from_config(config).classes else "other"
     out: dict[str, Any] = {}
+    model = None
     for n, model_id in enumerate(ids):
         weights = R.record_to_tensors(arrays[f"{R.MODEL_KEY_PREFIX}{n}"])
         original = R.record_to_tensors(arrays[f"{R.ORIGINAL_KEY_PREFIX}{n}"])
-        model = load_model(spec, context, weights)
-        figures = rule_figures(model, original, weights, kept, forget, cfg.validation_fraction)
+        model = model or load_model(spec, context, weights)  # one instance: weights go in per call
+        figures = rule_figures(model, original, weights, [kept], [forget], cfg.validation_fraction)
         wanted = settings.wanted(figures, kind)
         reply = {R.NODE_ID: model_id, R.REPAIR_WANTED: int(wanted), R.REPAIR_ROUND: 0,
                  **{key: float(v) for key, v in figures.items() if v is not None}}
@@ -228,20 +229,31 @@ def handle_repair_sent(spec: ClientSpec, msg: Message, context: Context) -> Mess
     return Message(RecordDict(out), reply_to=msg)
 
 
-def rule_figures(model: torch.nn.Module, original: Tensors, unlearned: Tensors, kept: tuple[torch.Tensor, torch.Tensor],
-                 forget: tuple[torch.Tensor, torch.Tensor] | None, fraction: float) -> dict[str, float | None]:
-    """What :meth:`RepairSettings.wanted` reads, for one model on one client's repair rows: kept accuracy of the
-    ``original`` and the ``unlearned`` weights on the held-back share of ``kept`` (the rows the repair validates on,
-    never trained on), and the share of the held-back ``forget`` rows still predicted (``None`` without any)."""
-    kept_val = split_validation(*kept, fraction=fraction)[1]
-    num = max(len(kept_val[1]), 1)
-    figures: dict[str, float | None] = {"retain_before": count_correct(model, original, kept_val) / num,
-                                        "retain_after": count_correct(model, unlearned, kept_val) / num,
-                                        "forget_after": None}
-    if forget is not None and len(forget[1]) > 1:
-        forget_val = split_validation(*forget, fraction=fraction)[1]
-        figures["forget_after"] = count_correct(model, unlearned, forget_val) / len(forget_val[1])
-    return figures
+def rule_figures(model: torch.nn.Module, original: Tensors, unlearned: Tensors,
+                 kept: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 forget: Sequence[tuple[torch.Tensor, torch.Tensor] | None], fraction: float) -> dict[str, float | None]:
+    """What :meth:`RepairSettings.wanted` reads, for one model on its clients' repair rows (one ``kept`` and one
+    ``forget`` set, or ``None``, per client): kept accuracy of the ``original`` and the ``unlearned`` weights on the
+    held-back share of the kept rows (the rows the repair validates on, never trained on), and the share of the
+    held-back forget rows still predicted (``None`` without any; a set needs two rows, one held back)."""
+    kept_val = [split_validation(*rows, fraction=fraction)[1] for rows in kept]
+    num = max(sum(len(y) for _, y in kept_val), 1)
+    forget_val = [split_validation(*rows, fraction=fraction)[1] for rows in forget
+                  if rows is not None and len(rows[1]) > 1]
+    num_forget = sum(len(y) for _, y in forget_val)
+    return {"retain_before": sum(count_correct(model, original, rows) for rows in kept_val) / num,
+            "retain_after": sum(count_correct(model, unlearned, rows) for rows in kept_val) / num,
+            "forget_after": sum(count_correct(model, unlearned, rows) for rows in forget_val) / num_forget
+            if num_forget else None}
+
+
+def _local_repair_fields(settings: RepairSettings) -> dict[str, Any]:
+    """The fields of a ``train.repairheld`` / ``train.repairsent`` message that :func:`_local_repair_config` reads."""
+    steps = settings.steps
+    return {R.REPAIR_SAMPLES: settings.samples, R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
+            R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
+            R.REPAIR_VAL_FRACTION: steps.validation_fraction, R.REPAIR_FORGET_WEIGHT: steps.forget_weight,
+            R.REPAIR_STOP: steps.stop}
 
 
 def _local_repair_config(config: Any, seed: int) -> RepairConfig:
@@ -388,16 +400,10 @@ def repair_held_at_clients(grid: Grid, nodes: NodeDirectory, held: dict[int, lis
     repaired version)]), all at once. Returns model id -> ``{"node", "digest", "rounds", "val_loss"}``."""
     from strategies.nodes import checked_replies, exchange
 
-    steps = settings.steps
     msgs = []
     for pid, pairs in sorted(held.items()):
         cfg = ConfigRecord({R.MODEL_IDS: [a for a, _ in pairs], R.NODE_ID: [b for _, b in pairs],
-                            R.STORE_DIR: store_dir, R.REPAIR_SAMPLES: settings.samples,
-                            R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
-                            R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
-                            R.REPAIR_VAL_FRACTION: steps.validation_fraction,
-                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, R.REPAIR_STOP: steps.stop,
-                            **request_configs[pid]})
+                            R.STORE_DIR: store_dir, **_local_repair_fields(settings), **request_configs[pid]})
         msgs.append(Message(RecordDict({R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                             message_type=R.MSG_REPAIR_HELD))
     asked = {a: b for pairs in held.values() for a, b in pairs}
@@ -426,7 +432,6 @@ def repair_sent_at_clients(grid: Grid, nodes: NodeDirectory, sent: dict[int, lis
     "retain_before", "retain_after", "forget_after"}`` (the rule's figures, on the client's held-back rows)."""
     from strategies.nodes import checked_replies, exchange
 
-    steps = settings.steps
     msgs, asked = [], {}
     for pid, models in sorted(sent.items()):
         arrays = {}
@@ -435,11 +440,7 @@ def repair_sent_at_clients(grid: Grid, nodes: NodeDirectory, sent: dict[int, lis
             arrays[f"{R.ORIGINAL_KEY_PREFIX}{n}"] = R.tensors_to_record(original)
             asked[model_id] = pid
         cfg = ConfigRecord({R.MODEL_IDS: [m for m, _, _ in models], R.REPAIR_MODE: settings.mode,
-                            R.REPAIR_TOLERANCE: settings.tolerance, R.REPAIR_SAMPLES: settings.samples,
-                            R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
-                            R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
-                            R.REPAIR_VAL_FRACTION: steps.validation_fraction,
-                            R.REPAIR_FORGET_WEIGHT: steps.forget_weight, R.REPAIR_STOP: steps.stop,
+                            R.REPAIR_TOLERANCE: settings.tolerance, **_local_repair_fields(settings),
                             **request_configs[pid]})
         msgs.append(Message(RecordDict({**arrays, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                             message_type=R.MSG_REPAIR_SENT))

@@ -477,15 +477,15 @@ def test_repair_rule_figures_read_only_the_rows_the_repair_holds_back():
     broken = {"weight": torch.zeros(2, 2), "bias": torch.tensor([1.0, 0.0])}  # always class 0
     x = torch.tensor([[1.0, 0.0]] * 4 + [[-1.0, 0.0]] * 12)
     kept = (x, (x[:, 0] > 0).long())  # the held-back quarter (the first 4 rows) is class 1, the rest class 0
-    figures = rule_figures(model, right, broken, kept, None, 0.25)
+    figures = rule_figures(model, right, broken, [kept], [None], 0.25)
     # on every row the broken model would keep 12 of 16 (75 %); on the 4 held-back rows it keeps none
     assert figures == {"retain_before": 1.0, "retain_after": 0.0, "forget_after": None}
     assert RepairSettings().wanted(figures)
     forget = (torch.tensor([[-1.0, 0.0]] * 8), torch.zeros(8, dtype=torch.long))  # still predicted by both
-    figures = rule_figures(model, right, right, kept, forget, 0.25)
+    figures = rule_figures(model, right, right, [kept], [forget], 0.25)
     assert figures == {"retain_before": 1.0, "retain_after": 1.0, "forget_after": 1.0}
     assert RepairSettings().wanted(figures, "classes") and not RepairSettings().wanted(figures, "client")
-    assert rule_figures(model, right, right, kept, (forget[0][:1], forget[1][:1]), 0.25)["forget_after"] is None
+    assert rule_figures(model, right, right, [kept], [(forget[0][:1], forget[1][:1])], 0.25)["forget_after"] is None
 
 
 def test_sample_request_on_a_stored_training(trained, tmp_path):
