@@ -320,6 +320,37 @@ def test_unlearn_many_large_tensor_equals_loop() -> None:
             assert torch.equal(out["fc.weight"], exp["fc.weight"])
 
 
+@pytest.mark.parametrize("budget", [1, 600, 2**18])
+@pytest.mark.parametrize("shared", [True, False])
+def test_unlearn_many_in_chunks_equals_the_loop_bitwise(monkeypatch: pytest.MonkeyPatch, budget: int,
+                                                        shared: bool) -> None:
+    """On CPU the models are stacked in cache-sized chunks: one model per stack (budget 1), uneven chunks with a
+    tail (600 elements: a few models per stack for the small tensors, one for the large), and all at once."""
+    import fl_unlearn.fiun as fiun
+
+    monkeypatch.setattr(fiun, "CPU_CHUNK_ELEMENTS", budget)
+    n = 7
+    models = [make_weights(i) for i in range(n)]
+    retains = [make_fisher(100 + i) for i in range(n)]
+    forgets = [make_fisher(200)] * n if shared else [make_fisher(200 + i) for i in range(n)]
+    cfg = FIUnConfig(alpha=0.5, lam=0.7)
+    outs, stats = unlearn_many(models, retains, forgets[0] if shared else forgets, cfg)
+    expected_outs, expected_stats = loop(models, retains, forgets, cfg)
+    for out, expected in zip(outs, expected_outs):
+        assert_same(out, expected)
+    assert stats == expected_stats
+
+
+def test_chunks_cover_every_model_once() -> None:
+    from fl_unlearn.fiun import CPU_CHUNK_ELEMENTS, _chunks
+
+    like = torch.zeros(CPU_CHUNK_ELEMENTS // 3 + 1)  # two models fit in a chunk, not three
+    slices = _chunks(7, like)
+    assert [(s.start, s.stop) for s in slices] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert _chunks(3, torch.zeros(2 * CPU_CHUNK_ELEMENTS)) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert _chunks(5, torch.zeros(4)) == [slice(0, 5)]
+
+
 def test_unlearn_many_outputs_are_independent() -> None:
     models = [make_weights(i) for i in range(3)]
     outs, _ = unlearn_many(models, [make_fisher(10 + i) for i in range(3)], make_fisher(20), FIUnConfig())
