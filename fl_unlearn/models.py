@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18
 
 from fl_unlearn.errors import ConfigError
 
@@ -25,6 +24,10 @@ def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn
     which costs CIFAR accuracy. ``image_size`` is accepted for a uniform factory signature; the global
     average pool makes the network size-agnostic.
     """
+    # Imported here: torchvision's package import pulls in torch._dynamo (1.3-1.5 s), which every process that
+    # only builds the small CNN would pay; on a SuperNode that is every message (one ClientApp process each).
+    from torchvision.models import resnet18 as tv_resnet18
+
     model = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
