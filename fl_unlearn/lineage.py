@@ -442,9 +442,14 @@ class LineageGraph:
         return [n.id for n in self.nodes() if n.data is not None and match(n)]
 
     def affected(
-        self, request: UnlearningRequest, *, sample_ids_of: Callable[[ModelNode], set[int] | None] | None = None
+        self, request: UnlearningRequest, *, sample_ids_of: Callable[[ModelNode], set[int] | None] | None = None,
+        skip_superseded: bool = False,
     ) -> list[str]:
         """The roots of ``request`` and all their descendants, chronologically; all other nodes are untouched.
+
+        With ``skip_superseded``, models a later version replaced (:meth:`superseded`) are left out: a second
+        request unlearns the versions the first one left, not again the models they replaced (each of which would
+        get one more version: the affected set would double with every request).
 
         Examples
         --------
@@ -455,8 +460,26 @@ class LineageGraph:
         >>> _ = g.add_node("x", "global", round=0)
         >>> g.affected(UnlearningRequest.for_clients([3]))
         ['a', 'g']
+        >>> _ = g.add_node("g~u1", "global", round=1, parents=("g",), request_id="r1", meta={"unlearned-from": "g"})
+        >>> g.affected(UnlearningRequest.for_clients([3])), g.affected(UnlearningRequest.for_clients([3]),
+        ...                                                             skip_superseded=True)
+        (['a', 'g', 'g~u1'], ['a', 'g~u1'])
         """
-        return self.with_descendants(self.roots(request, sample_ids_of=sample_ids_of))
+        affected = self.with_descendants(self.roots(request, sample_ids_of=sample_ids_of))
+        if not skip_superseded:
+            return affected
+        replaced = self.superseded()
+        return [n for n in affected if n not in replaced]
+
+    #: Node metadata naming the model a node replaces: an unlearned version's original, a repair's version.
+    REPLACES_KEYS = ("unlearned-from", "repair-of")
+
+    def superseded(self) -> set[str]:
+        """The models a later version replaced: each unlearned version's original (``meta["unlearned-from"]``)
+        and each repaired model's unrepaired version (``meta["repair-of"]``). They stay in the graph (and their
+        weights in the store) as the record of what was there before; nothing serves or trains from them.
+        A leaf of the lineage that nothing replaced is never superseded."""
+        return {str(n.meta[key]) for n in self.nodes() for key in self.REPLACES_KEYS if n.meta.get(key)}
 
     # -- changing -----------------------------------------------------------------------------------
 

@@ -40,7 +40,9 @@ class ServerSteps:
     def plan(self) -> Plan:
         s, request = self.strategy, self.request
         s.check_request(request)
-        plan = plan_request(s.graph, s.store, s.graph.roots(request), s.graph.affected(request))
+        # Models an earlier request replaced (by their unlearned or repaired version) are not unlearned again:
+        # their replacements are, and are what the federation serves and holds.
+        plan = plan_request(s.graph, s.store, s.graph.roots(request), s.graph.affected(request, skip_superseded=True))
         self._sync(plan)
         log(INFO, "unlearn: %s: %d roots, %d affected models (%d server-held, %d on %d clients)", request.describe(),
             len(plan.roots), len(plan.affected), len(plan.server_models),

@@ -13,6 +13,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -20,8 +21,8 @@ from fl_unlearn.errors import UnlearnError
 from strategies import records as R
 
 
-def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0) -> list[int]:
-    """Block until ``num_nodes`` nodes are connected; return their ids.
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0, *, exclude: Iterable[int] = ()) -> list[int]:
+    """Block until ``num_nodes`` nodes are connected (not counting those in ``exclude``); return their ids.
 
     ``get_node_ids()`` can return 0 nodes right after start (flower.md §3, registration race).
 
@@ -30,12 +31,14 @@ def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0) -> list[i
     UnlearnError
         Fewer nodes after ``timeout`` seconds.
     """
+    skip = set(exclude)
     deadline = time.monotonic() + timeout
-    while len(ids := list(grid.get_node_ids())) < num_nodes:
+    while len(ids := [n for n in grid.get_node_ids() if n not in skip]) < num_nodes:
         if time.monotonic() > deadline:
+            left_out = f" ({len(skip)} more listed but unavailable)" if skip else ""
             raise UnlearnError(
-                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s; pass num-clients equal "
-                "to num-supernodes"
+                f"only {len(ids)} of {num_nodes} nodes connected after {timeout:.0f} s{left_out}; pass num-clients "
+                "equal to num-supernodes"
             )
         time.sleep(0.1)
     return ids
@@ -100,39 +103,63 @@ class NodeDirectory:
         Node id -> partition id.
     info : dict[int, dict]
         Partition id -> ``{"num-examples": int, "histogram": {class: count}}``.
+    unavailable : set[int]
+        Node ids the SuperLink still lists but that did not heartbeat (``NODE_UNAVAILABLE`` replies): a SuperNode
+        that went away, or one a restarted SuperLink remembers from its database. Left out of the federation.
     """
 
     def __init__(self, num_nodes: int = 0, *, timeout: float = 120.0) -> None:
         self.num_nodes, self.timeout = num_nodes, timeout
         self.partition: dict[int, int] = {}
         self.info: dict[int, dict[str, Any]] = {}
+        self.unavailable: set[int] = set()
 
     def refresh(self, grid: Grid) -> None:
-        """Wait for the expected nodes, then ask every node not seen yet for its partition (one round trip)."""
-        ids = wait_for_nodes(grid, self.num_nodes, self.timeout)
-        self.partition = {n: p for n, p in self.partition.items() if n in set(ids)}
-        new = [n for n in ids if n not in self.partition]
-        if not new:
-            return
-        # A node that has not answered yet (a client still starting on a loaded machine) is asked again: an
-        # inner strategy shown fewer nodes than it needs would wait in its sampling loop forever.
-        for _ in range(self.INFO_ATTEMPTS):
-            self._ask_info(grid, new)
-            new = [n for n in new if n not in self.partition]
+        """Wait for the expected nodes, then ask every node not seen yet for its partition (one round trip).
+
+        A node the SuperLink reports unavailable is left out (logged), and the directory waits for the expected
+        number of nodes without it, within the same ``timeout``.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ids = wait_for_nodes(grid, self.num_nodes, max(0.0, deadline - time.monotonic()),
+                                 exclude=self.unavailable)
+            self.partition = {n: p for n, p in self.partition.items() if n in set(ids)}
+            new = [n for n in ids if n not in self.partition]
             if not new:
+                return
+            self._ask_new(grid, new)
+            if len(self.partition) >= self.num_nodes:
                 break
-        if new:
-            raise UnlearnError(f"query.info: nodes {new} did not answer in {self.INFO_ATTEMPTS} attempts of "
-                               f"{self.timeout:.0f} s; the federation cannot be sampled without them")
         log(INFO, "query.info: %d nodes, partitions %s", len(self.partition), sorted(self.partition.values()))
 
     #: Round trips a silent node gets before ``refresh`` gives up on it.
     INFO_ATTEMPTS = 3
 
+    def _ask_new(self, grid: Grid, new: list[int]) -> None:
+        # A node that has not answered yet (a client still starting on a loaded machine) is asked again: an
+        # inner strategy shown fewer nodes than it needs would wait in its sampling loop forever.
+        for _ in range(self.INFO_ATTEMPTS):
+            self._ask_info(grid, new)
+            new = [n for n in new if n not in self.partition and n not in self.unavailable]
+            if not new:
+                return
+        raise UnlearnError(f"query.info: nodes {new} did not answer in {self.INFO_ATTEMPTS} attempts of "
+                           f"{self.timeout:.0f} s; the federation cannot be sampled without them")
+
     def _ask_info(self, grid: Grid, nodes: list[int]) -> None:
         msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord()}), dst_node_id=n, message_type=R.MSG_INFO)
                 for n in nodes]
-        for reply in exchange(grid, msgs, timeout=self.timeout):
+        replies = exchange(grid, msgs, timeout=self.timeout)
+        # The SuperLink answers for an unavailable node (the reply's source is the SuperLink): the node is the
+        # destination of the message replied to (push gave every message its id).
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+        for reply in replies:
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                log(WARNING, "query.info: node %s unavailable (%s); left out of this run", node, reply.error.reason)
+                self.unavailable.add(node)
+                continue
             if reply.has_error():
                 raise UnlearnError(
                     f"query.info failed ({error_reason(reply)}); register the unlearning handlers on the ClientApp "

@@ -413,3 +413,20 @@ def test_ancestors_mirror_descendants():
     assert g.ancestors("d") == ["a", "b", "c"]
     assert g.ancestors("a") == []
     assert all(n in g.descendants(a) for n in ("d",) for a in g.ancestors("d"))
+
+
+def test_superseded_models_are_left_out_of_a_later_request_when_asked():
+    """An unlearned version replaces its original, a repaired model its unrepaired version; a later request
+    unlearns what replaced them (skip_superseded), never the replaced models again."""
+    g = LineageGraph()
+    g.add_node("l1", "local", round=1, owner="client:0", data=TrainingData(0, {3: 5, 5: 5}))
+    g.add_node("g1", "global", round=1, parents=("l1",))
+    g.add_node("g2", "global", round=2, parents=("g1",))
+    g.add_node("l1~u", "local", round=1, parents=("l1",), request_id="r1", meta={"unlearned-from": "l1"})
+    g.add_node("g1~u", "global", round=1, parents=("g1",), request_id="r1", meta={"unlearned-from": "g1"})
+    g.add_node("g1~u~repair", "global", round=1, parents=("g1~u",), request_id="r1", meta={"repair-of": "g1~u"})
+    request = UnlearningRequest.for_classes([5])
+    assert g.superseded() == {"l1", "g1", "g1~u"}
+    assert g.affected(request) == ["l1", "g1", "g2", "l1~u", "g1~u", "g1~u~repair"]
+    # g2 has no version (nothing replaced it): it stays in
+    assert g.affected(request, skip_superseded=True) == ["g2", "l1~u", "g1~u~repair"]

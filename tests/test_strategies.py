@@ -185,6 +185,26 @@ def test_prepared_forget_fishers_equal_computed_ones_and_a_missing_one_falls_bac
     assert res["final_global"]["after"]["forget_acc"] <= 0.05
 
 
+def test_a_second_request_unlearns_the_versions_the_first_left_not_the_models_they_replaced(train_unlearn,
+                                                                                            tmp_path):
+    # Request 1 (class 3) replaced every affected model by its unlearned (or repaired) version. Request 2 (class 5)
+    # on the same store unlearns those versions, not the replaced models again: as many models as request 1, not
+    # twice as many (unlearning the replaced ones too doubled the affected set with every request).
+    store = tmp_path / "store"
+    shutil.copytree(train_unlearn["store_dir"], store)
+    graph = LineageGraph.open(store / "lineage")
+    replaced = graph.superseded()
+    live_before = {n.id for n in graph.nodes()} - replaced
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), forget_classes="5",
+                  derive="finetune", derive_depth=2, retrain_baseline=False)
+    second = [m["id"] for m in res["affected_models"]]
+    assert res["request_state"]["state"] == "verified"
+    assert len(second) == len(train_unlearn["affected_models"])
+    assert not set(second) & replaced and set(second) <= live_before
+    assert all("~u" in m for m in second)  # every one a version request 1 left
+    assert res["final_global"]["after"]["forget_acc"] <= 0.05
+
+
 def test_unknown_class_fails_clearly_and_changes_nothing(trained, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(trained / "store", store)
@@ -856,6 +876,57 @@ def test_node_directory_asks_silent_nodes_again_then_refuses_instead_of_hanging(
     never = NodeDirectory(2, timeout=0.1)
     with pytest.raises(UnlearnError, match=r"nodes \[2\] did not answer"):
         never.refresh(_SilentGrid(answers_from=99))
+
+
+class _StaleNodeGrid:
+    """A SuperLink listing nodes 2, 3 and 4, where node 3 no longer heartbeats (a SuperNode that went away): the
+    SuperLink itself answers for it with NODE_UNAVAILABLE. Push and pull, as Flower's grids do."""
+
+    def __init__(self, listed=(2, 3, 4)):
+        self.listed, self.sent = list(listed), {}
+
+    def get_node_ids(self):
+        return list(self.listed)
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent)}-{i}"
+            self.sent[m.metadata.message_id] = m
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        replies = []
+        for mid in message_ids:
+            m = self.sent[mid]
+            node = m.metadata.dst_node_id
+            if node == 3:
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own node id
+            else:
+                cfg = ConfigRecord({R.PARTITION_ID: node - 2 if node == 2 else 1, R.NUM_EXAMPLES: 5,
+                                    **R.histogram_to_config({0: 5})})
+                reply = Message(RecordDict({R.INFO_KEY: cfg}), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+
+def test_node_directory_leaves_out_a_node_the_superlink_reports_unavailable(task_identity):
+    from strategies.nodes import NodeDirectory
+
+    directory = NodeDirectory(2, timeout=0.5)
+    directory.refresh(_StaleNodeGrid())
+    assert directory.partition == {2: 0, 4: 1} and directory.unavailable == {3}
+    assert directory.sorted_nodes() == [2, 4]
+    # without the stale node there are too few: a clear error within the timeout, not a hang
+    short = NodeDirectory(2, timeout=0.3)
+    with pytest.raises(UnlearnError, match=r"only 1 of 2 nodes connected .*1 more listed but unavailable"):
+        short.refresh(_StaleNodeGrid(listed=(2, 3)))
 
 
 class _HandlerGrid:
