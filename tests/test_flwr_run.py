@@ -56,6 +56,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _default_signals() -> None:
+    """In the script's process, before exec: the default disposition for the signals the tests send. A shell
+    cannot trap a signal that was ignored when it started, and a suite launched under ``nohup`` (SIGHUP) or as a
+    background job without job control (SIGINT) passes those on: the script would then be tested in a setting
+    where nothing it does could catch them."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.fixture
 def started(tmp_path):
     """Start the script on the stand-in ``flwr``; yields (process, the SuperLink's pid, its port)."""
@@ -70,7 +79,7 @@ def started(tmp_path):
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
            "FLWR_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen(["bash", str(SCRIPT), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_signals)
     deadline = time.monotonic() + 30
     while not (ready.exists() and ready.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
