@@ -492,7 +492,12 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     data = spec.data_fn(context)
     forget_rows, retain_rows = forget.split_rows(data)
     weights = [store.get(index[i]["weights"]) for i in ids]
-    if config.get(R.WANT_RETAIN):  # retain-fisher=fresh: on the kept data, at each model's own weights
+    if not len(retain_rows):  # nothing kept here (a forgotten client's own models): the federation's F_D
+        if R.RETAIN_FISHER_KEY not in msg.content.array_records:
+            raise UnlearnError(f"train.unlearn: partition {partition_id(context)} keeps no data after this request, "
+                               "and the server sent no retain-Fisher to dampen its models with")
+        retain = [R.record_to_tensors(msg.content.array_records[R.RETAIN_FISHER_KEY])] * len(ids)
+    elif config.get(R.WANT_RETAIN):  # retain-fisher=fresh: on the kept data, at each model's own weights
         retain = [fisher_of(load_model(spec, context, w), data, retain_rows, context, config, seed=_seed(context, -1))
                   for w in weights]
     else:  # the Fisher accumulated while deriving, corrected for the forgotten share of its data

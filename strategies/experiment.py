@@ -33,7 +33,7 @@ from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything
 from strategies import records as R
 from strategies.config import AppConfig
-from strategies.forget import request_config
+from strategies.forget import keeps_nothing, request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
 from strategies.retrain import RetrainStrategy
@@ -323,6 +323,13 @@ def _repair_held(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutco
     start = time.perf_counter()
     graph, request = strategy.graph, outcome.request
     version_of = {old: outcome.versions[old] for old in outcome.client_results}
+    # A client that keeps no data (a forgotten client's own models) has nothing to repair them on: left as FIUn
+    # left them.
+    empty = sorted({graph.node(v).client for v in version_of.values()
+                    if keeps_nothing(request, graph.node(v).client, strategy.nodes.info.get(graph.node(v).client))})
+    if empty:
+        log(INFO, "repair: partitions %s keep no data; their models stay as unlearned", empty)
+        version_of = {old: v for old, v in version_of.items() if graph.node(v).client not in empty}
     held: dict[int, list[tuple[str, str]]] = {}
     for old, version in version_of.items():
         held.setdefault(graph.node(version).client, []).append((version, f"{version}~repair"))

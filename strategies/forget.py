@@ -95,6 +95,22 @@ def forget_count(data: TrainingData, request: UnlearningRequest) -> int:
     return 0
 
 
+def keeps_nothing(request: UnlearningRequest, pid: int, info: Mapping[str, Any] | None) -> bool:
+    """Whether client ``pid`` keeps no data after ``request`` (its ``query.info``: ``num-examples`` and
+    ``histogram``): a forgotten client, or one whose every sample is in the forgotten classes or ids. Such a client
+    has no data for a retain-Fisher or a repair of the models it holds."""
+    if request.kind == "client":
+        return pid in request.clients
+    if not info:
+        return False
+    total = int(info.get("num-examples", 0))
+    if request.kind == "classes":
+        forgotten = sum(int(info.get("histogram", {}).get(c, 0)) for c in request.classes)
+    else:
+        forgotten = len(request.samples.get(pid, ()))
+    return total > 0 and forgotten >= total
+
+
 def retain_from_whole(whole: Tensors, forget: Tensors, rho: float) -> Tensors:
     """Retain-Fisher from a Fisher over all of a model's data: ``(F_all - rho F_f) / (1 - rho)``, clamped at 0.
 

@@ -80,7 +80,8 @@ class ServerSteps:
         self._restore(done)
         s.nodes.refresh(self.grid)  # a resumed run has not asked query.info yet
         ids = [m for m in plan.affected if any(m in v for v in todo.values())]
-        digests, failures = s._unlearn_client_models(self.grid, self.request, ids, fishers.forget, self.outcome)
+        digests, failures = s._unlearn_client_models(self.grid, self.request, ids, fishers.forget, self.outcome,
+                                                     fishers.retain)
         self.outcome.timing["clients_s"] = time.perf_counter() - start
         reports = {k: dict(self.outcome.client_results[k]) for k in digests if k in self.outcome.client_results}
         return ClientsDone(digests, reports, failures)

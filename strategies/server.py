@@ -52,7 +52,7 @@ from fl_unlearn.store import Store
 from strategies import records as R
 from strategies.base import DelegatingStrategy
 from strategies.calibration import ClientCalibration, calibrate_at_clients
-from strategies.forget import forget_count, request_config, retain_from_whole
+from strategies.forget import forget_count, keeps_nothing, request_config, retain_from_whole
 from strategies.journaled import ServerSteps, fill_outcome
 from strategies.nodes import checked_replies, exchange, send_with_retries
 from strategies.strategy_utils import reset_optimiser_state
@@ -762,9 +762,13 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _unlearn_client_models(
         self, grid: Grid, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
-        outcome: UnlearnOutcome,
+        outcome: UnlearnOutcome, retain: Tensors | None = None,
     ) -> tuple[dict[str, str], dict[int, str]]:
         """``train.unlearn`` to every client holding affected models, all in one round trip.
+
+        A client that keeps no data after the request (:func:`strategies.forget.keeps_nothing`: a forgotten
+        client's own derived models) has none for their retain-Fisher: it also gets ``retain``, the federation's
+        merged retain-Fisher (F_D of the clients that keep data), to dampen them with.
 
         Returns ``(versions, failures)``: old id -> the client's weights digest, and partition -> why it failed
         (after ``reply_retries`` retries); a failed client's models are not unlearned.
@@ -786,8 +790,11 @@ class UnlearningStrategy(DelegatingStrategy):
                                 R.STORE_DIR: str(self.store.root), R.SCALE_FREE: outcome.scale_free,
                                 **self._fisher_config(), **self._client_check_config(request, outcome),
                                 **fiun_config(self._client_fiun(outcome)), **request_config(request, pid)})
-            msgs.append(Message(RecordDict({R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}),
-                                dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_UNLEARN))
+            content = {R.FORGET_FISHER_KEY: R.tensors_to_record(forget), R.CONFIG_KEY: cfg}
+            if retain is not None and keeps_nothing(request, pid, self.nodes.info.get(pid)):
+                content[R.RETAIN_FISHER_KEY] = R.tensors_to_record(retain)
+            msgs.append(Message(RecordDict(content), dst_node_id=self.nodes.node_of(pid),
+                                message_type=R.MSG_UNLEARN))
         replies, failed_nodes = send_with_retries(
             grid, msgs, R.MSG_UNLEARN, timeout=self.nodes.timeout, retries=self.reply_retries,
             check=lambda r: self._check_unlearn_reply(r, by_client, request))

@@ -282,6 +282,34 @@ def test_client_request_is_served_and_reported(tmp_path):
         "retain_before": None, "retain_after": None, "forget_after": None}
 
 
+def test_keeps_nothing_names_the_clients_a_request_leaves_without_data():
+    from strategies.forget import keeps_nothing
+
+    info = {"num-examples": 10, "histogram": {3: 6, 5: 4}}
+    assert keeps_nothing(UnlearningRequest.for_clients([1]), 1, info)
+    assert not keeps_nothing(UnlearningRequest.for_clients([1]), 0, info)
+    assert keeps_nothing(UnlearningRequest.for_classes([3, 5]), 0, info)
+    assert not keeps_nothing(UnlearningRequest.for_classes([3]), 0, info)
+    assert keeps_nothing(UnlearningRequest.for_samples({0: list(range(10))}), 0, info)
+    assert not keeps_nothing(UnlearningRequest.for_samples({0: [1, 2]}), 0, info)
+    assert not keeps_nothing(UnlearningRequest.for_classes([3]), 0, None)  # unknown: assume it keeps some
+
+
+def test_a_forgotten_clients_own_derived_models_are_unlearned_with_the_federations_retain_fisher(tmp_path):
+    # Client 1 derived a model from the final global and is then forgotten: it keeps no data for that model's
+    # retain-Fisher. It dampens it with the federation's (sent in train.unlearn) instead of failing the request, and
+    # is not asked to repair it (nothing to repair on). Found on the Deployment Engine: the request stayed incomplete.
+    res = run_app(request_kind="client", forget_clients="1", out_dir=str(tmp_path), num_server_rounds=1,
+                  derive="finetune", derive_depth=1)
+    state = res["request_state"]
+    assert state["state"] == "verified" and state["missing"] == [] and state["failures"] == {}
+    derived = {m["id"]: m for m in res["affected_models"] if m["kind"] == "derived"}
+    assert set(derived) == {"derived-finetune-p0-global-r1-1", "derived-finetune-p1-global-r1-1"}
+    assert all(m["version"] for m in derived.values())
+    repaired = res.get("repair_held", {}).get("models", {})
+    assert "derived-finetune-p1-global-r1-1" not in repaired
+
+
 def test_alpha_auto_calibrates_at_the_clients(trained, tmp_path):
     from fl_unlearn.calibrate import candidate_grid
 
