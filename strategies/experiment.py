@@ -323,16 +323,16 @@ def _repair_held(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutco
     start = time.perf_counter()
     graph, request = strategy.graph, outcome.request
     version_of = {old: outcome.versions[old] for old in outcome.client_results}
+    holder = {old: graph.node(version).client for old, version in version_of.items()}
     # A client that keeps no data (a forgotten client's own models) has nothing to repair them on: left as FIUn
     # left them.
-    empty = sorted({graph.node(v).client for v in version_of.values()
-                    if keeps_nothing(request, graph.node(v).client, strategy.nodes.info.get(graph.node(v).client))})
+    empty = sorted({p for p in holder.values() if keeps_nothing(request, p, strategy.nodes.info.get(p))})
     if empty:
         log(INFO, "repair: partitions %s keep no data; their models stay as unlearned", empty)
-        version_of = {old: v for old, v in version_of.items() if graph.node(v).client not in empty}
+        version_of = {old: v for old, v in version_of.items() if holder[old] not in empty}
     held: dict[int, list[tuple[str, str]]] = {}
     for old, version in version_of.items():
-        held.setdefault(graph.node(version).client, []).append((version, f"{version}~repair"))
+        held.setdefault(holder[old], []).append((version, f"{version}~repair"))
     done = repair_held_at_clients(grid, strategy.nodes, held, {p: request_config(request, p) for p in held},
                                   str(strategy.store.root), settings)
     report = {}

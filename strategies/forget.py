@@ -99,16 +99,10 @@ def keeps_nothing(request: UnlearningRequest, pid: int, info: Mapping[str, Any] 
     """Whether client ``pid`` keeps no data after ``request`` (its ``query.info``: ``num-examples`` and
     ``histogram``): a forgotten client, or one whose every sample is in the forgotten classes or ids. Such a client
     has no data for a retain-Fisher or a repair of the models it holds."""
-    if request.kind == "client":
-        return pid in request.clients
-    if not info:
-        return False
-    total = int(info.get("num-examples", 0))
-    if request.kind == "classes":
-        forgotten = sum(int(info.get("histogram", {}).get(c, 0)) for c in request.classes)
-    else:
-        forgotten = len(request.samples.get(pid, ()))
-    return total > 0 and forgotten >= total
+    spec = ForgetSpec.from_config(request_config(request, pid))
+    if spec.everything:
+        return True
+    return bool(info) and spec.fraction(info.get("histogram", {}), int(info.get("num-examples", 0))) >= 1.0
 
 
 def retain_from_whole(whole: Tensors, forget: Tensors, rho: float) -> Tensors:

@@ -124,7 +124,8 @@ class NodeDirectory:
         while True:
             ids = wait_for_nodes(grid, self.num_nodes, max(0.0, deadline - time.monotonic()),
                                  exclude=self.unavailable)
-            self.partition = {n: p for n, p in self.partition.items() if n in set(ids)}
+            live = set(ids)
+            self.partition = {n: p for n, p in self.partition.items() if n in live}
             new = [n for n in ids if n not in self.partition]
             if not new:
                 return
