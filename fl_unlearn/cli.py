@@ -201,6 +201,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.repair": ("repair", _on_off),
     "unlearning.repair_scope": ("repair-scope", _text),
     "unlearning.repair_stop": ("repair-stop", _text),
+    "unlearning.repair_budget": ("repair-budget", _float),
     "unlearning.repair_rounds": ("repair-rounds", _int),
     "unlearning.repair_steps": ("repair-steps", _int),
     "unlearning.repair_lr": ("repair-lr", _float),

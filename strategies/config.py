@@ -63,6 +63,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "repair": "auto",
     "repair-scope": "all",
     "repair-stop": "stall",
+    "repair-budget": 1.0,
     "repair-rounds": 16,
     "repair-steps": 8,
     "repair-lr": 0.02,
@@ -173,6 +174,7 @@ class AppConfig:
     repair: str
     repair_scope: str
     repair_stop: str
+    repair_budget: float
     repair_rounds: int
     repair_steps: int
     repair_lr: float
@@ -229,6 +231,9 @@ class AppConfig:
         if self.repair_rounds < 0 or self.repair_steps < 1 or self.repair_lr <= 0 or self.repair_samples < 2:
             raise ConfigError("repair-rounds must be >= 0, repair-steps >= 1, repair-lr > 0 and repair-samples >= 2; "
                               f"got {self.repair_rounds}, {self.repair_steps}, {self.repair_lr}, {self.repair_samples}")
+        if not (self.repair_budget >= 0 and math.isfinite(self.repair_budget)):
+            raise ConfigError(f"repair-budget must be a finite number >= 0 (a fraction of the training run's train_s; "
+                              f"0: no limit), got {self.repair_budget}")
         if not (self.repair_forget_weight >= 0 and math.isfinite(self.repair_forget_weight)):
             raise ConfigError(f"repair-forget-weight must be a finite number >= 0 (0: repair on kept data only), "
                               f"got {self.repair_forget_weight}")

@@ -39,8 +39,8 @@ from strategies.nodes import checked_replies, exchange
 from strategies.retrain import RetrainStrategy
 from fl_unlearn.calibrate import RepairConfig, grid_alphas
 from strategies.calibration import ClientCalibration
-from strategies.repair import (RepairSettings, repair_at_clients, repair_held_at_clients, repair_many_at_clients,
-                               repair_sent_at_clients, validate_at_clients)
+from strategies.repair import (RepairBudget, RepairSettings, repair_at_clients, repair_held_at_clients,
+                               repair_many_at_clients, repair_sent_at_clients, validate_at_clients)
 from strategies.server import UnlearningStrategy, UnlearnOutcome
 
 Tensors = dict[str, torch.Tensor]
@@ -247,28 +247,40 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
     settings = repair_settings(cfg, request.kind)
+    # every repair below shares one budget, a fraction of what training the federation took (evaluations between
+    # the repairs do not count)
+    budget = RepairBudget.of(cfg.repair_budget, results["timing"].get("train_s"))
     repair_s = 0.0
     rows = {entry["id"]: entry for entry in results["affected_models"]}  # each repair adds its model's after_repair
-    if outcome.calibration and settings.wanted(outcome.calibration, request.kind):
-        repaired, results["repair"] = _repair(grid, strategy, request, settings, store.get(final_before.weights))
+    if outcome.calibration and settings.wanted(outcome.calibration, request.kind) \
+            and not budget.skip("the served global model"):
+        with budget.counting():
+            repaired, results["repair"] = _repair(grid, strategy, request, settings, store.get(final_before.weights),
+                                                  budget)
+        if results["repair"]["budget_cut"]:
+            budget.stopped.append(final_before.id)
         results["final_global"]["after_repair"] = evaluator([repaired])[0]
         if final_before.id in rows:  # the served model's row in the per-model table, too
             rows[final_before.id]["after_repair"] = results["final_global"]["after_repair"]
         repair_s += results["repair"]["seconds"]
-    if outcome.calibration and outcome.client_results and settings.mode != "off":
+    if outcome.calibration and outcome.client_results and settings.mode != "off" \
+            and not budget.skip("the client-held models"):
         # the clients' own (derived) models, each on its holder's kept data; the calibration on the newest global
         # says nothing about them, and a repair that does not lower the validation loss keeps the model as it is
-        held, held_s = _repair_held(grid, strategy, outcome, settings)
+        with budget.counting():
+            held, held_s = _repair_held(grid, strategy, outcome, settings)
         results["repair_held"] = {"models": held, "seconds": held_s}
         figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()])
         for model_id, rep in held.items():
             rows[model_id]["after_repair"] = figures[rep["node"]]
         repair_s += held_s
-    if outcome.calibration and cfg.repair_scope == "all" and settings.mode != "off":
+    if outcome.calibration and cfg.repair_scope == "all" and settings.mode != "off" \
+            and not budget.skip("the other server-held models"):
         # every other model the server holds (local updates, earlier globals): FIUn left some of them far below
         # their retrained twins (MNIST class 3: a round-1 local update at 13 % kept), and they are what a later
         # request, a rollback or an audit reads; each is repaired where its data lives, where the rule asks
-        others, others_s = _repair_server_held(grid, strategy, outcome, settings, final_before.id)
+        with budget.counting():
+            others, others_s = _repair_server_held(grid, strategy, outcome, settings, final_before.id, budget)
         results["repair_server"] = {"models": others, "seconds": others_s}
         done = [i for i, rep in others.items() if rep["node"]]
         for i, figures in zip(done, evaluator([store.get(graph.node(others[i]["node"]).weights) for i in done])):
@@ -276,6 +288,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         repair_s += others_s
     if repair_s:
         results["timing"]["repair_s"] = repair_s
+    if repair_s or budget.skipped:
+        results["repair_budget"] = {"fraction": cfg.repair_budget, **budget.report()}
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
@@ -301,15 +315,16 @@ def repair_settings(cfg: AppConfig, request_kind: str = "classes") -> RepairSett
                                              forget_weight=guard, stop=cfg.repair_stop))
 
 
-def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest,
-            settings: RepairSettings, original: Tensors) -> tuple[Tensors, dict[str, Any]]:
+def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest, settings: RepairSettings,
+            original: Tensors, budget: RepairBudget | None = None) -> tuple[Tensors, dict[str, Any]]:
     """Repair the unlearned global model on kept data (``original``: the model before unlearning, where
-    ``repair-stop=restore`` stops); record the result as a new global lineage node."""
+    ``repair-stop=restore`` stops; ``budget``: where the repairs' budget does); record the result as a new global
+    lineage node."""
     graph, store = strategy.graph, strategy.store
     unlearned = graph.node(strategy.current)
     pids = sorted(strategy.nodes.partition.values())
     weights, info = repair_at_clients(grid, strategy.nodes, pids, {p: request_config(request, p) for p in pids},
-                                      store.get(unlearned.weights), settings, original)
+                                      store.get(unlearned.weights), settings, original, budget)
     node_id = _add_repair_node(strategy, unlearned.id, weights)
     strategy.current = node_id
     store.set_ref("latest-global", graph.node(node_id).weights)
@@ -349,13 +364,14 @@ def _repair_held(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutco
 
 
 def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutcome, settings: RepairSettings,
-                        served: str) -> tuple[dict[str, dict[str, Any]], float]:
+                        served: str, budget: RepairBudget | None = None) -> tuple[dict[str, dict[str, Any]], float]:
     """Repair the server-held unlearned models other than the ``served`` one where the ``repair`` rule asks for it
     (:meth:`RepairSettings.wanted`, on the rows each repair holds back): a local update at the client that trained
     it (``train.repairsent``, all clients at once), the earlier global models by FedAvg rounds over every client
     (``train.repair``, all of them in the same rounds, decided by one validation-only round). Each repaired model
-    becomes a ``<version>~repair`` node. Returns affected model id -> report (``node`` ``None`` where the rule
-    left it as it was), and the seconds taken."""
+    becomes a ``<version>~repair`` node. With a ``budget``, the earlier globals are skipped once it is spent, and
+    their rounds end when it runs out. Returns affected model id -> report (``node`` ``None`` where the rule left
+    it as it was), and the seconds taken."""
     start = time.perf_counter()
     graph, store, request = strategy.graph, strategy.store, outcome.request
     ids = [i for i in outcome.server_models if i in outcome.versions and i != served]
@@ -372,6 +388,8 @@ def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: Unlea
         weights = rep.pop("weights")
         report[i] = {**rep, "node": _add_repair_node(strategy, outcome.versions[i], weights) if rep["repaired"] else None}
     globals_ = [i for i in ids if i not in report and graph.node(i).kind == "global"]
+    if globals_ and budget is not None and budget.skip("the earlier global models"):
+        globals_ = []
     if globals_:  # all earlier globals at once: one validation round (before and after unlearning), then rounds
         originals = [store.get(graph.node(i).weights) for i in globals_]
         unlearned = [store.get(graph.node(outcome.versions[i]).weights) for i in globals_]
@@ -383,10 +401,12 @@ def _repair_server_held(grid: Grid, strategy: UnlearningStrategy, outcome: Unlea
                          "node": None}
         wanted = [(i, w, o) for i, w, o in zip(globals_, unlearned, originals) if report[i]["repaired"]]
         repaired = repair_many_at_clients(grid, strategy.nodes, pids, configs, [w for _, w, _ in wanted], settings,
-                                          [o for _, _, o in wanted]) if wanted else []
+                                          [o for _, _, o in wanted], budget) if wanted else []
         for (i, _, _), (weights, info) in zip(wanted, repaired):
-            report[i].update(rounds=info["rounds"], val_loss=info["val_loss"],
+            report[i].update(rounds=info["rounds"], val_loss=info["val_loss"], budget_cut=info["budget_cut"],
                              node=_add_repair_node(strategy, outcome.versions[i], weights))
+            if info["budget_cut"] and budget is not None:
+                budget.stopped.append(i)
     seconds = time.perf_counter() - start
     log(INFO, "repair: %d of %d other server-held models repaired (%.2f s)",
         sum(bool(r["node"]) for r in report.values()), len(report), seconds)

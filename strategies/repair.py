@@ -14,7 +14,10 @@ sample correct, the server runs ``train.repair`` rounds on the unlearned global 
   the server adds, weighted, to the validation loss. Kept data alone let a forgotten class back by a held-out row
   on digits (seeds 42 and 45); nothing in it holds the class's logit down on the class's own inputs;
 - the server averages the replies (FedAvg) and stops when the summed validation loss stops improving, or after
-  ``max_rounds`` (plus one validation-only round for the last average).
+  ``max_rounds`` (plus one validation-only round for the last average);
+- all repairs of one request share a :class:`RepairBudget` (``repair-budget``, a fraction of the training run's
+  ``train_s``): once it is spent, rounds under way end with a validation-only round and repairs not yet begun
+  are skipped, so the optional repair never costs much more than training the federation did.
 
 The repaired model is a new lineage node below the unlearned one. Its cost is ``timing.repair_s``, apart from
 ``unlearn_s``; results.json reports the final global model before and after it.
@@ -22,10 +25,12 @@ The repaired model is a new lineage node below the unlearned one. Its cost is ``
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from logging import INFO
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -91,6 +96,76 @@ class RepairSettings:
             return True
         left = calibration.get("forget_after")
         return request_kind == "classes" and self.steps.forget_weight > 0 and left is not None and left > 0
+
+
+@dataclass
+class RepairBudget:
+    """The seconds all repairs of one request may take together.
+
+    On Flower's Deployment Engine each repair round is a round trip of 10-15 s, and with ``repair-scope=all`` the
+    earlier global model took 16 rounds: 212.6 s of repair against 33.3 s of retraining (docs/INTEGRATION.md). The
+    budget counts the time spent inside :meth:`counting` blocks (the repairs, not the evaluations between them);
+    a repair checks :meth:`spent` between round trips and ends with a validation-only round once it is, and a
+    repair that has not begun is skipped (:meth:`skip`). What the budget cut is reported (:meth:`report`).
+
+    Parameters
+    ----------
+    seconds : float
+        The budget; ``math.inf`` for none.
+    skipped, stopped : list[str] (default: empty)
+        What the budget cut: repairs skipped before they began, and models whose rounds it ended (the callers
+        record both).
+    """
+
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    _used: float = field(default=0.0, init=False, repr=False)
+    _since: float | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of(cls, fraction: float, train_s: float | None) -> RepairBudget:
+        """``fraction`` of the training run's ``train_s`` (``repair-budget``); no limit for a fraction of 0 or an
+        unknown training time."""
+        if not (fraction >= 0 and math.isfinite(fraction)):
+            raise ConfigError(f"repair-budget must be a finite number >= 0 (0: no limit), got {fraction}")
+        if fraction == 0 or not train_s or train_s <= 0:
+            return cls(math.inf)
+        return cls(fraction * train_s)
+
+    @contextmanager
+    def counting(self) -> Iterator[RepairBudget]:
+        """Count the time spent inside the block (re-entrant: a repair inside a counted phase counts once)."""
+        outer = self._since is None
+        if outer:
+            self._since = time.perf_counter()
+        try:
+            yield self
+        finally:
+            if outer:
+                self._used += time.perf_counter() - self._since
+                self._since = None
+
+    def elapsed(self) -> float:
+        """Seconds counted so far."""
+        return self._used + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def spent(self) -> bool:
+        """Whether the repairs have taken the whole budget."""
+        return self.elapsed() >= self.seconds
+
+    def skip(self, what: str) -> bool:
+        """True (and ``what`` recorded as skipped) when the budget is spent before the repair of ``what`` begins."""
+        if not self.spent():
+            return False
+        log(WARNING, "repair: budget of %.1f s spent after %.1f s; %s left as unlearned", self.seconds,
+            self.elapsed(), what)
+        self.skipped.append(what)
+        return True
+
+    def report(self) -> dict[str, Any]:
+        return {"seconds": None if math.isinf(self.seconds) else self.seconds, "elapsed": self.elapsed(),
+                "skipped": list(self.skipped), "stopped": list(self.stopped)}
 
 
 # --- client side -----------------------------------------------------------------------------------------
@@ -277,18 +352,20 @@ def repair_at_clients(
     weights: Tensors,
     settings: RepairSettings = RepairSettings(),
     original: Tensors | None = None,
+    budget: RepairBudget | None = None,
 ) -> tuple[Tensors, dict[str, Any]]:
     """FedAvg rounds of ``train.repair`` on ``weights``; returns the best weights by validation loss and a report.
     With ``settings.steps.stop == "restore"`` and the ``original`` (the model before unlearning), the rounds also
-    stop once the kept validation loss is back at the original's.
+    stop once the kept validation loss is back at the original's; with a ``budget``, once it is spent.
 
     Returns
     -------
     (weights, info)
         ``info``: ``rounds`` (training rounds run), ``val_loss`` (per model version, index 0 = the input),
-        ``chosen`` (index of the returned version), ``seconds``.
+        ``chosen`` (index of the returned version), ``budget_cut`` (the budget ended the rounds), ``seconds``.
     """
-    [(best, info)] = repair_many_at_clients(grid, nodes, pids, request_configs, [weights], settings, [original])
+    [(best, info)] = repair_many_at_clients(grid, nodes, pids, request_configs, [weights], settings, [original],
+                                            budget)
     return best, info
 
 
@@ -300,12 +377,14 @@ def repair_many_at_clients(
     models: Sequence[Tensors],
     settings: RepairSettings = RepairSettings(),
     originals: Sequence[Tensors | None] | None = None,
+    budget: RepairBudget | None = None,
 ) -> list[tuple[Tensors, dict[str, Any]]]:
     """:func:`repair_at_clients` for several models at once: each round one ``train.repair`` per client carries
     every model still repairing, and each model stops on its own (validation loss stalled, back at its original's
     with ``stop="restore"``, or ``max_rounds``), so k models cost the round trips of the slowest, not k times as
-    many. ``originals`` (aligned with ``models``) ride along in the first round, validation only. Returns
-    ``(weights, info)`` per model."""
+    many. ``originals`` (aligned with ``models``) ride along in the first round, validation only. Once ``budget`` is
+    spent, the next round only validates the models' last averages (as after ``max_rounds``) and ends them all.
+    Returns ``(weights, info)`` per model."""
     from strategies.nodes import checked_replies, exchange
 
     start = time.perf_counter()
@@ -313,39 +392,47 @@ def repair_many_at_clients(
     runs = [_RepairRun(w) for w in models]
     restoring = steps.stop == "restore" and originals is not None
     first_extra = [(run, o) for run, o in zip(runs, originals or []) if restoring and o is not None]
-    rnd = 0
-    while active := [r for r in runs if not r.done]:
-        # a model's last round (max_rounds reached) only validates the last average
-        local_steps = [steps.local_steps if r.rounds < steps.max_rounds else 0 for r in active]
-        extra = first_extra if rnd == 0 else []
-        msgs = [_repair_message(nodes, pid, [r.current for r in active] + [o for _, o in extra],
-                                request_configs[pid], settings, rnd, local_steps + [0] * len(extra)) for pid in pids]
-        replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR))
-        for k, (run, _) in enumerate(extra):  # the originals' kept loss: where "restored" is
-            run.restore = _kept_mean([r.content.metric_records[f"{R.METRICS_KEY}-{len(active) + k}"]
-                                      for r in replies])
-        for n, (run, n_steps) in enumerate(zip(active, local_steps)):
-            metrics = [r.content.metric_records[f"{R.METRICS_KEY}-{n}"] for r in replies]
-            kept = _kept_mean(metrics)
-            run.losses.append(kept + steps.forget_weight * _guard_mean(metrics))
-            left = steps.forget_weight > 0 and any(int(m.get(R.FORGET_VAL_CORRECT, 0)) for m in metrics)
-            run.restored = run.restore is not None and kept <= run.restore and not left
-            if n_steps == 0 or run.stale >= steps.patience or run.restored:
-                run.done = True
-                continue
-            updates = [(R.record_to_tensors(r.content.array_records[f"{R.MODEL_KEY_PREFIX}{n}"]),
-                        int(m[R.NUM_EXAMPLES])) for r, m in zip(replies, metrics) if int(m[R.NUM_EXAMPLES]) > 0]
-            run.current = weighted_average([u for u, _ in updates], [k for _, k in updates])
-            run.versions.append(run.current)
-            run.rounds += 1
-        rnd += 1
+    with budget.counting() if budget is not None else nullcontext():
+        rnd = 0
+        while active := [r for r in runs if not r.done]:
+            # a model's last round (max_rounds reached, or the budget spent) only validates the last average
+            cut = rnd > 0 and budget is not None and budget.spent()
+            for run in active:
+                run.budget_cut = cut and run.rounds < steps.max_rounds
+            if cut:
+                log(WARNING, "repair: budget of %.1f s spent after %.1f s; validating the last average of %d "
+                    "model(s) and stopping", budget.seconds, budget.elapsed(), len(active))
+            local_steps = [steps.local_steps if r.rounds < steps.max_rounds and not cut else 0 for r in active]
+            extra = first_extra if rnd == 0 else []
+            msgs = [_repair_message(nodes, pid, [r.current for r in active] + [o for _, o in extra],
+                                    request_configs[pid], settings, rnd, local_steps + [0] * len(extra))
+                    for pid in pids]
+            replies = list(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_REPAIR))
+            for k, (run, _) in enumerate(extra):  # the originals' kept loss: where "restored" is
+                run.restore = _kept_mean([r.content.metric_records[f"{R.METRICS_KEY}-{len(active) + k}"]
+                                          for r in replies])
+            for n, (run, n_steps) in enumerate(zip(active, local_steps)):
+                metrics = [r.content.metric_records[f"{R.METRICS_KEY}-{n}"] for r in replies]
+                kept = _kept_mean(metrics)
+                run.losses.append(kept + steps.forget_weight * _guard_mean(metrics))
+                left = steps.forget_weight > 0 and any(int(m.get(R.FORGET_VAL_CORRECT, 0)) for m in metrics)
+                run.restored = run.restore is not None and kept <= run.restore and not left
+                if n_steps == 0 or run.stale >= steps.patience or run.restored:
+                    run.done = True
+                    continue
+                updates = [(R.record_to_tensors(r.content.array_records[f"{R.MODEL_KEY_PREFIX}{n}"]),
+                            int(m[R.NUM_EXAMPLES])) for r, m in zip(replies, metrics) if int(m[R.NUM_EXAMPLES]) > 0]
+                run.current = weighted_average([u for u, _ in updates], [k for _, k in updates])
+                run.versions.append(run.current)
+                run.rounds += 1
+            rnd += 1
     seconds = time.perf_counter() - start
     out = []
     for run in runs:
         chosen = min(range(len(run.losses)), key=run.losses.__getitem__)
         out.append((run.versions[chosen], {"rounds": run.rounds, "val_loss": run.losses, "chosen": chosen,
                                            "restore_loss": run.restore, "restored": run.restored,
-                                           "seconds": seconds}))
+                                           "budget_cut": run.budget_cut, "seconds": seconds}))
         log(INFO, "repair: %d rounds on %d clients, validation loss %s, kept version %d", run.rounds, len(pids),
             " -> ".join(f"{v:.4f}" for v in run.losses), chosen)
     log(INFO, "repair: %d model(s) in %d round trips (%.2f s)", len(runs), rnd, seconds)
@@ -360,6 +447,7 @@ class _RepairRun:
         self.rounds, self.done = 0, False
         self.restore: float | None = None  # the original's kept validation loss (stop="restore")
         self.restored = False
+        self.budget_cut = False  # the repair budget ended the rounds
 
     @property
     def stale(self) -> int:

@@ -109,6 +109,12 @@ def render_report(results: dict[str, Any]) -> str:
         f"{tg.get('all_affected_forget_ok')}, retain within 5 points of retrained: {tg.get('retain_ok')}, "
         f"time < 5 %: {tg.get('time_ok')}",
     ]
+    budget = results.get("repair_budget") or {}
+    cut = ([f"rounds ended early for {', '.join(budget['stopped'])}"] if budget.get("stopped") else []) \
+        + ([f"not repaired: {', '.join(budget['skipped'])}"] if budget.get("skipped") else [])
+    if cut:
+        lines.append(f"- repair budget spent ({budget.get('seconds') or 0:.1f} s, {budget.get('fraction')} of the "
+                     "training run's time): " + "; ".join(cut))
     if results.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     return "\n".join(lines) + "\n"

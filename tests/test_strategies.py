@@ -505,6 +505,9 @@ def test_repair_settings_decide_from_the_calibration_report():
     assert not RepairSettings(steps=RepairConfig(forget_weight=0.0)).wanted(left_one)
     with pytest.raises(ConfigError, match="repair-forget-weight"):
         AppConfig.from_run_config({**BASE, "repair-forget-weight": -1.0})
+    for bad in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="repair-budget"):
+            AppConfig.from_run_config({**BASE, "repair-budget": bad})
     # the guard is for classes: a client's or a user's samples are not pushed below held-out accuracy
     from strategies.experiment import repair_settings
 
@@ -551,6 +554,25 @@ def test_sample_request_on_a_stored_training(trained, tmp_path):
     assert res["holders"] == {"0": 20}
     assert res["roots"] and all("-p0" in r for r in res["roots"])  # only client 0's models trained on them
     assert res["final_global"]["after"]["forget_acc"] is not None  # measured by client 0 on its 20 samples
+
+
+def test_a_spent_repair_budget_ends_the_repairs_and_says_so(trained, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    out = tmp_path / "out"
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(out), derive="finetune", derive_depth=2,
+                  repair="on", repair_budget=1e-9)  # spent within the first repair round
+    budget, served = res["repair_budget"], res["final_global"]["id"]
+    assert budget["seconds"] == pytest.approx(1e-9 * res["timing"]["train_s"])
+    # the served model's repair began (nothing was counted yet), trained one round and validated it; the rest
+    # were skipped and stay as FIUn left them
+    assert budget["stopped"] == [served] and res["repair"]["rounds"] == 1 and res["repair"]["budget_cut"]
+    assert budget["skipped"] == ["the client-held models", "the other server-held models"]
+    assert not {"repair_held", "repair_server"} & set(res)
+    assert [m["id"] for m in res["affected_models"] if m.get("after_repair")] == [served]
+    assert res["request_state"]["state"] == "verified"  # the request itself is served as before
+    report = (out / "report.md").read_text()
+    assert f"rounds ended early for {served}" in report and "not repaired: the client-held models" in report
 
 
 def test_dp_training_and_derived_chains_unlearn(tmp_path):
@@ -985,8 +1007,8 @@ def test_models_repaired_in_the_same_rounds_end_as_when_repaired_alone(task_iden
     from strategies.repair import RepairSettings, repair_at_clients, repair_many_at_clients, validate_at_clients
 
     run_config = {**DEFAULTS, **BASE}
+    torch.manual_seed(1)  # before the model is built: its weights decide the rounds (seed 0: both go on improving)
     model = app_model(Context(0, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config))
-    torch.manual_seed(0)
     fresh = {k: v.detach().clone() for k, v in model.state_dict().items()}  # untrained: many rounds to go
     nodes = NodeDirectory(2)
     nodes.partition = {1: 0, 2: 1}
@@ -1018,6 +1040,38 @@ def test_models_repaired_in_the_same_rounds_end_as_when_repaired_alone(task_iden
     assert grid.round_trips == 1 and len(scores) == 2
     assert all(0 <= s["retain_acc"] <= 1 and 0 <= s["forget_acc"] <= 1 for s in scores)
     assert scores[1]["retain_acc"] > scores[0]["retain_acc"]
+
+
+def test_a_spent_repair_budget_ends_the_rounds_with_a_validation_round(task_identity):
+    """Once the request's repair budget is spent, a repair under way validates its last average and stops."""
+    import math
+
+    from fl_unlearn.calibrate import RepairConfig
+    from strategies.nodes import NodeDirectory
+    from strategies.repair import RepairBudget, RepairSettings, repair_at_clients
+
+    run_config = {**DEFAULTS, **BASE}
+    torch.manual_seed(0)
+    model = app_model(Context(0, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config))
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items()}  # untrained: it would go on repairing
+    nodes = NodeDirectory(2)
+    nodes.partition = {1: 0, 2: 1}
+    configs = {0: {R.FORGET_CLASSES: [3]}, 1: {R.FORGET_CLASSES: [3]}}
+    settings = RepairSettings(samples=128, steps=RepairConfig(max_rounds=3, local_steps=8, lr=0.1, batch_size=16))
+    grid = _HandlerGrid(run_config)
+    unlimited, info = repair_at_clients(grid, nodes, [0, 1], configs, fresh, settings, budget=RepairBudget.of(0, 10))
+    assert info["rounds"] == 3 and not info["budget_cut"]
+    grid.round_trips = 0
+    spent = RepairBudget(0.0)
+    cut, info = repair_at_clients(grid, nodes, [0, 1], configs, fresh, settings, budget=spent)
+    # round 0 trained once; round 1 only validated that average; nothing more
+    assert grid.round_trips == 2 and info["rounds"] == 1 and info["budget_cut"] and len(info["val_loss"]) == 2
+    assert info["val_loss"][1] < info["val_loss"][0] and info["chosen"] == 1  # the one round it had still counts
+    assert not all(torch.equal(cut[k], unlimited[k]) for k in cut)
+    assert spent.skip("the earlier global models") and spent.report()["skipped"] == ["the earlier global models"]
+    assert RepairBudget.of(0.5, 40.0).seconds == 20.0 and math.isinf(RepairBudget.of(1.0, None).seconds)
+    with pytest.raises(ConfigError, match="repair-budget"):
+        RepairBudget.of(-1.0, 10.0)
 
 
 def test_server_held_models_are_repaired_at_their_client_where_the_rule_asks(task_identity):
