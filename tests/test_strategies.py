@@ -172,7 +172,7 @@ def test_prepared_forget_fishers_equal_computed_ones_and_a_missing_one_falls_bac
     for doc in store.glob("clients/*/docs/prepared"):
         shutil.rmtree(doc)
     res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), derive="finetune",
-                  derive_depth=2)
+                  derive_depth=2, repair="off")  # the digest is the unlearned model's, before any repair
     assert res["fisher_sources"] == {"retain": "prepared", "forget_prepared": []}
     assert res["final_global"]["after_digest"] == train_unlearn["final_global"]["after_digest"]
     # Without the server's prepared retain-Fisher every client computes one (retain-fisher=fresh), and says so.
@@ -180,7 +180,7 @@ def test_prepared_forget_fishers_equal_computed_ones_and_a_missing_one_falls_bac
     shutil.copytree(trained / "store", store)
     shutil.rmtree(store / "refs" / "prepared-retain")
     res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out2"), derive="finetune",
-                  derive_depth=2)
+                  derive_depth=2, repair="off")
     assert res["fisher_sources"]["retain"] == "fresh"
     assert res["final_global"]["after"]["forget_acc"] <= 0.05
 
@@ -196,7 +196,7 @@ def test_a_second_request_unlearns_the_versions_the_first_left_not_the_models_th
     replaced = graph.superseded()
     live_before = {n.id for n in graph.nodes()} - replaced
     res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), forget_classes="5",
-                  derive="finetune", derive_depth=2, retrain_baseline=False)
+                  derive="finetune", derive_depth=2, retrain_baseline=False, repair="off")
     second = [m["id"] for m in res["affected_models"]]
     assert res["request_state"]["state"] == "verified"
     assert len(second) == len(train_unlearn["affected_models"])
