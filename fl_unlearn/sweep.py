@@ -33,8 +33,8 @@ SETTING_COLUMNS = ("dataset.name", "federation.num_clients", "federation.rounds"
                    "unlearning.method", "request.kind")
 #: Figures read from results.json: the final global model before / after unlearning and retrained, timings.
 FIGURE_COLUMNS = ("forget_acc_before", "forget_acc_after", "forget_acc_retrained", "retain_acc_before",
-                  "retain_acc_after", "retain_acc_retrained", "max_affected_forget_after", "affected_models",
-                  "unlearn_s", "retrain_s", "train_s")
+                  "retain_acc_after", "retain_acc_retrained", "forget_acc_after_repair", "retain_acc_after_repair",
+                  "max_affected_forget_after", "affected_models", "unlearn_s", "repair_s", "retrain_s", "train_s")
 STATUS_COLUMNS = ("job", "status", "reason", "seconds")
 #: x axes of the sweep plots: (column, file name stem, label).
 PLOT_AXES = (("unlearning.depth", "sweep_vs_depth", "inheritance depth"),
@@ -46,7 +46,7 @@ def figures(results: Mapping[str, Any]) -> dict[str, Any]:
     final = results.get("final_global") or {}
     timing = results.get("timing") or {}
     out: dict[str, Any] = {}
-    for stage in ("before", "after", "retrained"):
+    for stage in ("before", "after", "retrained", "after_repair"):  # after_repair: only where the App repaired
         part = final.get(stage) or {}
         out[f"forget_acc_{stage}"] = part.get("forget_acc")
         out[f"retain_acc_{stage}"] = part.get("retain_acc")
@@ -55,7 +55,7 @@ def figures(results: Mapping[str, Any]) -> dict[str, Any]:
     afters = [a for a in afters if a is not None]
     out["max_affected_forget_after"] = max(afters) if afters else None
     out["affected_models"] = len(models)
-    for key in ("unlearn_s", "retrain_s", "train_s"):
+    for key in ("unlearn_s", "repair_s", "retrain_s", "train_s"):
         out[key] = timing.get(key)
     return out
 

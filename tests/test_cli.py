@@ -231,9 +231,13 @@ def _settings(clients: int, depth: int) -> dict[str, Any]:
 def test_sweep_collector_writes_a_row_per_job_including_failed_ones(tmp_path):
     sweep = tmp_path / "sweep"
     for num, (clients, depth) in enumerate([(2, 1), (2, 2), (4, 1)]):
+        results = _results(0.01 * num, 0.9, 2.0 + num)
+        if num == 1:  # the App repaired this one's served model
+            results["final_global"]["after_repair"] = {"forget_acc": 0.0, "retain_acc": 0.95}
+            results["timing"]["repair_s"] = 7.5
         _fake_job(sweep, num, {"status": "ok", "reason": "", "seconds": 90.0 + num, "settings": _settings(clients, depth),
                                "overrides": [f"federation.num_clients={clients}", f"unlearning.depth={depth}", "seed=1"]},
-                  _results(0.01 * num, 0.9, 2.0 + num))
+                  results)
     _fake_job(sweep, 3, {"status": "failed", "reason": "run status finished:failed", "seconds": 12.0,
                          "settings": _settings(4, 2), "overrides": ["federation.num_clients=4", "unlearning.depth=2"]})
     _fake_job(sweep, 10, None)  # crashed before writing job.json
@@ -247,6 +251,8 @@ def test_sweep_collector_writes_a_row_per_job_including_failed_ones(tmp_path):
     assert float(table[2]["forget_acc_after"]) == pytest.approx(0.02)
     assert float(table[2]["max_affected_forget_after"]) == pytest.approx(0.03)
     assert float(table[1]["unlearn_s"]) == 3.0 and float(table[1]["retrain_s"]) == 50.0
+    assert (float(table[1]["retain_acc_after_repair"]), float(table[1]["repair_s"])) == (0.95, 7.5)
+    assert table[0]["retain_acc_after_repair"] == table[0]["repair_s"] == ""  # not repaired
     assert table[1]["seed"] == "1" and table[3]["seed"] == ""  # swept keys beyond the settings get columns
     assert (table[0]["federation.num_clients"], table[1]["unlearning.depth"]) == ("2", "2")
     assert [r["run-config.fiun-alpha"] for r in table] == ["1.0", "1.0", "auto", "1.0", ""]
