@@ -103,7 +103,7 @@ class RepairBudget:
     """The seconds all repairs of one request may take together.
 
     On Flower's Deployment Engine each repair round is a round trip of 10-15 s, and with ``repair-scope=all`` the
-    earlier global model took 16 rounds: 212.6 s of repair against 33.3 s of retraining (docs/INTEGRATION.md). The
+    earlier global model took 18 of them: 212.6 s of repair against 33.3 s of retraining (docs/INTEGRATION.md). The
     budget counts the time spent inside :meth:`counting` blocks (the repairs, not the evaluations between them);
     a repair checks :meth:`spent` between round trips and ends with a validation-only round once it is, and a
     repair that has not begun is skipped (:meth:`skip`). What the budget cut is reported (:meth:`report`).
