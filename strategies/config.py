@@ -111,6 +111,13 @@ REPAIR_STOPS = ("stall", "restore")
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 
 
+def check_repair_budget(fraction: float) -> None:
+    """``repair-budget``: a finite fraction >= 0 of the training run's ``train_s`` (0: no limit)."""
+    if not (fraction >= 0 and math.isfinite(fraction)):
+        raise ConfigError(f"repair-budget must be a finite number >= 0 (a fraction of the training run's train_s; "
+                          f"0: no limit), got {fraction}")
+
+
 def _comma_list(text: str, key: str, cast: Callable[[str], Any], example: str) -> tuple:
     try:
         return tuple(cast(t) for t in str(text).replace(" ", "").split(",") if t)
@@ -231,9 +238,7 @@ class AppConfig:
         if self.repair_rounds < 0 or self.repair_steps < 1 or self.repair_lr <= 0 or self.repair_samples < 2:
             raise ConfigError("repair-rounds must be >= 0, repair-steps >= 1, repair-lr > 0 and repair-samples >= 2; "
                               f"got {self.repair_rounds}, {self.repair_steps}, {self.repair_lr}, {self.repair_samples}")
-        if not (self.repair_budget >= 0 and math.isfinite(self.repair_budget)):
-            raise ConfigError(f"repair-budget must be a finite number >= 0 (a fraction of the training run's train_s; "
-                              f"0: no limit), got {self.repair_budget}")
+        check_repair_budget(self.repair_budget)
         if not (self.repair_forget_weight >= 0 and math.isfinite(self.repair_forget_weight)):
             raise ConfigError(f"repair-forget-weight must be a finite number >= 0 (0: repair on kept data only), "
                               f"got {self.repair_forget_weight}")

@@ -41,6 +41,7 @@ from fl_unlearn.calibrate import (RepairConfig, count_correct, guard_sum, loss_s
                                   split_validation, weighted_average)
 from fl_unlearn.errors import ConfigError, UnlearnError
 from strategies import records as R
+from strategies.config import check_repair_budget
 from strategies.forget import ForgetSpec
 
 if TYPE_CHECKING:
@@ -127,8 +128,7 @@ class RepairBudget:
     def of(cls, fraction: float, train_s: float | None) -> RepairBudget:
         """``fraction`` of the training run's ``train_s`` (``repair-budget``); no limit for a fraction of 0 or an
         unknown training time."""
-        if not (fraction >= 0 and math.isfinite(fraction)):
-            raise ConfigError(f"repair-budget must be a finite number >= 0 (0: no limit), got {fraction}")
+        check_repair_budget(fraction)
         if fraction == 0 or not train_s or train_s <= 0:
             return cls(math.inf)
         return cls(fraction * train_s)
@@ -397,9 +397,9 @@ def repair_many_at_clients(
         while active := [r for r in runs if not r.done]:
             # a model's last round (max_rounds reached, or the budget spent) only validates the last average
             cut = rnd > 0 and budget is not None and budget.spent()
-            for run in active:
-                run.budget_cut = cut and run.rounds < steps.max_rounds
             if cut:
+                for run in active:
+                    run.budget_cut = run.rounds < steps.max_rounds
                 log(WARNING, "repair: budget of %.1f s spent after %.1f s; validating the last average of %d "
                     "model(s) and stopping", budget.seconds, budget.elapsed(), len(active))
             local_steps = [steps.local_steps if r.rounds < steps.max_rounds and not cut else 0 for r in active]
