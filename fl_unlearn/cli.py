@@ -192,6 +192,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.derive": ("derive", _text),
     "unlearning.depth": ("derive-depth", _int),
     "unlearning.retrain_baseline": ("retrain-baseline", _bool),
+    "unlearning.erase_superseded": ("erase-superseded", _bool),
     "unlearning.sisa_shards": ("sisa-shards", _int),
     "unlearning.sisa_slices": ("sisa-slices", _int),
     "unlearning.rounds_per_stage": ("rounds-per-stage", _int),

@@ -476,8 +476,9 @@ class LineageGraph:
 
     def superseded(self) -> set[str]:
         """The models a later version replaced: each unlearned version's original (``meta["unlearned-from"]``)
-        and each repaired model's unrepaired version (``meta["repair-of"]``). They stay in the graph (and their
-        weights in the store) as the record of what was there before; nothing serves or trains from them.
+        and each repaired model's unrepaired version (``meta["repair-of"]``). They stay in the graph as the record of
+        what was there before; nothing serves or trains from them, and once their request is verified
+        :func:`fl_unlearn.erasure.erase_superseded` may erase their weights.
         A leaf of the lineage that nothing replaced is never superseded."""
         return {str(n.meta[key]) for n in self.nodes() for key in self.REPLACES_KEYS if n.meta.get(key)}
 

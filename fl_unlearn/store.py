@@ -5,6 +5,7 @@ Layout under ``root``::
     objects/<d[:2]>/<d>.safetensors   tensors; d = sha256 hex of the file bytes (metadata included)
     refs/<name>.json                  named pointers to objects ("latest-global"): {"digest": d}
     docs/<name>.json                  small JSON documents (results, state)
+    erased/<d[:2]>/<d>.json           tombstones of erased objects (:meth:`Store.erase`): why, and when
     journal/requests.jsonl            the request journal (``fl_unlearn.journal``)
     lock                              the writers' lock (:meth:`Store.lock`)
 
@@ -18,6 +19,10 @@ Guarantees:
 - **Verified on read.** ``get`` and ``meta`` re-hash the file; a flipped byte is a ``StoreError``.
 - **Immutable objects.** Metadata lives inside the safetensors header (as one JSON string), so it is
   covered by the digest: the same tensors with different metadata are different objects.
+- **Erasure leaves a tombstone.** :meth:`Store.erase` deletes an object's file (an unlearning request's
+  superseded weights) after writing a tombstone that says why; reading it then raises a ``StoreError`` that
+  quotes the reason, not a bare "not found". A crash between the two leaves the object readable and the
+  tombstone written; erasing again finishes.
 
 - **One writer at a time, readers never wait.** Writers that change refs, documents or the lineage together
   (serving an unlearning request) hold :meth:`Store.lock`, an exclusive ``fcntl.flock`` on ``<root>/lock``;
@@ -139,6 +144,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _remove(path: Path, what: str) -> bool:
+    """Delete ``path`` durably; ``False`` when it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise StoreError(f"cannot delete {what} at {str(path)!r}: {err}") from err
+    fsync_dir(path.parent)
+    return True
+
+
 def _acquire(fd: int, fcntl: Any, timeout: float | None, path: Path) -> None:
     if timeout is None:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -211,11 +228,13 @@ class Store:
         digest = hashlib.sha256(data).hexdigest()
         path = self.path(digest)
         if self._intact(path, data):
+            self._tombstone(digest).unlink(missing_ok=True)  # an erasure cut short by a crash: stored again
             return digest
         try:
             atomic_write(path, data)
         except OSError as err:
             raise StoreError(f"cannot write object {digest} to {str(path)!r}: {err}") from err
+        self._tombstone(digest).unlink(missing_ok=True)  # stored again: no longer erased
         log.debug("put: %s (%d bytes)", digest, len(data))
         return digest
 
@@ -273,11 +292,57 @@ class Store:
         """Whether object ``digest`` exists (not verified; ``get`` verifies)."""
         return self.path(digest).is_file()
 
+    def objects(self) -> list[str]:
+        """The digests of every object in the store (sorted; stray temporary files left out)."""
+        return sorted(p.stem for p in (self.root / "objects").glob("??/*.safetensors")
+                      if _DIGEST_RE.fullmatch(p.stem))
+
+    # -- erasure ------------------------------------------------------------------------------------
+
+    def _tombstone(self, digest: str) -> Path:
+        self.path(digest)  # checks the digest's form
+        return self.root / "erased" / digest[:2] / f"{digest}.json"
+
+    def erase(self, digest: str, reason: str) -> bool:
+        """Delete object ``digest`` for good, leaving a tombstone with ``reason``; return whether a file was deleted.
+
+        Idempotent: erasing an erased (or never stored) object writes the tombstone and deletes nothing. The
+        tombstone is written (fsynced) before the file is deleted, so a crash in between leaves both, and erasing
+        again finishes. Storing the same bytes again later (:meth:`put`) brings the object back and drops the
+        tombstone.
+
+        Raises
+        ------
+        StoreError
+            Malformed digest, an empty ``reason``, or the file system refused.
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise StoreError("erase needs a reason (it is what a later read of the object reports)")
+        tomb, path = self._tombstone(digest), self.path(digest)
+        if self.erased(digest) is None:
+            self._write_json(tomb, {"digest": digest, "reason": reason, "time": time.time()}, f"tombstone of {digest}")
+        if not _remove(path, f"object {digest}"):
+            return False
+        log.debug("erase: %s (%s)", digest, reason)
+        return True
+
+    def erased(self, digest: str) -> dict[str, Any] | None:
+        """The tombstone of an erased object (``digest``, ``reason``, ``time``), or ``None``."""
+        try:
+            obj = self._read_json(self._tombstone(digest), f"tombstone of {digest}")
+        except FileNotFoundError:
+            return None
+        return obj if isinstance(obj, dict) else {"digest": digest, "reason": str(obj)}
+
     def _read_verified(self, digest: str) -> bytes:
         path = self.path(digest)
         try:
             data = path.read_bytes()
         except FileNotFoundError as err:
+            tomb = self.erased(digest)
+            if tomb is not None:
+                raise StoreError(f"object {digest} was erased from store {str(self.root)!r}: "
+                                 f"{tomb.get('reason')}") from err
             raise StoreError(f"object {digest} not found in store {str(self.root)!r}") from err
         except OSError as err:
             raise StoreError(f"cannot read object {digest} at {str(path)!r}: {err}") from err
@@ -348,6 +413,16 @@ class Store:
         if not self.has(digest):
             raise StoreError(f"cannot point ref {name!r} at {digest}: no such object in {str(self.root)!r}")
         self._write_json(path, {"digest": digest}, f"ref {name!r}")
+
+    def refs(self, prefix: str = "") -> list[str]:
+        """The names of every ref (sorted), or of those that start with ``prefix``."""
+        root = self.root / "refs"
+        names = (str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.json"))
+        return sorted(n for n in names if _NAME_RE.fullmatch(n) and n.startswith(prefix))
+
+    def delete_ref(self, name: str) -> bool:
+        """Remove ref ``name`` (the object stays); return whether it existed."""
+        return _remove(self._named("refs", name), f"ref {name!r}")
 
     def get_ref(self, name: str) -> str | None:
         """The digest ref ``name`` points at, or ``None`` if the ref was never set."""

@@ -528,7 +528,7 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
     out = {}
     for n, (old, new, w_new, st, check) in enumerate(zip(ids, new_ids, new_weights, stats, checks)):
         digest = store.put(w_new, {"node": new, "unlearned-from": old})
-        index[new] = {**index[old], "weights": digest, "parent": old}
+        index[new] = {**index[old], "weights": digest, "parent": old, "replaces": old}
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
             R.PARENT_ID: old, R.NODE_ID: new, R.WEIGHTS_DIGEST: digest,
             **{k: v for k, v in _stats_items(st)}, **({R.CHECK: check} if check else {}),
@@ -589,12 +589,13 @@ def _stats_items(stats: Any) -> list[tuple[str, int | float]]:
 def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
     """Our handlers by message type (besides ``train`` and ``evaluate``), answering errors with error replies."""
     from strategies.calibration import handle_calibrate, handle_check  # they use this module's helpers
+    from strategies.erase import handle_erase
     from strategies.repair import handle_repair, handle_repair_held, handle_repair_sent
 
     table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
              R.MSG_UNLEARN: handle_unlearn, R.MSG_EVAL_HELD: handle_eval_held, R.MSG_DERIVE: handle_derive,
              R.MSG_CALIBRATE: handle_calibrate, R.MSG_CHECK: handle_check, R.MSG_REPAIR: handle_repair,
-             R.MSG_REPAIR_HELD: handle_repair_held, R.MSG_REPAIR_SENT: handle_repair_sent}
+             R.MSG_REPAIR_HELD: handle_repair_held, R.MSG_REPAIR_SENT: handle_repair_sent, R.MSG_ERASE: handle_erase}
     return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
 
 

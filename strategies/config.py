@@ -79,6 +79,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "derive": "none",
     "derive-depth": 1,
     "retrain-baseline": True,
+    "erase-superseded": True,
     "out-dir": "",
     "store-dir": "",
     "dp-noise-multiplier": 0.0,
@@ -197,6 +198,7 @@ class AppConfig:
     derive: str
     derive_depth: int
     retrain_baseline: bool
+    erase_superseded: bool
     out_dir: str
     store_dir: str
     dp_noise_multiplier: float

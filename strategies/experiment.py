@@ -198,6 +198,9 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if cfg.uses_sisa:  # SISA shards / slices and the hybrid exact path (DESIGN.md section 4)
         from strategies.sisa_server import run_sisa_experiment
 
+        if cfg.erase_superseded and request is not None:
+            warnings = [*warnings, "erase-superseded: the SISA path keeps the stage checkpoints and models a request "
+                                   "replaced (only the FIUn path, sisa-shards = sisa-slices = 1, erases them)"]
         results = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name, "strategy": "sisa",
                    "config": cfg.to_run_config(), "warnings": warnings, "out_dir": str(out_dir),
                    "store_dir": str(store_dir), "timing": {}}
@@ -290,6 +293,10 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         results["timing"]["repair_s"] = repair_s
     if repair_s or budget.skipped:
         results["repair_budget"] = {"fraction": cfg.repair_budget, **budget.report()}
+
+    # --- Erasure: the models the request replaced still hold the forgotten data (strategies.erase) ---------
+    if cfg.erase_superseded:
+        results["erasure"] = _erase(grid, strategy, outcome)
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
@@ -456,6 +463,20 @@ def _retrain(grid: Grid, cfg: AppConfig, request: UnlearningRequest, store: Stor
     start = time.perf_counter()
     result = retrain.start(grid, R.tensors_to_record(initial), num_rounds=cfg.num_server_rounds)
     return R.record_to_tensors(result.arrays), time.perf_counter() - start
+
+
+def _erase(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutcome) -> dict[str, Any]:
+    """Erase what a verified request replaced; results.json gets counts (the store document
+    ``erasures/<request id>`` lists every object). An incomplete request keeps its originals: a later run resumes
+    from them."""
+    if outcome.state != "verified":
+        return {"skipped": f"request {outcome.state}: the originals stay until a later run finishes it"}
+    report = strategy.erase(grid, outcome.request)
+    return {"server_models": len(report["models"]), "server_objects": len(report["objects"]),
+            "bytes_freed": report["bytes_freed"] + sum(c["bytes_freed"] for c in report["clients"].values()),
+            "client_models": sum(map(len, report["client_models"].values())),
+            "client_files": sum(c["erased"] for c in report["clients"].values()),
+            "kept": len(report["kept"]), "failures": report["failures"], "seconds": report["seconds"]}
 
 
 def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evaluate: Evaluator,

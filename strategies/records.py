@@ -38,6 +38,7 @@ MSG_REPAIR_HELD = "train.repairheld"  # repair of client-held (derived) models o
 MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on kept data (strategies.repair)
 MSG_REPAIR_SENT = "train.repairsent"  # repair-scope=all: server-held local models, repaired at the client that trained them
 MSG_DERIVE = "train.derive"
+MSG_ERASE = "train.erase"  # after a verified request: delete the superseded models a client holds
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
 MSG_SISA_COUNTS = "query.sisacounts"  # kept samples per shard and slice; checks requested ids
 MSG_SISA_FISHER = "query.sisafisher"  # forget- / retain-Fisher of one shard's data at a served shard-model
@@ -80,6 +81,9 @@ RETAIN_SAMPLES = "retain-samples"  # query.fisher: cap on the retain-Fisher's sa
 PREPARE = "prepare"  # query.fisher after training: store per-class forget-Fishers, reply the whole partition's
 PREPARED = "prepared"  # query.fisher reply: 1 when the forget-Fisher came from the prepared ones
 SECONDS = "seconds"
+ERASE_REASON = "erase-reason"  # train.erase: what the tombstones say
+ERASED = "erased"  # train.erase reply: objects deleted
+BYTES_FREED = "bytes-freed"  # train.erase reply
 FIUN_ALPHA = "fiun-alpha"
 STORE_DIR = "store-dir"  # where the server keeps its store: a default for client directories in simulation
 WEIGHTS_DIGEST = "weights-digest"

@@ -251,7 +251,7 @@ def handle_repair_held(spec: ClientSpec, msg: Message, context: Context) -> Mess
         repaired, info = repair(load_model(spec, context, weights), weights, [kept], cfg=cfg, forget_sets=[forget_rows],
                                 original=original)
         digest = store.put(repaired, {"node": new, "repair-of": old})
-        index[new] = {**index[old], "weights": digest, "parent": old}
+        index[new] = {**index[old], "weights": digest, "parent": old, "replaces": old}
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({
             R.PARENT_ID: old, R.NODE_ID: new, R.WEIGHTS_DIGEST: digest, R.REPAIR_ROUND: int(info["repair_rounds"]),
             R.VAL_LOSS: [float(v) for v in info["val_loss"]]})

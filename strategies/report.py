@@ -115,6 +115,15 @@ def render_report(results: dict[str, Any]) -> str:
     if cut:
         lines.append(f"- repair budget spent ({budget.get('seconds') or 0:.1f} s, {budget.get('fraction')} of the "
                      "training run's time): " + "; ".join(cut))
+    erasure = results.get("erasure") or {}
+    if erasure.get("skipped"):
+        lines.append(f"- superseded models not erased: {erasure['skipped']}")
+    elif erasure:
+        lines.append(f"- erased: the weights of {erasure['server_models']} superseded server-held and "
+                     f"{erasure['client_models']} client-held models and the request's Fishers "
+                     f"({erasure['bytes_freed'] / 2**20:.1f} MiB)"
+                     + (f"; clients {', '.join(sorted(erasure['failures']))} did not answer and keep theirs"
+                        if erasure.get("failures") else ""))
     if results.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
     return "\n".join(lines) + "\n"

@@ -39,6 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_unlearn.calibrate import scale_free
+from fl_unlearn.erasure import PREPARED_RETAIN_REF
 from fl_unlearn.errors import ConfigError, FisherError, RecordError, RequestError, UnlearnError
 from fl_unlearn.fisher import check_fisher
 from fl_unlearn.fiun import FIUnConfig, unlearn_many
@@ -153,7 +154,7 @@ class UnlearnOutcome:
 #: ``_gather_fishers``' key for the prepared whole-data Fisher, in place of the clients' retain-Fishers.
 PREPARED = -1
 #: Store ref prefix: ``prepared-retain/<weights digest>`` -> the retain-Fisher prepared on those weights.
-PREPARED_REF = "prepared-retain"
+PREPARED_REF = PREPARED_RETAIN_REF
 
 
 class UnlearningStrategy(DelegatingStrategy):
@@ -486,6 +487,20 @@ class UnlearningStrategy(DelegatingStrategy):
             outcome.timing["unlearn_s"], f"; missing {outcome.missing}" if outcome.missing else "",
             ", ".join(outcome.optimiser_reset) or "none")
         return outcome
+
+    def erase(self, grid: Grid, request: UnlearningRequest) -> dict[str, Any]:
+        """Erase what the verified ``request`` replaced: the superseded weights and the request's Fishers in the
+        server's store, the superseded models at the clients (``train.erase``); see :mod:`strategies.erase`.
+        Call it once nothing reads the originals any more (after the repairs and the report's figures).
+
+        Raises
+        ------
+        UnlearnError
+            The request is not ``verified`` (an ``incomplete`` one resumes from its originals); nothing is erased.
+        """
+        from strategies.erase import erase_request
+
+        return erase_request(grid, self, request.id)
 
     def _holders(self, request: UnlearningRequest, roots: list[str]) -> list[int]:
         """Partitions holding forget data: the clients of the roots' training data."""

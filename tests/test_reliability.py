@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_unlearn.errors import LineageError, RequestError, StoreError
+from fl_unlearn.erasure import PREPARED_RETAIN_REF, erase_superseded
+from fl_unlearn.errors import LineageError, RequestError, StoreError, UnlearnError
 from fl_unlearn.fiun import FIUnConfig, unlearn_many
 from fl_unlearn.journal import RequestJournal
 from fl_unlearn.lineage import LineageGraph, TrainingData
@@ -323,6 +324,58 @@ def test_torn_last_journal_line_is_dropped(reference, tmp_path):
     with pytest.warns(RuntimeWarning, match="torn"):
         journal.append("other", "incomplete", {"x": 2})
     assert [e.state for e in journal.entries()] == ["received", "incomplete"]
+
+
+def _tombstoned(store: Store, digest: str) -> bool:
+    return not store.has(digest) and store.erased(digest) is not None
+
+
+def test_erasing_a_verified_request_deletes_what_it_replaced_and_nothing_live(reference, tmp_path):
+    pristine, expected = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    # a model outside the request that shares the original final global's weights: that object must stay
+    graph = LineageGraph.load(store_dir / "lineage")
+    original_final = graph.node("global-r1").weights
+    graph.add_node("archive", "global", round=1, weights=original_final)
+    Store(store_dir).set_ref(f"{PREPARED_RETAIN_REF}/{graph.node('local-r1-p0').weights}",
+                             Store(store_dir).put(_tensors(torch.Generator().manual_seed(5), True)))
+    serve(store_dir)
+    graph, store = LineageGraph.load(store_dir / "lineage"), Store(store_dir)
+    journal = RequestJournal.for_store(store)
+    with store.lock():
+        erasure = erase_superseded(journal, graph, store, REQUEST.id)
+    assert erasure.models == ["local-r1-p0", "local-r1-p1", "global-r1"]
+    assert erasure.client_models == {p: [f"derived-p{p}"] for p in CLIENTS}
+    assert erasure.kept == {original_final: "model archive"}
+    for node_id in ("local-r1-p0", "local-r1-p1"):
+        assert _tombstoned(store, graph.node(node_id).weights)
+        assert store.get(graph.node(node_id).retain_fisher)  # shared with its unlearned version: live
+    assert store.get(original_final)
+    forget = set(journal.latest(REQUEST.id).doc["fishers"]["forget"].values())
+    assert forget and all(_tombstoned(store, d) for d in forget)
+    assert store.refs(PREPARED_RETAIN_REF) == []  # the retain-Fisher prepared on replaced weights went with them
+    with pytest.raises(StoreError, match=f"erased .*{REQUEST.id}"):
+        store.get(graph.node("local-r1-p0").weights)
+    got = final_models(store_dir)  # every unlearned version reads back, as without erasing
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    with store.lock():  # idempotent
+        again = erase_superseded(journal, graph, store, REQUEST.id)
+    assert again.objects.items() <= erasure.objects.items() and again.bytes_freed == 0 < erasure.bytes_freed
+
+
+def test_an_incomplete_request_erases_nothing(reference, tmp_path):
+    pristine, _ = reference
+    store_dir = tmp_path / "store"
+    shutil.copytree(pristine, store_dir)
+    progress, _ = serve(store_dir, failing={1})
+    assert progress.state == "incomplete"
+    store, before = Store(store_dir), _tree(store_dir)
+    for request_id in (REQUEST.id, "req-never-served"):
+        with pytest.raises(UnlearnError, match="incomplete|holds no request"):
+            erase_superseded(RequestJournal.for_store(store), LineageGraph.load(store_dir / "lineage"), store,
+                             request_id)
+    assert _tree(store_dir) == before
 
 
 def test_journal_refuses_an_illegal_transition(tmp_path):
@@ -698,3 +751,41 @@ def test_a_calibration_reply_with_a_bad_kept_loss_is_refused_and_changes_nothing
         strategy.unlearn(grid, CLASS_REQUEST)
     # no model version, no moved ref (the journal and the Fisher cache may hold what the request got so far)
     assert (_tree(store_dir / "lineage"), _tree(store_dir / "refs")) == before
+
+
+def test_the_server_erases_the_replaced_models_at_the_clients_too(federation, tmp_path, task_identity):
+    store_dir = _copy(federation, tmp_path)
+    strategy, grid = _strategy(store_dir), _grid()
+    outcome = strategy.unlearn(grid, CLASS_REQUEST)
+    held = {old: new for old, new in outcome.versions.items() if old in outcome.client_results}
+    assert outcome.state == "verified" and len(held) == NUM_CLIENTS
+    grid.faults[(2, "train.erase")] = ["error"] * 3  # partition 2 never answers: it keeps its copy, and says so
+    report = strategy.erase(grid, CLASS_REQUEST)
+    assert set(report["failures"]) == {"2"} and set(report["clients"]) == {"0", "1", "3"}
+    for old in held:
+        pid = LineageGraph.load(store_dir / "lineage").node(old).client
+        client = Store(store_dir / "clients" / str(pid))
+        entry = client.get_json("models")[old]
+        assert _tombstoned(client, entry["weights"]) == (pid != 2) and ("erased" in entry) == (pid != 2)
+        assert client.get(client.get_json("models")[held[old]]["weights"])  # the unlearned version stays
+    report = strategy.erase(grid, CLASS_REQUEST)  # again, partition 2 up: it erases; the others are done
+    assert report["failures"] == {} and report["clients"]["2"]["erased"] == 1
+    assert sum(c["erased"] for c in report["clients"].values()) == 1
+    assert Store(store_dir).get_json(f"erasures/{CLASS_REQUEST.id}")["clients"]["2"]["erased"] == 1
+
+
+def test_a_client_refuses_to_erase_a_model_nothing_replaced(federation, tmp_path, task_identity):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from strategies import records as R
+
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    client = Store(store_dir / "clients" / "0")
+    model_id = next(iter(client.get_json("models")))
+    before = _tree(store_dir / "clients" / "0")
+    msg = Message(RecordDict({R.CONFIG_KEY: ConfigRecord({R.MODEL_IDS: [model_id], R.STORE_DIR: str(store_dir)})}),
+                  dst_node_id=100, message_type=R.MSG_ERASE)
+    [reply] = grid.send_and_receive([msg])
+    assert reply.has_error() and "nothing erased" in reply.error.reason
+    assert _tree(store_dir / "clients" / "0") == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,61 @@ def test_no_temp_files_after_interrupted_write_of_objects(tmp_path, monkeypatch)
     with pytest.raises(StoreError, match="fsync failed"):
         store.put({"w": torch.ones(2)})
     assert _tmp_files(tmp_path) == [] and _files(tmp_path / "objects") == []
+
+
+def test_erase_leaves_a_tombstone_that_reads_report(tmp_path):
+    store = Store(tmp_path)
+    digest = store.put({"w": torch.ones(3)}, {"node": "a"})
+    other = store.put({"w": torch.zeros(3)})
+    assert store.objects() == sorted([digest, other])
+    assert store.erase(digest, "request r1 replaced it") is True
+    assert not store.has(digest) and store.objects() == [other]
+    assert store.erased(digest)["reason"] == "request r1 replaced it" and store.erased(other) is None
+    for read in (store.get, store.meta, store.verify):
+        with pytest.raises(StoreError, match="erased .*request r1 replaced it"):
+            read(digest)
+    assert store.erase(digest, "again") is False  # idempotent; the first reason stays
+    assert store.erased(digest)["reason"] == "request r1 replaced it"
+    assert torch.equal(store.get(other)["w"], torch.zeros(3))
+
+
+def test_erase_needs_a_reason_and_a_valid_digest(tmp_path):
+    store = Store(tmp_path)
+    digest = store.put({"w": torch.ones(3)})
+    with pytest.raises(StoreError, match="reason"):
+        store.erase(digest, " ")
+    with pytest.raises(StoreError, match="invalid digest"):
+        store.erase("../" + digest[3:], "why")
+    assert store.has(digest) and not (tmp_path / "erased").exists()
+
+
+def test_an_erasure_cut_short_is_finished_by_erasing_again_or_undone_by_storing_again(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    tensors = {"w": torch.arange(4.0)}
+    digest = store.put(tensors)
+    real_unlink = Path.unlink
+
+    def crash(self, *args, **kwargs):  # the tombstone is written, then the process dies before the delete
+        if self.suffix == ".safetensors":
+            raise KeyboardInterrupt("killed")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.erase(digest, "superseded")
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert store.has(digest) and store.erased(digest) is not None
+    assert store.put(tensors) == digest and store.erased(digest) is None  # stored again: no longer erased
+    assert store.erase(digest, "superseded") and store.put(tensors) == digest
+    assert torch.equal(store.get(digest)["w"], tensors["w"]) and store.erased(digest) is None
+
+
+def test_refs_can_be_listed_and_deleted(tmp_path):
+    store = Store(tmp_path)
+    digest = store.put({"w": torch.ones(1)})
+    for name in ("latest-global", "prepared-retain/abc", "prepared-retain/def"):
+        store.set_ref(name, digest)
+    assert store.refs() == ["latest-global", "prepared-retain/abc", "prepared-retain/def"]
+    assert store.refs("prepared-retain/") == ["prepared-retain/abc", "prepared-retain/def"]
+    assert store.delete_ref("prepared-retain/abc") is True and store.delete_ref("prepared-retain/abc") is False
+    assert store.refs() == ["latest-global", "prepared-retain/def"] and store.has(digest)

@@ -29,7 +29,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.simulation import run_simulation
 
 from fl_unlearn.data import make_loader
-from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
+from fl_unlearn.errors import ConfigError, RequestError, StoreError, UnlearnError
+from fl_unlearn.journal import RequestJournal
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.store import Store
@@ -131,9 +132,9 @@ def test_app_trains_unlearns_and_reports(train_unlearn):
         assert (out / name).is_file(), name
 
 
-def test_every_global_model_is_checkpointed(train_unlearn):
-    store = Store(train_unlearn["store_dir"])
-    graph = LineageGraph.load(Path(train_unlearn["store_dir"]) / "lineage")
+def test_every_global_model_is_checkpointed(trained):
+    store = Store(trained / "store")
+    graph = LineageGraph.load(trained / "store" / "lineage")
     globals_ = [n for n in graph.nodes() if n.kind == "global" and n.request_id is None]
     assert [n.id for n in globals_] == ["global-r0", "global-r1", "global-r2"]
     for node in globals_:
@@ -152,16 +153,17 @@ def test_separate_unlearn_run_equals_train_plus_unlearn(trained, train_unlearn, 
     assert [m["id"] for m in res["affected_models"]] == [m["id"] for m in train_unlearn["affected_models"]]
 
 
-def test_requests_use_the_fishers_prepared_after_training(train_unlearn):
-    res, store = train_unlearn, Store(train_unlearn["store_dir"])
+def test_requests_use_the_fishers_prepared_after_training(trained, train_unlearn):
+    res = train_unlearn
     assert res["timing"]["prepare_s"] > 0
     assert res["fisher_sources"]["retain"] == "prepared"
     assert sorted(res["fisher_sources"]["forget_prepared"]) == sorted(int(p) for p in res["holders"])
-    weights = LineageGraph.open(Path(res["store_dir"]) / "lineage").node(res["final_global"]["id"]).weights
+    store = Store(trained / "store")  # what training left; the request erased the server's (its test below)
+    weights = LineageGraph.open(trained / "store" / "lineage").node(res["final_global"]["id"]).weights
     prepared = store.get_ref(f"prepared-retain/{weights}")
     assert prepared is not None and store.meta(prepared)["kind"] == "prepared-retain-fisher"
     for pid in res["holders"]:
-        doc = Store(Path(res["store_dir"]) / "clients" / pid).get_json(f"prepared/{weights}")
+        doc = Store(trained / "store" / "clients" / pid).get_json(f"prepared/{weights}")
         assert "3" in doc["classes"], pid
 
 
@@ -203,6 +205,55 @@ def test_a_second_request_unlearns_the_versions_the_first_left_not_the_models_th
     assert not set(second) & replaced and set(second) <= live_before
     assert all("~u" in m for m in second)  # every one a version request 1 left
     assert res["final_global"]["after"]["forget_acc"] <= 0.05
+
+
+def test_the_models_a_request_replaced_are_erased_at_the_server_and_the_clients(train_unlearn):
+    # erase-superseded (the default): once the request is verified and repaired, the weights it replaced (which
+    # still hold class 3) and its forget-Fishers are gone, at the server and at the clients holding derived models;
+    # each read says why; every live model reads back.
+    res, root = train_unlearn, Path(train_unlearn["store_dir"])
+    store, graph = Store(root), LineageGraph.open(root / "lineage")
+    replaced = graph.superseded()
+    server_replaced = [graph.node(i) for i in replaced if graph.node(i).weights]
+    client_replaced = [graph.node(i) for i in replaced if not graph.node(i).weights]
+    assert server_replaced and client_replaced
+    erasure = res["erasure"]
+    assert erasure["failures"] == {} and erasure["server_models"] == len(server_replaced)
+    assert erasure["client_models"] == erasure["client_files"] == len(client_replaced)
+    for node in server_replaced:
+        assert not store.has(node.weights), node.id
+        with pytest.raises(StoreError, match=f"erased .*{res['request']['id']}"):
+            store.get(node.weights)
+    for node in graph.nodes():
+        if node.id not in replaced and node.weights:
+            assert store.get(node.weights), node.id
+    journal = RequestJournal.for_store(store).latest(res["request"]["id"])
+    assert journal.state == "verified"
+    assert all(not store.has(d) for d in journal.doc["fishers"]["forget"].values())
+    assert not [name for name in store.refs("prepared-retain/")
+                if name.split("/")[-1] in {n.weights for n in server_replaced}]
+    doc = store.get_json(f"erasures/{res['request']['id']}")
+    assert sorted(doc["models"]) == sorted(n.id for n in server_replaced)
+    for node in client_replaced:
+        client = Store(root / "clients" / str(node.client))
+        entry = client.get_json("models")[node.id]
+        assert "erased" in entry and not client.has(entry["weights"]), node.id
+    for node in graph.nodes():  # the clients' live models read back
+        if node.id not in replaced and node.meta.get("held-by", "").startswith("client:"):
+            client = Store(root / "clients" / str(node.client))
+            assert client.get(client.get_json("models")[node.id]["weights"]), node.id
+    assert "erased: the weights of" in (Path(res["out_dir"]) / "report.md").read_text()
+
+
+def test_erase_superseded_false_keeps_the_replaced_models(trained, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), derive="finetune",
+                  derive_depth=2, repair="off", erase_superseded=False)
+    assert "erasure" not in res
+    graph, kept = LineageGraph.open(store / "lineage"), Store(store)
+    assert all(kept.get(graph.node(i).weights) for i in graph.superseded() if graph.node(i).weights)
+    assert not (store / "erased").exists()
 
 
 def test_unknown_class_fails_clearly_and_changes_nothing(trained, tmp_path):
