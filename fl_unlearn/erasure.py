@@ -17,7 +17,7 @@ idempotent: a crash part-way leaves tombstones and files that a second call fini
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from fl_unlearn.journal import RequestJournal
 from fl_unlearn.lineage import LineageGraph, ModelNode
 from fl_unlearn.store import Store
 
-__all__ = ["Erasure", "superseded_by", "erase_superseded", "PREPARED_RETAIN_REF"]
+__all__ = ["Erasure", "superseded_by", "erase_superseded", "erase_out_of_service", "PREPARED_RETAIN_REF"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,35 @@ def erase_superseded(journal: RequestJournal, graph: LineageGraph, store: Store,
     log.info("erase: request %s: %d objects erased (%.1f MiB freed), %d kept (still referenced), %d client-held "
              "models to erase at %d clients", request_id, len(out.objects), out.bytes_freed / 2**20, len(out.kept),
              sum(map(len, out.client_models.values())), len(out.client_models))
+    return out
+
+
+def erase_out_of_service(graph: LineageGraph, store: Store, in_service: Iterable[str], *, prefix: str,
+                         request_id: str) -> Erasure:
+    """SISA: erase the weights of every lineage node under ``prefix`` (one shard-federation's checkpoints and
+    approximately unlearned models) that is no longer in service; hold ``store.lock()`` around the call.
+
+    After an exact rerun a shard's replaced stage checkpoints hold the revoked samples; after an approximate
+    removal so do its checkpoints from the first dirty stage on, which no rerun starts from again (pitfall P1),
+    and the model served before. ``in_service`` is what the federation may still read: the checkpoints below the
+    first dirty stage and the served models. Objects a ref points at stay too. Idempotent.
+    """
+    keep = set(in_service) | {d for name in store.refs() if (d := store.get_ref(name))}
+    out = Erasure(request_id)
+    reason = f"erased after unlearning request {request_id} (no longer in service)"
+    for node in graph.nodes():
+        digest = node.weights
+        if not node.id.startswith(prefix) or not digest or digest in keep or digest in out.objects:
+            continue
+        if not store.has(digest) and store.erased(digest) is None:
+            continue  # never in this store (another store's lineage)
+        size = store.path(digest).stat().st_size if store.has(digest) else 0
+        if store.erase(digest, f"weights of {node.id}: {reason}"):
+            out.bytes_freed += size
+        out.objects[digest] = f"weights of {node.id}"
+        out.models.append(node.id)
+    log.info("erase: request %s: %d out-of-service checkpoints erased (%.1f MiB freed)", request_id,
+             len(out.objects), out.bytes_freed / 2**20)
     return out
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "derive_seed",
     "fedavg",
     "hash_order",
+    "in_service",
     "initial_weights",
 ]
 
@@ -554,6 +555,20 @@ def fedavg(replies: Sequence[tuple[int, Weights]]) -> Weights:
         for n, w in replies:
             acc += w[name].double() * (n / total)
         out[name] = acc.to(first.dtype)
+    return out
+
+
+def in_service(checkpoints: Sequence[Sequence[str | None]], served: Sequence[str | None],
+               ledgers: Sequence[ShardLedger]) -> set[str]:
+    """The digests a shard-federation may still read: each shard's served model and its stage checkpoints below
+    the first stage an approximate removal left stale (``dirty_from``; every later exact rerun starts at or
+    before it, pitfall P1). Everything else it ever stored (checkpoints an exact rerun replaced, stale ones,
+    models served before) still holds revoked samples: :func:`fl_unlearn.erasure.erase_out_of_service`."""
+    out: set[str] = set()
+    for row, model, ledger in zip(checkpoints, served, ledgers):
+        out.update(d for d in row[:ledger.dirty_from] if d)  # row[:None] is the whole row
+        if model:
+            out.add(model)
     return out
 
 

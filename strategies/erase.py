@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 ERASURE_DOC = "erasures"
 
 
+def erasure_doc(request_id: str) -> str:
+    """The store document of a request's erasure report (a document name may not start with '-')."""
+    return f"{ERASURE_DOC}/{request_id.lstrip('-') or 'request'}"
+
+
 def handle_erase(spec: ClientSpec, msg: Message, context: Context) -> Message:
     """``train.erase``: delete the weights of the listed models this client holds; each must be replaced by a
     version in this client's index (an unlearned or repaired one), else nothing is deleted."""
@@ -66,6 +71,15 @@ def handle_erase(spec: ClientSpec, msg: Message, context: Context) -> Message:
         len(ids), erased, freed / 2**20)
     return Message(RecordDict({R.METRICS_KEY: MetricRecord({R.ERASED: erased, R.BYTES_FREED: freed})}),
                    reply_to=msg)
+
+
+def erasure_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """results.json's ``erasure``: counts of an erasure report (the store document lists every object)."""
+    return {"server_models": len(report["models"]), "server_objects": len(report["objects"]),
+            "bytes_freed": report["bytes_freed"] + sum(c["bytes_freed"] for c in report["clients"].values()),
+            "client_models": sum(map(len, report["client_models"].values())),
+            "client_files": sum(c["erased"] for c in report["clients"].values()),
+            "kept": len(report["kept"]), "failures": report["failures"], "seconds": report["seconds"]}
 
 
 def erase_request(grid: Grid, strategy: UnlearningStrategy, request_id: str) -> dict[str, Any]:
@@ -109,7 +123,7 @@ def erase_request(grid: Grid, strategy: UnlearningStrategy, request_id: str) -> 
         failures.update({str(strategy.nodes.partition.get(n, n)): why for n, why in failed.items()})
     report = {**erasure.to_dict(), "clients": clients, "failures": failures,
               "seconds": time.perf_counter() - start}
-    store.put_json(f"{ERASURE_DOC}/{request_id.lstrip('-') or 'request'}", report)  # a name may not start with '-'
+    store.put_json(erasure_doc(request_id), report)
     if failures:
         log(WARNING, "erase: request %s: clients %s did not erase their superseded models (%s); erasing the "
             "request again asks them again", request_id, sorted(failures), failures)

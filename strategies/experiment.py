@@ -33,6 +33,7 @@ from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything
 from strategies import records as R
 from strategies.config import AppConfig
+from strategies.erase import erasure_summary
 from strategies.forget import keeps_nothing, request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
@@ -198,9 +199,6 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if cfg.uses_sisa:  # SISA shards / slices and the hybrid exact path (DESIGN.md section 4)
         from strategies.sisa_server import run_sisa_experiment
 
-        if cfg.erase_superseded and request is not None:
-            warnings = [*warnings, "erase-superseded: the SISA path keeps the stage checkpoints and models a request "
-                                   "replaced (only the FIUn path, sisa-shards = sisa-slices = 1, erases them)"]
         results = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name, "strategy": "sisa",
                    "config": cfg.to_run_config(), "warnings": warnings, "out_dir": str(out_dir),
                    "store_dir": str(store_dir), "timing": {}}
@@ -471,12 +469,7 @@ def _erase(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutcome) ->
     from them."""
     if outcome.state != "verified":
         return {"skipped": f"request {outcome.state}: the originals stay until a later run finishes it"}
-    report = strategy.erase(grid, outcome.request)
-    return {"server_models": len(report["models"]), "server_objects": len(report["objects"]),
-            "bytes_freed": report["bytes_freed"] + sum(c["bytes_freed"] for c in report["clients"].values()),
-            "client_models": sum(map(len, report["client_models"].values())),
-            "client_files": sum(c["erased"] for c in report["clients"].values()),
-            "kept": len(report["kept"]), "failures": report["failures"], "seconds": report["seconds"]}
+    return erasure_summary(strategy.erase(grid, outcome.request))
 
 
 def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evaluate: Evaluator,

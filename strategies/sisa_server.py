@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from fl_unlearn.calibrate import calibrate_alpha
 from fl_unlearn.data import make_loader
+from fl_unlearn.erasure import erase_out_of_service
 from fl_unlearn.errors import ConfigError, RequestError, StoreError, UnlearnError
 from fl_unlearn.fiun import FIUnConfig, dampen
 from fl_unlearn.hybrid import (APPROX_COST_FACTOR, DEFAULT_BUDGET, Plan, ShardPlan, combine_plans, fit_throughput,
@@ -51,9 +52,11 @@ from fl_unlearn.hybrid import (APPROX_COST_FACTOR, DEFAULT_BUDGET, Plan, ShardPl
 from fl_unlearn.lineage import LineageGraph, TrainingData
 from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.requests import UnlearningRequest
-from fl_unlearn.sisa import (Ensemble, RoundRecord, ShardLedger, SisaConfig, SisaLayout, fedavg, initial_weights)
+from fl_unlearn.sisa import (Ensemble, RoundRecord, ShardLedger, SisaConfig, SisaLayout, fedavg, in_service,
+                             initial_weights)
 from fl_unlearn.store import Store
 from strategies import records as R
+from strategies.erase import erasure_doc, erasure_summary
 from strategies.nodes import NodeDirectory, checked_replies, exchange
 
 Weights = dict[str, Tensor]
@@ -614,6 +617,18 @@ class FlowerSisaFederation:
     def save_state(self) -> None:
         self.store.put_json(f"{self.name}/state", self.state())
 
+    def erase_out_of_service(self, request_id: str) -> dict[str, Any]:
+        """Erase every checkpoint and served model this federation no longer reads (they hold revoked samples:
+        :func:`fl_unlearn.sisa.in_service`); the report is also stored as ``erasures/<request id>``."""
+        start = time.perf_counter()
+        with self.store.lock():
+            erasure = erase_out_of_service(self.graph, self.store,
+                                           in_service(self.checkpoints, self.served, self.ledgers),
+                                           prefix=f"{self.name}/", request_id=request_id)
+        report = {**erasure.to_dict(), "clients": {}, "failures": {}, "seconds": time.perf_counter() - start}
+        self.store.put_json(erasure_doc(request_id), report)
+        return report
+
     def restore(self) -> None:
         """Reload checkpoints, ledgers and round log saved by a training run on this store."""
         state = self.store.get_json(f"{self.name}/state")
@@ -757,6 +772,8 @@ def run_sisa_experiment(grid: Grid, cfg: Any, *, data: Any, new_model: Callable[
                               "shards": done["shards"], "before": before,
                               "after": evaluate_request(fed, after_w, held_out, revoked)}
     results["timing"]["unlearn_s"] = done["seconds"]
+    if cfg.erase_superseded:  # what the rerun or FIUn replaced still holds the revoked samples
+        results["erasure"] = erasure_summary(fed.erase_out_of_service(request.id))
     if cfg.retrain_baseline:
         gold = FlowerSisaFederation(grid, sisa_config(cfg), store, LineageGraph(), new_model,
                                     num_nodes=cfg.num_clients, name="gold", exclude=revoked)

@@ -22,7 +22,7 @@ from flwr.simulation import run_simulation
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_unlearn.data import load_federated, sample_ids
-from fl_unlearn.errors import ConfigError, RequestError, UnlearnError
+from fl_unlearn.errors import ConfigError, RequestError, StoreError, UnlearnError
 from fl_unlearn.lineage import LineageGraph
 from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.sisa import SisaFederation, SisaLayout
@@ -98,8 +98,17 @@ def test_app_exact_path_equals_scratch_on_flower_and_in_core(tmp_path):
     core.train()
     for s in range(2):
         assert _same(served[s], gold[s]) and _same(served[s], core.shard_weights(s))
-    original = LineageGraph.load(tmp_path / "out" / "store" / "lineage").node("sisa/s0/v0/stage2")
-    assert not _same(store.get(original.weights), served[0])  # the rerun did change the touched shard-model
+    # the checkpoints the rerun replaced (stages 1-2 of shard 0) hold the revoked samples: erased
+    # (erase-superseded); a digest equal to one in service would have stayed
+    graph = LineageGraph.load(tmp_path / "out" / "store" / "lineage")
+    replaced = [graph.node(f"sisa/s0/v0/stage{r}").weights for r in (1, 2)]
+    erasure = json.loads((tmp_path / "out" / "results.json").read_text())["erasure"]
+    assert erasure["server_models"] == 2 and erasure["bytes_freed"] > 0
+    for digest in replaced:
+        with pytest.raises(StoreError, match="erased after unlearning request"):
+            store.get(digest)
+    for node_id in ("sisa/s0/v0/stage0", "sisa/s1/v0/stage1", "sisa/s1/v0/stage2"):  # in service
+        assert store.get(graph.node(node_id).weights), node_id
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -183,6 +192,12 @@ def test_approximate_removal_is_recorded_and_a_later_exact_rerun_starts_early_en
     assert done["path"] == "approximate" and trained.ledgers[0].dirty_from == 2  # slice 2: stages 2.. stale
     stale = trained.graph.node(trained.nodes[0][2])
     assert stale.meta["stale"] and trained.served_nodes[0].startswith("sisa/s0/approx/")
+    # the stale checkpoints (stages 2.. of shard 0, the model served before) still hold the ids: erased; a rerun
+    # never starts from them
+    out_of_service = [trained.checkpoints[0][r] for r in range(2, trained.num_slices + 1)]
+    report = trained.erase_out_of_service("req-approx")
+    assert sorted(report["objects"]) == sorted(set(out_of_service))
+    assert all(not trained.store.has(d) for d in out_of_service) and trained.store.has(trained.served[0])
     # a later exact request in slice 1 reruns from stage 1 and leaves out both requests' ids (P1)
     plan = trained.plan({1: second}, policy="exact")
     assert plan.shards[0].start_stage == 1
