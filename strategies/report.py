@@ -119,9 +119,11 @@ def render_report(results: dict[str, Any]) -> str:
     if erasure.get("skipped"):
         lines.append(f"- superseded models not erased: {erasure['skipped']}")
     elif erasure:
-        lines.append(f"- erased: the weights of {erasure['server_models']} superseded server-held and "
-                     f"{erasure['client_models']} client-held models and the request's Fishers "
-                     f"({erasure['bytes_freed'] / 2**20:.1f} MiB)"
+        fishers = erasure["server_objects"] - erasure["server_models"]
+        lines.append(f"- erased: the weights of {erasure['server_models']} replaced server-held and "
+                     f"{erasure['client_files']} client-held models"
+                     + (f", {fishers} Fishers of the forgotten data" if fishers > 0 else "")
+                     + f" ({erasure['bytes_freed'] / 2**20:.1f} MiB)"
                      + (f"; clients {', '.join(sorted(erasure['failures']))} did not answer and keep theirs"
                         if erasure.get("failures") else ""))
     if results.get("warnings"):
