@@ -388,6 +388,11 @@ class Store:
             )
         return self.root / kind / f"{name}.json"
 
+    def _names(self, kind: str, prefix: str) -> list[str]:
+        root = self.root / kind
+        names = (str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.json"))
+        return sorted(n for n in names if _NAME_RE.fullmatch(n) and n.startswith(prefix))
+
     def _write_json(self, path: Path, obj: Any, what: str) -> None:
         try:
             text = json.dumps(obj, sort_keys=True, allow_nan=False, indent=1)
@@ -416,9 +421,7 @@ class Store:
 
     def refs(self, prefix: str = "") -> list[str]:
         """The names of every ref (sorted), or of those that start with ``prefix``."""
-        root = self.root / "refs"
-        names = (str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.json"))
-        return sorted(n for n in names if _NAME_RE.fullmatch(n) and n.startswith(prefix))
+        return self._names("refs", prefix)
 
     def delete_ref(self, name: str) -> bool:
         """Remove ref ``name`` (the object stays); return whether it existed."""
@@ -435,6 +438,10 @@ class Store:
         if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
             raise StoreError(f"ref {name!r} at {str(path)!r} is corrupt: no valid digest in {obj!r:.120}")
         return digest
+
+    def docs(self, prefix: str = "") -> list[str]:
+        """The names of every JSON document (sorted), or of those that start with ``prefix``."""
+        return self._names("docs", prefix)
 
     def put_json(self, name: str, obj: Any) -> None:
         """Atomically write JSON document ``name`` (replacing any previous version)."""

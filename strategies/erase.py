@@ -73,6 +73,20 @@ def handle_erase(spec: ClientSpec, msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+def retry_erasures(grid: Grid, strategy: UnlearningStrategy) -> dict[str, dict[str, Any]]:
+    """Erase again every request whose erasure report names clients that did not confirm (down, or a crash
+    before they answered): request id -> the new report's summary. The App calls it at the start of each run
+    that unlearns, so a client that was down erases its copies at the next request."""
+    out = {}
+    for name in strategy.store.docs(f"{ERASURE_DOC}/"):
+        report = strategy.store.get_json(name) or {}
+        if report.get("failures") and report.get("request_id"):
+            log(INFO, "erase: request %s left copies at clients %s; asking again", report["request_id"],
+                sorted(report["failures"]))
+            out[report["request_id"]] = erasure_summary(erase_request(grid, strategy, report["request_id"]))
+    return out
+
+
 def erasure_summary(report: dict[str, Any]) -> dict[str, Any]:
     """results.json's ``erasure``: counts of an erasure report (the store document lists every object)."""
     return {"server_models": len(report["models"]), "server_objects": len(report["objects"]),
@@ -102,7 +116,12 @@ def erase_request(grid: Grid, strategy: UnlearningStrategy, request_id: str) -> 
         erasure = erase_superseded(RequestJournal.for_store(store), strategy.graph, store, request_id)
     reason = f"erased after unlearning request {request_id} (superseded)"
     clients: dict[str, dict[str, int]] = {}
-    failures: dict[str, str] = {}
+    # until the clients confirm, they count as failed: a crash before their replies leaves the report saying so,
+    # and the next run asks them again (retry_erasures)
+    failures = {str(pid): "not confirmed yet" for pid in erasure.client_models}
+    store.put_json(erasure_doc(request_id), {**erasure.to_dict(), "clients": {}, "failures": failures,
+                                             "seconds": time.perf_counter() - start})
+    failures = {}
     msgs = []
     if erasure.client_models:
         strategy.nodes.refresh(grid)

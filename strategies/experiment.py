@@ -33,7 +33,7 @@ from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything
 from strategies import records as R
 from strategies.config import AppConfig
-from strategies.erase import erasure_summary
+from strategies.erase import erasure_summary, retry_erasures
 from strategies.forget import keeps_nothing, request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
@@ -233,6 +233,9 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
     # --- Unlearning ----------------------------------------------------------------------------------
     assert request is not None  # mode=train returned above
+    if cfg.erase_superseded:  # clients that missed an earlier request's erasure (down, or a crash) erase now
+        if retried := retry_erasures(grid, strategy):
+            results["erasure_retried"] = retried
     final_before = graph.node(strategy.current)
     outcome = strategy.unlearn(grid, request)
     results["timing"].update(outcome.timing)

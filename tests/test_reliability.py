@@ -754,6 +754,8 @@ def test_a_calibration_reply_with_a_bad_kept_loss_is_refused_and_changes_nothing
 
 
 def test_the_server_erases_the_replaced_models_at_the_clients_too(federation, tmp_path, task_identity):
+    from strategies.erase import retry_erasures
+
     store_dir = _copy(federation, tmp_path)
     strategy, grid = _strategy(store_dir), _grid()
     outcome = strategy.unlearn(grid, CLASS_REQUEST)
@@ -768,10 +770,34 @@ def test_the_server_erases_the_replaced_models_at_the_clients_too(federation, tm
         entry = client.get_json("models")[old]
         assert _tombstoned(client, entry["weights"]) == (pid != 2) and ("erased" in entry) == (pid != 2)
         assert client.get(client.get_json("models")[held[old]]["weights"])  # the unlearned version stays
-    report = strategy.erase(grid, CLASS_REQUEST)  # again, partition 2 up: it erases; the others are done
+    # the next run asks again (the App calls retry_erasures before its request): partition 2 erases now
+    retried = retry_erasures(grid, _strategy(store_dir))
+    assert list(retried) == [CLASS_REQUEST.id] and retried[CLASS_REQUEST.id]["client_files"] == 1
+    report = Store(store_dir).get_json(f"erasures/{CLASS_REQUEST.id}")
     assert report["failures"] == {} and report["clients"]["2"]["erased"] == 1
-    assert sum(c["erased"] for c in report["clients"].values()) == 1
-    assert Store(store_dir).get_json(f"erasures/{CLASS_REQUEST.id}")["clients"]["2"]["erased"] == 1
+    assert retry_erasures(grid, _strategy(store_dir)) == {}  # nothing pending any more
+
+
+def test_a_crash_before_the_clients_confirm_their_erasure_is_retried_by_the_next_run(federation, tmp_path,
+                                                                                      task_identity, monkeypatch):
+    import strategies.nodes
+    from strategies.erase import retry_erasures
+
+    store_dir = _copy(federation, tmp_path)
+    strategy, grid = _strategy(store_dir), _grid()
+    assert strategy.unlearn(grid, CLASS_REQUEST).state == "verified"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the server died before the clients answered train.erase")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(strategies.nodes, "send_with_retries", killed)
+        with pytest.raises(KeyboardInterrupt):
+            strategy.erase(grid, CLASS_REQUEST)
+    pending = Store(store_dir).get_json(f"erasures/{CLASS_REQUEST.id}")["failures"]
+    assert set(pending) == {str(p) for p in range(NUM_CLIENTS)}  # every holder: not confirmed yet
+    retried = retry_erasures(_grid(), _strategy(store_dir))
+    assert retried[CLASS_REQUEST.id]["client_files"] == NUM_CLIENTS and retried[CLASS_REQUEST.id]["failures"] == {}
 
 
 def test_a_client_refuses_to_erase_a_model_nothing_replaced(federation, tmp_path, task_identity):

@@ -287,3 +287,11 @@ def test_refs_can_be_listed_and_deleted(tmp_path):
     assert store.refs("prepared-retain/") == ["prepared-retain/abc", "prepared-retain/def"]
     assert store.delete_ref("prepared-retain/abc") is True and store.delete_ref("prepared-retain/abc") is False
     assert store.refs() == ["latest-global", "prepared-retain/def"] and store.has(digest)
+
+
+def test_documents_can_be_listed(tmp_path):
+    store = Store(tmp_path)
+    for name in ("run", "erasures/req-1", "erasures/req-2"):
+        store.put_json(name, {"name": name})
+    assert store.docs() == ["erasures/req-1", "erasures/req-2", "run"]
+    assert store.docs("erasures/") == ["erasures/req-1", "erasures/req-2"] and store.docs("x") == []
