@@ -42,7 +42,8 @@ class Erasure:
     ----------
     request_id : str
     models : list[str]
-        Superseded server-held models whose weights were erased (or had been, by an earlier call).
+        Superseded server-held models whose weights were erased (or had been, by an earlier call); not those whose
+        weights a live model shares (``kept``).
     client_models : dict[int, list[str]]
         Partition id -> superseded models that client holds: the caller erases them there.
     objects : dict[str, str]
@@ -108,10 +109,11 @@ def erase_superseded(journal: RequestJournal, graph: LineageGraph, store: Store,
     out = Erasure(request_id)
     replaced = [graph.node(i) for i in superseded_by(graph, request_id, list(entry.doc["plan"]["affected"]))]
     targets: dict[str, str] = {}
+    weights_of: dict[str, list[str]] = {}  # digest -> the replaced models with those weights
     for node in replaced:
         if node.weights is not None:
             targets[node.weights] = f"weights of {node.id}"
-            out.models.append(node.id)
+            weights_of.setdefault(node.weights, []).append(node.id)
         else:
             pid = _client_of(node)
             if pid is not None:
@@ -137,6 +139,7 @@ def erase_superseded(journal: RequestJournal, graph: LineageGraph, store: Store,
         if store.erase(digest, f"{what}: {reason}"):
             out.bytes_freed += size
         out.objects[digest] = what
+        out.models += weights_of.get(digest, [])
     for name in prepared_refs:  # after the objects: a crash in between leaves a ref to a tombstone, found again
         store.delete_ref(name)
     log.info("erase: request %s: %d objects erased (%.1f MiB freed), %d kept (still referenced), %d client-held "

@@ -7,8 +7,9 @@ deletes those models' weights from the client's own store, after checking that i
 replaces each one; the index keeps the entries, marked ``erased``. Each erased object leaves a tombstone, so a
 later read says what happened to it.
 
-What a client cannot be made to do here: a client that does not answer keeps its copies; the server reports it
-(``failures``) and erasing the same request again sends ``train.erase`` once more.
+What a client cannot be made to do here: a client that does not answer keeps its copies. The report names it
+(``failures``; every holder is named there until it confirms, so a server crash in between leaves them named too),
+and :func:`retry_erasures`, which the App calls before each request, sends ``train.erase`` again.
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def test_erasing_a_verified_request_deletes_what_it_replaced_and_nothing_live(re
     journal = RequestJournal.for_store(store)
     with store.lock():
         erasure = erase_superseded(journal, graph, store, REQUEST.id)
-    assert erasure.models == ["local-r1-p0", "local-r1-p1", "global-r1"]
+    assert erasure.models == ["local-r1-p0", "local-r1-p1"]  # global-r1's weights: shared with "archive", kept
     assert erasure.client_models == {p: [f"derived-p{p}"] for p in CLIENTS}
     assert erasure.kept == {original_final: "model archive"}
     for node_id in ("local-r1-p0", "local-r1-p1"):
