@@ -26,7 +26,8 @@ from fl_unlearn.journal import RequestJournal
 from fl_unlearn.lineage import LineageGraph, ModelNode
 from fl_unlearn.store import Store
 
-__all__ = ["Erasure", "superseded_by", "erase_superseded", "erase_out_of_service", "PREPARED_RETAIN_REF"]
+__all__ = ["Erasure", "superseded_by", "erase_superseded", "erase_out_of_service", "erase_object",
+           "PREPARED_RETAIN_REF"]
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,7 @@ def erase_superseded(journal: RequestJournal, graph: LineageGraph, store: Store,
         if digest in live:
             out.kept[digest] = live[digest]
             continue
-        size = store.path(digest).stat().st_size if store.has(digest) else 0
-        if store.erase(digest, f"{what}: {reason}"):
-            out.bytes_freed += size
+        out.bytes_freed += erase_object(store, digest, f"{what}: {reason}")
         out.objects[digest] = what
         out.models += weights_of.get(digest, [])
     for name in prepared_refs:  # after the objects: a crash in between leaves a ref to a tombstone, found again
@@ -158,7 +157,7 @@ def erase_out_of_service(graph: LineageGraph, store: Store, in_service: Iterable
     and the model served before. ``in_service`` is what the federation may still read: the checkpoints below the
     first dirty stage and the served models. Objects a ref points at stay too. Idempotent.
     """
-    keep = set(in_service) | {d for name in store.refs() if (d := store.get_ref(name))}
+    keep = set(in_service) | set(_ref_targets(store))
     out = Erasure(request_id)
     reason = f"erased after unlearning request {request_id} (no longer in service)"
     for node in graph.nodes():
@@ -167,14 +166,27 @@ def erase_out_of_service(graph: LineageGraph, store: Store, in_service: Iterable
             continue
         if not store.has(digest) and store.erased(digest) is None:
             continue  # never in this store (another store's lineage)
-        size = store.path(digest).stat().st_size if store.has(digest) else 0
-        if store.erase(digest, f"weights of {node.id}: {reason}"):
-            out.bytes_freed += size
+        out.bytes_freed += erase_object(store, digest, f"weights of {node.id}: {reason}")
         out.objects[digest] = f"weights of {node.id}"
         out.models.append(node.id)
     log.info("erase: request %s: %d out-of-service checkpoints erased (%.1f MiB freed)", request_id,
              len(out.objects), out.bytes_freed / 2**20)
     return out
+
+
+def erase_object(store: Store, digest: str, reason: str) -> int:
+    """:meth:`Store.erase` one object; return the bytes its file took (0 when it was already gone)."""
+    size = store.path(digest).stat().st_size if store.has(digest) else 0
+    return size if store.erase(digest, reason) else 0
+
+
+def _ref_targets(store: Store, skip: set[str] = frozenset()) -> dict[str, str]:
+    """Digest -> the first ref (by name) that points at it, refs in ``skip`` left out."""
+    targets: dict[str, str] = {}
+    for name in store.refs():
+        if name not in skip and (digest := store.get_ref(name)):
+            targets.setdefault(digest, name)
+    return targets
 
 
 def _client_of(node: ModelNode) -> int | None:
@@ -197,15 +209,13 @@ def _live_objects(journal: RequestJournal, graph: LineageGraph, store: Store, *,
         for digest in (node.weights, node.retain_fisher):
             if digest:
                 live.setdefault(digest, f"model {node.id}")
-    for name in store.refs():
-        if name not in skip_refs:
-            digest = store.get_ref(name)
-            if digest:
-                live.setdefault(digest, f"ref {name}")
-    for other, state in journal.requests().items():
-        if state != "verified":
-            for digest in _request_objects(journal.latest(other).doc, graph):
-                live.setdefault(digest, f"request {other} ({state})")
+    for digest, name in _ref_targets(store, skip_refs).items():
+        live.setdefault(digest, f"ref {name}")
+    latest = {entry.request: entry for entry in journal.entries()}  # one read of the journal, not one per request
+    for other, entry in latest.items():
+        if entry.state != "verified":
+            for digest in _request_objects(entry.doc, graph):
+                live.setdefault(digest, f"request {other} ({entry.state})")
     return live
 
 

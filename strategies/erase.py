@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fl_unlearn.erasure import erase_superseded
+from fl_unlearn.erasure import erase_object, erase_superseded
 from fl_unlearn.errors import UnlearnError
 from fl_unlearn.journal import RequestJournal
 from strategies import records as R
@@ -62,10 +62,8 @@ def handle_erase(spec: ClientSpec, msg: Message, context: Context) -> Message:
     erased, freed = 0, 0
     for node_id in ids:
         digest = index[node_id]["weights"]
-        if digest not in live:
-            size = store.path(digest).stat().st_size if store.has(digest) else 0
-            if store.erase(digest, f"{node_id}: {reason}"):
-                erased, freed = erased + 1, freed + size
+        if digest not in live and (size := erase_object(store, digest, f"{node_id}: {reason}")):
+            erased, freed = erased + 1, freed + size
         index[node_id] = {**index[node_id], "erased": reason}
     store.put_json(MODELS_DOC, index)
     log(INFO, "train.erase: partition %d erased %d superseded models (%d files, %.1f MiB)", partition_id(context),
@@ -119,10 +117,10 @@ def erase_request(grid: Grid, strategy: UnlearningStrategy, request_id: str) -> 
     clients: dict[str, dict[str, int]] = {}
     # until the clients confirm, they count as failed: a crash before their replies leaves the report saying so,
     # and the next run asks them again (retry_erasures)
-    failures = {str(pid): "not confirmed yet" for pid in erasure.client_models}
-    store.put_json(erasure_doc(request_id), {**erasure.to_dict(), "clients": {}, "failures": failures,
+    pending = {str(pid): "not confirmed yet" for pid in erasure.client_models}
+    store.put_json(erasure_doc(request_id), {**erasure.to_dict(), "clients": {}, "failures": pending,
                                              "seconds": time.perf_counter() - start})
-    failures = {}
+    failures: dict[str, str] = {}
     msgs = []
     if erasure.client_models:
         strategy.nodes.refresh(grid)

@@ -153,8 +153,6 @@ class UnlearnOutcome:
 
 #: ``_gather_fishers``' key for the prepared whole-data Fisher, in place of the clients' retain-Fishers.
 PREPARED = -1
-#: Store ref prefix: ``prepared-retain/<weights digest>`` -> the retain-Fisher prepared on those weights.
-PREPARED_REF = PREPARED_RETAIN_REF
 
 
 class UnlearningStrategy(DelegatingStrategy):
@@ -665,7 +663,7 @@ class UnlearningStrategy(DelegatingStrategy):
         fisher = merge_fishers([f for f, _ in parts], num_samples=[n for _, n in parts], mode="weighted_mean")
         digest = self.store.put(fisher, {"kind": "prepared-retain-fisher", "node": node.id, "samples": samples,
                                          "settings": self._prepared_settings()})
-        self.store.set_ref(f"{PREPARED_REF}/{node.weights}", digest)
+        self.store.set_ref(f"{PREPARED_RETAIN_REF}/{node.weights}", digest)
         classes = sum(int(r.content.metric_records[R.METRICS_KEY].get(R.PREPARED, 0)) for r in replies)
         info = {"node": node.id, "samples": samples, "clients": len(parts), "classes": classes,
                 "seconds": time.perf_counter() - start}
@@ -681,7 +679,7 @@ class UnlearningStrategy(DelegatingStrategy):
     def _prepared_for(self, node: ModelNode) -> tuple[Tensors, int] | None:
         """The retain-Fisher prepared on ``node``'s weights with this strategy's Fisher settings and the samples it
         stands for, or ``None``."""
-        digest = self.store.get_ref(f"{PREPARED_REF}/{node.weights}") if node.weights else None
+        digest = self.store.get_ref(f"{PREPARED_RETAIN_REF}/{node.weights}") if node.weights else None
         if digest is None:
             return None
         meta = self.store.meta(digest)
