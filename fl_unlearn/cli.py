@@ -172,6 +172,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "request.classes": ("forget-classes", _int_list),
     "request.clients": ("forget-clients", _int_list),
     "request.samples_file": ("forget-samples", _path),
+    "unlearning.method": ("method", _text),
     "unlearning.alpha": ("fiun-alpha", _alpha),
     "unlearning.lam": ("fiun-lambda", _float),
     "unlearning.calibration_samples": ("calibration-samples", _int),
@@ -208,6 +209,11 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.repair_lr": ("repair-lr", _float),
     "unlearning.repair_samples": ("repair-samples", _int),
     "unlearning.repair_forget_weight": ("repair-forget-weight", _float),
+    "unlearning.baseline_rounds": ("baseline-rounds", _int),
+    "unlearning.baseline_steps": ("baseline-steps", _int),
+    "unlearning.baseline_lr": ("baseline-lr", _float),
+    "unlearning.baseline_samples": ("baseline-samples", _int),
+    "unlearning.ascent_loss_ceiling": ("ascent-loss-ceiling", _float),
 }
 
 #: Hydra key -> key of ``--federation-config`` (``num_clients`` goes to both: num-clients = num-supernodes).
@@ -221,11 +227,10 @@ LAUNCHER_ONLY: dict[str, str] = {
     "app_dir": "the Flower App to run (null = simulations/cifar100_fedavg of this repository)",
     "runner": "script run as `<runner> <app_dir> <flwr run args>` (null = scripts/flwr_run.sh)",
     "stream_output": "echo the App's output while it runs (it always goes to <job dir>/flwr_run.log)",
-    "unlearning.method": "the unlearning method; the App implements fiun (the retrained model is "
-                         "unlearning.retrain_baseline, in the same run)",
 }
-#: ``unlearning.method`` values the App runs.
-METHODS = ("fiun",)
+#: ``unlearning.method`` values the App runs (its ``method`` key; ``strategies.config.METHODS``, kept in step by a
+#: test): fiun, the baselines finetune and gradient_ascent, retrain, and sisa (the SISA exact path).
+METHODS = ("fiun", "finetune", "gradient_ascent", "retrain", "sisa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,8 +331,7 @@ def build_app_args(config: Mapping[str, Any], job_dir: Path, *, cwd: Path | None
                           "LAUNCHER_ONLY of fl_unlearn/cli.py (nothing was run)")
     method = flat.get("unlearning.method", "fiun")
     if method not in METHODS:
-        raise ConfigError(f"unlearning.method={method!r}: the App runs {', '.join(METHODS)} "
-                          "(the retrained gold standard comes with unlearning.retrain_baseline=true)")
+        raise ConfigError(f"unlearning.method={method!r}: the App runs {', '.join(METHODS)} (nothing was run)")
     run_config = {rc_key: convert(flat[key], key) for key, (rc_key, convert) in RUN_CONFIG_KEYS.items()
                   if key in flat}
     if "unlearning.depth" in flat:

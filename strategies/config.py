@@ -50,6 +50,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "forget-classes": "3",
     "forget-clients": "0",
     "forget-samples": "",
+    "method": "fiun",
     "fiun-alpha": "auto",
     "calibration-samples": 500,
     "calibration-forget-samples": 64,
@@ -69,6 +70,11 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "repair-lr": 0.02,
     "repair-samples": 1024,
     "repair-forget-weight": 1.0,
+    "baseline-rounds": 2,
+    "baseline-steps": 25,
+    "baseline-lr": 0.05,
+    "baseline-samples": 1024,
+    "ascent-loss-ceiling": 5.0,
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
     "fisher-estimator": "batch",
@@ -101,6 +107,10 @@ HYBRID_POLICIES = ("auto", "exact", "approximate")
 #: Finest calibration grid accepted: 16 alphas per factor of 2 (145 alphas per lambda; each costs forward passes).
 MAX_ALPHAS_PER_OCTAVE = 16
 REPAIR_MODES = ("auto", "on", "off")
+#: ``method``: fiun (ours); finetune and gradient_ascent (strategies.baseline, through the same journal); retrain (the
+#: federation trained again without the data: the gold standard, timed as the method); sisa (the SISA exact path:
+#: needs sisa-shards or sisa-slices > 1)
+METHODS = ("fiun", "finetune", "gradient_ascent", "retrain", "sisa")
 #: ``repair-scope``: ``served``, the served global model and the client-held ones; ``all``, also every other
 #: server-held affected model (local updates at the client that trained them, earlier globals at every client)
 REPAIR_SCOPES = ("served", "all")
@@ -169,6 +179,7 @@ class AppConfig:
     forget_classes: tuple[int, ...]
     forget_clients: tuple[int, ...]
     forget_samples: str
+    method: str
     fiun_alpha: float | str
     calibration_samples: int
     calibration_forget_samples: int
@@ -188,6 +199,11 @@ class AppConfig:
     repair_lr: float
     repair_samples: int
     repair_forget_weight: float
+    baseline_rounds: int
+    baseline_steps: int
+    baseline_lr: float
+    baseline_samples: int
+    ascent_loss_ceiling: float
     fiun_lambda: float
     fisher_layers: str
     fisher_estimator: str
@@ -244,6 +260,7 @@ class AppConfig:
         if not (self.repair_forget_weight >= 0 and math.isfinite(self.repair_forget_weight)):
             raise ConfigError(f"repair-forget-weight must be a finite number >= 0 (0: repair on kept data only), "
                               f"got {self.repair_forget_weight}")
+        self._check_method()
         if self.hybrid_budget < 0:
             raise ConfigError(f"hybrid-budget must be >= 0 (a fraction of a shard's full training cost), "
                               f"got {self.hybrid_budget}")
@@ -284,6 +301,24 @@ class AppConfig:
                     f"{key.replace('_', '-')}={value!r} must be an absolute path: the ServerApp's working "
                     "directory is wherever the SuperLink started, not the App directory"
                 )
+
+    def _check_method(self) -> None:
+        _choice(self.method, METHODS, "method")
+        if self.method == "sisa" and not self.uses_sisa:
+            raise ConfigError("method=sisa is the SISA exact path: set sisa-shards or sisa-slices > 1 (and "
+                              "request-kind=samples or client)")
+        if self.method == "sisa" and self.hybrid_policy == "approximate":
+            raise ConfigError("method=sisa takes the exact path; hybrid-policy=approximate contradicts it (use "
+                              "method=fiun for the hybrid planner)")
+        if self.uses_sisa and self.method not in ("fiun", "sisa"):
+            raise ConfigError(f"method={self.method} runs on the FedAvg lineage (sisa-shards=1, sisa-slices=1); with "
+                              "SISA shards or slices the methods are fiun (the hybrid planner) and sisa (exact)")
+        if min(self.baseline_rounds, self.baseline_steps, self.baseline_samples) < 1:
+            raise ConfigError(f"baseline-rounds, baseline-steps and baseline-samples must be >= 1, got "
+                              f"{self.baseline_rounds}, {self.baseline_steps}, {self.baseline_samples}")
+        if not all(v > 0 and math.isfinite(v) for v in (self.baseline_lr, self.ascent_loss_ceiling)):
+            raise ConfigError(f"baseline-lr and ascent-loss-ceiling must be finite and > 0, got {self.baseline_lr} "
+                              f"and {self.ascent_loss_ceiling}")
 
     @property
     def uses_sisa(self) -> bool:

@@ -8,6 +8,7 @@ and sample requests, is computed by that client with ``query.evalforget``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -37,6 +38,7 @@ from strategies.erase import erasure_summary, retry_erasures
 from strategies.forget import keeps_nothing, request_config
 from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
+from strategies.baseline import BASELINE_METHODS, BaselineSettings
 from strategies.retrain import RetrainStrategy
 from fl_unlearn.calibrate import RepairConfig, grid_alphas
 from strategies.calibration import ClientCalibration
@@ -199,8 +201,11 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if cfg.uses_sisa:  # SISA shards / slices and the hybrid exact path (DESIGN.md section 4)
         from strategies.sisa_server import run_sisa_experiment
 
+        if cfg.method == "sisa":  # the exact path for every request, whatever its estimated workload
+            cfg = dataclasses.replace(cfg, hybrid_policy="exact")
+
         results = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name, "strategy": "sisa",
-                   "config": cfg.to_run_config(), "warnings": warnings, "out_dir": str(out_dir),
+                   "method": cfg.method, "config": cfg.to_run_config(), "warnings": warnings, "out_dir": str(out_dir),
                    "store_dir": str(store_dir), "timing": {}}
         return run_sisa_experiment(grid, cfg, data=data, new_model=new_model, store=store, graph=graph,
                                    out_dir=out_dir, results=results, request_fn=lambda: request)
@@ -213,7 +218,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         client_calibration=client_calibration(cfg),
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
-                               "strategy": cfg.strategy, "config": cfg.to_run_config(), "warnings": warnings,
+                               "strategy": cfg.strategy, "method": cfg.method, "config": cfg.to_run_config(), "warnings": warnings,
                                "out_dir": str(out_dir), "store_dir": str(store_dir), "timing": {}}
 
     # --- Training (or the record of an earlier training run) --------------------------------------------
@@ -233,11 +238,16 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
     # --- Unlearning ----------------------------------------------------------------------------------
     assert request is not None  # mode=train returned above
+    if cfg.method == "retrain":  # the gold standard as the method: a new federation, nothing unlearned
+        return _retrain_as_method(grid, cfg, request, strategy, new_model, test, out_dir, results)
     if cfg.erase_superseded:  # clients that missed an earlier request's erasure (down, or a crash) erase now
         if retried := retry_erasures(grid, strategy):
             results["erasure_retried"] = retried
     final_before = graph.node(strategy.current)
-    outcome = strategy.unlearn(grid, request)
+    baseline = baseline_settings(cfg)
+    outcome = strategy.unlearn(grid, request, baseline=baseline)
+    if baseline is not None:
+        results["baseline"] = dataclasses.asdict(baseline)
     results["timing"].update(outcome.timing)
     results["fisher_sources"] = {"retain": outcome.retain_source, "forget_prepared": outcome.forget_prepared}
     results["request_state"] = {"state": outcome.state, "missing": outcome.missing,
@@ -250,6 +260,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     results.update(_describe(outcome, graph, store, evaluator, final_before.id, held))
 
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
+    # (FIUn with alpha="auto" only: the rule reads its calibration; a baseline is compared as it leaves the models)
     settings = repair_settings(cfg, request.kind)
     # every repair below shares one budget, a fraction of what training the federation took (evaluations between
     # the repairs do not count)
@@ -305,6 +316,41 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         results["final_global"]["retrained"] = evaluator([retrained])[0]
     results["graph_snapshot"] = str(graph.snapshot()) if graph.directory else None
     path = write_results(out_dir, results, graph, highlight=outcome.affected)
+    log(INFO, "fl_unlearn: results in %s", path)
+    return results
+
+
+def baseline_settings(cfg: AppConfig) -> BaselineSettings | None:
+    """The ``baseline-*`` keys for ``method=finetune`` / ``gradient_ascent``; ``None`` for FIUn."""
+    if cfg.method not in BASELINE_METHODS:
+        return None
+    return BaselineSettings(method=cfg.method, rounds=cfg.baseline_rounds, steps=cfg.baseline_steps,
+                            lr=cfg.baseline_lr, samples=cfg.baseline_samples, batch_size=cfg.batch_size,
+                            loss_ceiling=cfg.ascent_loss_ceiling)
+
+
+def _retrain_as_method(grid: Grid, cfg: AppConfig, request: UnlearningRequest, strategy: UnlearningStrategy,
+                       new_model: Callable[[], nn.Module], test: Dataset, out_dir: Any,
+                       results: dict[str, Any]) -> dict[str, Any]:
+    """``method=retrain``: the federation trained again from the same initial weights and seed without the data,
+    timed as the method (``unlearn_s`` = ``retrain_s``). The retrained federation is the comparison's answer, not
+    a lineage version: the trained models stay in the store and the lineage (nothing is erased)."""
+    graph, store = strategy.graph, strategy.store
+    strategy.check_request(request)
+    evaluator = Evaluator(new_model, test, request, grid, strategy)
+    final = graph.node(strategy.current)
+    before = evaluator([store.get(final.weights)])[0]
+    retrained, seconds = _retrain(grid, cfg, request, store, graph)
+    after = evaluator([retrained])[0]
+    results["timing"].update(unlearn_s=seconds, retrain_s=seconds)
+    results.update({
+        "request": {**request.to_dict(), "description": request.describe()},
+        "roots": graph.roots(request), "affected_models": [],
+        "final_global": {"id": final.id, "version": None, "before": before, "after": after, "retrained": after},
+        "erasure": {"skipped": "method=retrain: the retrained federation is not recorded in the lineage, so the "
+                               "trained models stay"},
+    })
+    path = write_results(out_dir, results, graph)
     log(INFO, "fl_unlearn: results in %s", path)
     return results
 
@@ -486,8 +532,10 @@ def _describe(outcome: UnlearnOutcome, graph: LineageGraph, store: Store, evalua
     models = []
     for node_id in outcome.affected:
         node = graph.node(node_id)
+        # FIUn's statistics (selected / zeroed weights) or the baseline's report (rounds, steps, rows, stop)
+        work = "dampening" if outcome.method == "fiun" else "baseline"
         entry = {"id": node_id, "kind": node.kind, "owner": node.owner, "version": outcome.versions.get(node_id),
-                 "dampening": outcome.stats.get(node_id)}
+                 work: outcome.stats.get(node_id)}
         if node_id in figures:
             entry["before"], entry["after"] = figures[node_id]
         elif node_id in outcome.client_results:

@@ -39,6 +39,8 @@ MSG_REPAIR = "train.repair"  # optional repair after FIUn: capped SGD steps on k
 MSG_REPAIR_SENT = "train.repairsent"  # repair-scope=all: server-held local models, repaired at the client that trained them
 MSG_DERIVE = "train.derive"
 MSG_ERASE = "train.erase"  # after a verified request: delete the superseded models a client holds
+MSG_BASELINE = "train.baseline"  # method=finetune / gradient_ascent: steps on models the server sends, returned
+MSG_BASELINE_HELD = "train.baselineheld"  # ... on models the client holds, stored as new versions
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
 MSG_SISA_COUNTS = "query.sisacounts"  # kept samples per shard and slice; checks requested ids
 MSG_SISA_FISHER = "query.sisafisher"  # forget- / retain-Fisher of one shard's data at a served shard-model
@@ -114,6 +116,14 @@ REPAIR_STOP = "repair-stop"  # train.repairheld / train.repairsent: stall | rest
 REPAIR_MODE = "repair-mode"  # train.repairsent: auto (the rule decides per model) or on
 REPAIR_TOLERANCE = "repair-tolerance"  # train.repairsent: kept-accuracy loss the rule accepts without repair
 REPAIR_WANTED = "repair-wanted"  # train.repairsent reply: 1 when the model was repaired
+BASELINE_METHOD = "baseline-method"  # train.baseline*: finetune | gradient_ascent (strategies.baseline)
+BASELINE_STEPS = "baseline-steps"  # train.baseline*: SGD steps per model at this client (this round)
+BASELINE_LR = "baseline-lr"
+BASELINE_SAMPLES = "baseline-samples"  # train.baseline*: cap on the rows a client draws (kept, or forget)
+BASELINE_BATCH = "baseline-batch-size"
+BASELINE_ROUND = "baseline-round"  # train.baseline: the round (seeds the batch order)
+ASCENT_LOSS_CEILING = "ascent-loss-ceiling"  # gradient_ascent: stop once a forget batch's loss reaches this
+BASELINE_STOP = "baseline-stop"  # train.baseline* reply: budget | loss_ceiling | no_data (fl_unlearn.baselines)
 ORIGINAL_KEY_PREFIX = "original-"  # train.repairsent: original-0, ...: each model before unlearning, for the rule
 FORGET_CORRECT = "forget-correct"  # query.calibrate reply: correct forget predictions per alpha
 RETAIN_CORRECT = "retain-correct"  # query.calibrate reply: correct kept predictions per alpha

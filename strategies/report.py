@@ -79,7 +79,7 @@ def render_report(results: dict[str, Any]) -> str:
         f"- dataset: {results.get('dataset_used')} (asked for {results.get('dataset_requested')}), "
         f"model {results.get('model')}, {results.get('config', {}).get('num-clients')} clients, "
         f"{results.get('config', {}).get('num-server-rounds')} rounds, strategy {results.get('strategy')}",
-        f"- request: {request.get('description', request)}",
+        f"- request: {request.get('description', request)}; method {results.get('method', 'fiun')}",
         f"- affected models: {len(results.get('affected_models', []))} (roots: {len(results.get('roots', []))})",
         "",
         "| final global model | forget acc | retain acc |",

@@ -54,6 +54,7 @@ from strategies import records as R
 from strategies.base import DelegatingStrategy
 from strategies.calibration import ClientCalibration, calibrate_at_clients
 from strategies.forget import forget_count, keeps_nothing, request_config, retain_from_whole
+from strategies.baseline import BaselineSettings, BaselineSteps
 from strategies.journaled import ServerSteps, fill_outcome
 from strategies.nodes import checked_replies, exchange, send_with_retries
 from strategies.strategy_utils import reset_optimiser_state
@@ -90,6 +91,8 @@ class UnlearnOutcome:
     request : UnlearningRequest
     roots, affected : list[str]
         Lineage ids, chronological.
+    method : str
+        ``fiun``, or the baseline method that served the request (``strategies.baseline``).
     versions : dict[str, str]
         Affected node id -> id of its unlearned version.
     server_models : list[str]
@@ -99,7 +102,8 @@ class UnlearnOutcome:
     holders : dict[int, int]
         Partition id -> forget samples it holds.
     stats : dict[str, dict]
-        Per dampened model: FIUn statistics (selected / zeroed counts).
+        Per dampened model: FIUn statistics (selected / zeroed counts); with a baseline method, its report per
+        model (rounds, steps, rows, executors, why it stopped).
     timing : dict[str, float]
         ``forget_fisher_s``, ``merge_s``, ``dampen_s``, ``clients_s``, ``unlearn_s`` (their sum and more).
     optimiser_reset : list[str]
@@ -131,6 +135,7 @@ class UnlearnOutcome:
     request: UnlearningRequest
     roots: list[str]
     affected: list[str]
+    method: str = "fiun"
     versions: dict[str, str] = field(default_factory=dict)
     server_models: list[str] = field(default_factory=list)
     client_results: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -438,8 +443,12 @@ class UnlearningStrategy(DelegatingStrategy):
         known = {n.data.client for n in self.graph.nodes() if n.data is not None and n.data.client is not None}
         validate_request(request, num_classes=self.num_classes, known_clients=known or None, graph=self.graph)
 
-    def unlearn(self, grid: Grid, request: UnlearningRequest) -> UnlearnOutcome:
+    def unlearn(self, grid: Grid, request: UnlearningRequest, *,
+                baseline: BaselineSettings | None = None) -> UnlearnOutcome:
         """Unlearn ``request`` from every affected model at once, exactly once, through the request journal.
+
+        With ``baseline`` (``strategies.baseline``), a baseline method (``finetune``, ``gradient_ascent``) does the
+        work instead of FIUn, through the same journal, versions and records; no Fishers are gathered.
 
         Phases (each a short method, ordered by ``fl_unlearn.recovery.serve_request``, which journals each
         state in ``<store>/journal`` before acting on it): check the request and fix the affected models;
@@ -465,7 +474,7 @@ class UnlearningStrategy(DelegatingStrategy):
         if not isinstance(request, UnlearningRequest):
             raise RequestError(f"unlearn expects an UnlearningRequest, got {type(request).__name__}")
         self.check_request(request)  # fail fast, before the lock file or the journal is touched
-        outcome = UnlearnOutcome(request, [], [])
+        outcome = UnlearnOutcome(request, [], [], method=baseline.method if baseline is not None else "fiun")
         # Waiting for the nodes to come up (a fresh `mode=unlearn` run starts its clients now) is not unlearning
         # work: it is timed apart, as `nodes_s`, so `unlearn_s` compares with retraining a running federation.
         t0 = time.perf_counter()
@@ -473,8 +482,10 @@ class UnlearningStrategy(DelegatingStrategy):
         outcome.timing["nodes_s"] = time.perf_counter() - t0
         start = time.perf_counter()
         with self.store.lock():
-            progress = serve_request(RequestJournal.for_store(self.store), request, self.graph, self.store,
-                                     ServerSteps(self, grid, request, outcome), refs=("latest-global",))
+            steps = ServerSteps(self, grid, request, outcome) if baseline is None \
+                else BaselineSteps(self, grid, request, outcome, baseline)
+            progress = serve_request(RequestJournal.for_store(self.store), request, self.graph, self.store, steps,
+                                     refs=("latest-global",))
         fill_outcome(outcome, progress)
         if self.current in outcome.versions:
             self.current = outcome.versions[self.current]

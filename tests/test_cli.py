@@ -20,11 +20,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fl_unlearn.cli import (CONF_DIR, FEDERATION_KEYS, LAUNCHER_ONLY, RUN_CONFIG_KEYS, RUN_LOG, build_app_args,
+from fl_unlearn.cli import (CONF_DIR, FEDERATION_KEYS, LAUNCHER_ONLY, METHODS, RUN_CONFIG_KEYS, RUN_LOG, build_app_args,
                             failure_reason, flatten, inheritance, run_job, unmapped_keys, write_run_config)
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.sweep import count_jobs, report_sweep
-from strategies.config import DEFAULTS, AppConfig
+from strategies.config import DEFAULTS, METHODS as APP_METHODS, AppConfig
 
 GROUPS = ["dataset", "model", "federation", "unlearning", "request"]
 FL_UNLEARN = Path(sys.executable).parent / "fl-unlearn"
@@ -81,6 +81,14 @@ def test_every_leaf_of_every_group_option_is_mapped_or_launcher_only(group):
         flat = flatten(_compose(f"{group}={option}"))
         assert unmapped_keys(flat) == [], f"{group}={option}"
         assert all(k in flat for k in LAUNCHER_ONLY if "." not in k)
+
+
+def test_the_launcher_accepts_exactly_the_methods_the_app_runs(tmp_path):
+    assert METHODS == APP_METHODS
+    for method in ("finetune", "gradient_ascent"):  # a method reaches the App as its `method` key
+        rc = build_app_args(_compose(f"unlearning.method={method}", "unlearning.baseline_steps=7"), tmp_path).run_config
+        assert (rc["method"], rc["baseline-steps"]) == (method, 7)
+        assert AppConfig.from_run_config(rc).method == method
 
 
 def test_composed_config_maps_to_a_run_config_the_app_accepts(tmp_path, monkeypatch):
@@ -141,7 +149,7 @@ def test_depth_in_the_composed_config(tmp_path):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["unlearning.depth=0"], "depth must be >= 1"),
     (["unlearning.derive=finetune"], "depth must be >= 2"),
-    (["unlearning.method=gradient_ascent"], "unlearning.method='gradient_ascent'"),
+    (["unlearning.method=sgd"], "unlearning.method='sgd'"),
     (["federation.rounds=2.5"], "federation.rounds must be an integer"),
     (["unlearning.alpha=strong"], "number or 'auto'"),
     (["app_dir=/nonexistent/app"], "app_dir='/nonexistent/app' does not exist"),

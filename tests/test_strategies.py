@@ -256,6 +256,114 @@ def test_erase_superseded_false_keeps_the_replaced_models(trained, tmp_path):
     assert not (store / "erased").exists()
 
 
+# ------------------------------------------------------------------------------------------------------
+# the baselines as methods (strategies.baseline)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _baseline_run(trained: Path, tmp_path: Path, method: str, **overrides) -> tuple[dict, Path]:
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), method=method,
+                  derive="finetune", derive_depth=2, **overrides)
+    return res, store
+
+
+def test_finetune_as_the_method_trains_every_affected_model_where_its_kept_data_lives(trained, tmp_path):
+    res, store = _baseline_run(trained, tmp_path, "finetune", baseline_rounds=2, baseline_steps=5)
+    assert res["method"] == "finetune" and res["baseline"]["steps"] == 5
+    assert res["request_state"]["state"] == "verified" and "alpha_auto" not in res
+    assert "repair" not in res and "repair_held" not in res  # a baseline is compared as it leaves the models
+    graph, server = LineageGraph.open(store / "lineage"), Store(store)
+    for m in res["affected_models"]:
+        node, rep = graph.node(m["id"]), m["baseline"]
+        assert m["version"] and graph.node(m["version"]).request_id == res["request"]["id"], m["id"]
+        assert rep["method"] == "finetune" and rep["rows"] > 0 and rep["stop"] == "budget", m
+        if node.kind == "global":  # FedAvg rounds over every client that keeps data
+            assert rep["executors"] == [0, 1] and rep["rounds"] == 2 and rep["steps"] == 2 * 2 * 5, m
+        elif node.kind == "local":  # at the client that trained it
+            assert rep["executors"] == [node.client] and rep["steps"] == 2 * 5, m
+        else:  # client-held: rounds x steps at its holder
+            assert "executors" not in rep and rep["steps"] == 2 * 5, m
+        if node.weights:
+            assert graph.node(m["version"]).weights != node.weights, m["id"]
+            with pytest.raises(StoreError, match="erased"):  # erase-superseded: the original is gone
+                server.get(node.weights)
+    assert res["erasure"]["failures"] == {} and res["erasure"]["client_models"] == 4
+    assert "method finetune" in (Path(res["out_dir"]) / "report.md").read_text()
+
+
+def test_gradient_ascent_on_a_client_leaves_models_without_its_data_as_they_were(trained, tmp_path):
+    # client 0 is forgotten: only it holds the data to ascend on. Client 1's derived models never had a row of it
+    # there, so the baseline cannot reach them: their versions equal their originals, and erasing the originals
+    # must not delete the weights the versions still read.
+    res, store = _baseline_run(trained, tmp_path, "gradient_ascent", request_kind="client", forget_clients="0",
+                               baseline_rounds=1, baseline_steps=5)
+    assert res["request_state"]["state"] == "verified"
+    reports = {m["id"]: m["baseline"] for m in res["affected_models"]}
+    graph = LineageGraph.open(store / "lineage")
+    client1 = Store(store / "clients" / "1")
+    index = client1.get_json("models")
+    for model_id, rep in reports.items():
+        node = graph.node(model_id)
+        if node.weights:
+            assert rep["executors"] == [0] and 0 < rep["steps"] <= 5, (model_id, rep)
+        elif node.client == 1:
+            assert rep == {"method": "gradient_ascent", "rows": 0, "steps": 0, "stop": "no_data"}, model_id
+            version = index[next(m["version"] for m in res["affected_models"] if m["id"] == model_id)]
+            assert version["weights"] == index[model_id]["weights"]
+            assert client1.get(version["weights"])  # still readable after erasure
+        else:
+            assert rep["rows"] > 0 and rep["steps"] > 0, (model_id, rep)
+    final = res["final_global"]
+    assert final["after"]["forget_acc"] < final["before"]["forget_acc"]
+
+
+def test_retrain_as_the_method_times_the_retrained_federation_and_changes_no_model(trained, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(trained / "store", store)
+    nodes_before = len(LineageGraph.open(store / "lineage"))
+    res = run_app(mode="unlearn", store_dir=str(store), out_dir=str(tmp_path / "out"), method="retrain",
+                  derive="finetune", derive_depth=2)
+    final, timing = res["final_global"], res["timing"]
+    assert timing["unlearn_s"] == timing["retrain_s"] > 0
+    assert final["after"] == final["retrained"] and final["after"]["forget_acc"] == 0.0
+    assert final["before"]["forget_acc"] > 0.5
+    assert res["affected_models"] == [] and "skipped" in res["erasure"]
+    assert len(LineageGraph.open(store / "lineage")) == nodes_before
+
+
+def test_a_request_begun_by_one_method_is_not_finished_by_another():
+    from fl_unlearn.recovery import Fishers, Plan
+    from strategies.baseline import BaselineSettings, BaselineSteps
+    from strategies.journaled import ServerSteps
+    from strategies.server import UnlearnOutcome
+
+    request = UnlearningRequest.for_classes([3], id="r1", created=0.0)
+    outcome = UnlearnOutcome(request, [], [])
+    with pytest.raises(UnlearnError, match="begun with method=finetune"):
+        ServerSteps(None, None, request, outcome)._restore({"settings": {"method": "finetune"}})
+    steps = BaselineSteps(None, None, request, outcome, BaselineSettings("gradient_ascent"))
+    with pytest.raises(UnlearnError, match="begun with method=fiun"):
+        steps.dampen(Plan([], [], [], {}), [], Fishers({"global-r1": {}}))
+    with pytest.raises(UnlearnError, match="begun with method=fiun"):
+        steps._check_same_method({"settings": {"fiun": {}, "scale_free": True}})
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({"method": "sgd"}, "method='sgd' is not one of"),
+    ({"method": "sisa"}, "sisa-shards or sisa-slices > 1"),
+    ({"method": "sisa", "sisa-shards": 2, "request-kind": "client", "hybrid-policy": "approximate"},
+     "contradicts"),
+    ({"method": "finetune", "sisa-slices": 2, "request-kind": "client"}, "FedAvg lineage"),
+    ({"method": "finetune", "baseline-steps": 0}, "must be >= 1"),
+    ({"method": "gradient_ascent", "ascent-loss-ceiling": float("inf")}, "finite and > 0"),
+])
+def test_method_settings_are_checked(overrides, problem):
+    with pytest.raises(ConfigError, match=problem):
+        AppConfig.from_run_config(overrides)
+
+
 def test_unknown_class_fails_clearly_and_changes_nothing(trained, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(trained / "store", store)
