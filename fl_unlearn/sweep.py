@@ -194,20 +194,18 @@ _PANELS = (
 
 
 def _series(rows: Sequence[Mapping[str, Any]], x_key: str, column: str, label: str,
-            group_key: str | None) -> dict[tuple[str, str | None], list[tuple[float, float]]]:
-    """Points ``(x, mean y)`` per line ``(method, value of the other axis or None)``.
-
-    Jobs that differ only in a third swept key (e.g. seeds) share a point: their mean.
-    """
-    sums: dict[tuple[str, str | None], dict[float, list[float]]] = {}
+            group_key: str | None) -> dict[tuple[str, str | None], dict[float, list[float]]]:
+    """The values per x of each line ``(method, value of the other axis or None)``; a point is their mean, so
+    jobs that differ only in a third swept key (e.g. seeds) share one."""
+    values: dict[tuple[str, str | None], dict[float, list[float]]] = {}
     for row in rows:
         x, y = _number(row.get(x_key)), _number(row.get(column))
         if math.isnan(x) or math.isnan(y):
             continue
         line = (label.format(method=row.get("unlearning.method") or "fiun"),
                 None if group_key is None else str(row.get(group_key)))
-        sums.setdefault(line, {}).setdefault(x, []).append(y)
-    return {line: sorted((x, sum(ys) / len(ys)) for x, ys in by_x.items()) for line, by_x in sums.items()}
+        values.setdefault(line, {}).setdefault(x, []).append(y)
+    return values
 
 
 _LINE_STYLES = ("-", "--", ":", "-.")
@@ -223,13 +221,19 @@ def _colour(method: str) -> str:
 
 def _plot_panel(ax: Any, rows: Sequence[Mapping[str, Any]], x_key: str, columns: Sequence[tuple[str, str]],
                 group_key: str | None) -> None:
-    """One colour per method, one line style per value of the other axis."""
+    """One colour per method, one line style per value of the other axis. Series that get the same line (the
+    retrained reference and ``unlearning.method=retrain``'s own figures) are one line: the mean of their values."""
     groups = sorted({str(r.get(group_key)) for r in rows}, key=_number) if group_key else [None]
+    lines: dict[tuple[str, str | None], dict[float, list[float]]] = {}
     for label, column in columns:
-        for (method, group), points in _series(rows, x_key, column, label, group_key).items():
-            name = method if group is None else f"{method} ({group_key.split('.')[-1]}={group})"
-            ax.plot(*zip(*points), marker="x" if "," in method else "o", color=_colour(method), label=name,
-                    linestyle=_LINE_STYLES[groups.index(group) % len(_LINE_STYLES)])
+        for line, by_x in _series(rows, x_key, column, label, group_key).items():
+            for x, ys in by_x.items():
+                lines.setdefault(line, {}).setdefault(x, []).extend(ys)
+    for (method, group), by_x in lines.items():
+        points = sorted((x, sum(ys) / len(ys)) for x, ys in by_x.items())
+        name = method if group is None else f"{method} ({group_key.split('.')[-1]}={group})"
+        ax.plot(*zip(*points), marker="x" if "," in method else "o", color=_colour(method), label=name,
+                linestyle=_LINE_STYLES[groups.index(group) % len(_LINE_STYLES)])
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:

@@ -269,6 +269,28 @@ def test_sweep_collector_writes_a_row_per_job_including_failed_ones(tmp_path):
         assert (sweep / name).stat().st_size > 0
 
 
+def test_a_sweep_over_methods_plots_one_line_per_method(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from fl_unlearn.sweep import _PANELS, _plot_panel
+
+    rows = [{"status": "ok", "unlearning.depth": 1, "unlearning.method": method, "forget_acc_after": forget,
+             "forget_acc_retrained": 0.0, "unlearn_s": seconds, "retrain_s": 20.0 if method != "retrain" else seconds}
+            for method, forget, seconds in [("fiun", 0.0, 1.0), ("finetune", 0.9, 5.0), ("retrain", 0.0, 18.0)]]
+    fig = plt.figure()
+    for i, (_, _, columns, _) in enumerate(_PANELS):
+        ax = fig.add_subplot(1, len(_PANELS), i + 1)
+        _plot_panel(ax, rows, "unlearning.depth", columns, None)
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert len(labels) == len(set(labels)), labels  # method=retrain and the retrained reference: one line
+    time_lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert time_lines == {"fiun": [1.0], "finetune": [5.0], "retrain": [pytest.approx((20.0 + 20.0 + 18.0 + 18.0) / 4)]}
+    plt.close(fig)
+
+
 def test_sweep_job_count_for_progress_lines():
     assert count_jobs(["federation.num_clients=2,4", "unlearning.depth=1,2", "dataset=mnist"]) == 4
     assert count_jobs(["federation.num_clients=2,4,8"]) == 3

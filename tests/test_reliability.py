@@ -326,6 +326,12 @@ def test_torn_last_journal_line_is_dropped(reference, tmp_path):
     assert [e.state for e in journal.entries()] == ["received", "incomplete"]
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but the lock file, by relative path: equal dicts, an unchanged store."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
+            if f.is_file() and "lock" not in f.name}
+
+
 def _tombstoned(store: Store, digest: str) -> bool:
     return not store.has(digest) and store.erased(digest) is not None
 
@@ -751,6 +757,33 @@ def test_a_calibration_reply_with_a_bad_kept_loss_is_refused_and_changes_nothing
         strategy.unlearn(grid, CLASS_REQUEST)
     # no model version, no moved ref (the journal and the Fisher cache may hold what the request got so far)
     assert (_tree(store_dir / "lineage"), _tree(store_dir / "refs")) == before
+
+
+def test_a_baseline_request_a_client_failed_is_finished_by_the_same_method_only(federation, tmp_path, task_identity):
+    from strategies.baseline import BaselineSettings
+
+    finetune = BaselineSettings("finetune", rounds=1, steps=3)
+    reference = _copy(federation, tmp_path / "reference")
+    expected = _unlearned(reference, _strategy(reference).unlearn(_grid(), CLASS_REQUEST, baseline=finetune))
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    grid.faults[(2, "train.baselineheld")] = ["error", "timeout", "error"]  # the first try and both retries
+    outcome = _strategy(store_dir).unlearn(grid, CLASS_REQUEST, baseline=finetune)
+    derived_p2 = [m for m in outcome.affected if m.startswith("derived-") and "-p2-" in m]
+    assert outcome.state == "incomplete" and outcome.missing == derived_p2 and len(derived_p2) == 1
+    assert outcome.method == "finetune" and derived_p2[0] not in outcome.versions
+    before = _files(store_dir)
+    with pytest.raises(UnlearnError, match="begun with method=finetune"):  # FIUn does not finish a finetune request
+        _strategy(store_dir).unlearn(_grid(), CLASS_REQUEST)
+    with pytest.raises(UnlearnError, match="begun with method=finetune"):
+        _strategy(store_dir).unlearn(_grid(), CLASS_REQUEST, baseline=BaselineSettings("gradient_ascent"))
+    assert _files(store_dir) == before  # refused before anything changed
+    later = _strategy(store_dir).unlearn(_grid(), CLASS_REQUEST, baseline=finetune)
+    assert later.state == "verified" and later.resumed_from == "incomplete" and later.missing == []
+    got = _unlearned(store_dir, later)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    graph = LineageGraph.load(store_dir / "lineage")
+    assert sum(1 for n in graph.nodes() if n.request_id == CLASS_REQUEST.id) == len(outcome.affected)  # no twice
 
 
 def test_the_server_erases_the_replaced_models_at_the_clients_too(federation, tmp_path, task_identity):
