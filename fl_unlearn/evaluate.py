@@ -107,10 +107,20 @@ def loss_threshold_mia_auc(
     """
     member = per_sample_loss(model, member_ds, batch_size=batch_size, device=device)
     nonmember = per_sample_loss(model, nonmember_ds, batch_size=batch_size, device=device)
+    return mia_auc_from_losses(member, nonmember)
+
+
+def mia_auc_from_losses(member: np.ndarray, nonmember: np.ndarray) -> float:
+    """:func:`loss_threshold_mia_auc` from per-sample losses already computed (e.g. where the members live).
+
+    Examples
+    --------
+    >>> mia_auc_from_losses(np.array([0.1, 0.2]), np.array([1.0, 2.0]))
+    1.0
+    """
+    member, nonmember = np.asarray(member, dtype=np.float64), np.asarray(nonmember, dtype=np.float64)
     if len(member) == 0 or len(nonmember) == 0:
-        logger.warning(
-            "loss_threshold_mia_auc: %d members, %d non-members; AUC undefined", len(member), len(nonmember)
-        )
+        logger.warning("loss-threshold MIA: %d members, %d non-members; AUC undefined", len(member), len(nonmember))
         return float("nan")
     is_member = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
     return float(roc_auc_score(is_member, -np.concatenate([member, nonmember])))

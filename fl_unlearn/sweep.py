@@ -34,7 +34,9 @@ SETTING_COLUMNS = ("dataset.name", "federation.num_clients", "federation.rounds"
 #: Figures read from results.json: the final global model before / after unlearning and retrained, timings.
 FIGURE_COLUMNS = ("forget_acc_before", "forget_acc_after", "forget_acc_retrained", "retain_acc_before",
                   "retain_acc_after", "retain_acc_retrained", "forget_acc_after_repair", "retain_acc_after_repair",
-                  "max_affected_forget_after", "affected_models", "unlearn_s", "repair_s", "retrain_s", "train_s")
+                  "mia_auc_before", "mia_auc_after", "mia_auc_retrained", "backdoor_asr_before", "backdoor_asr_after",
+                  "backdoor_asr_retrained", "max_affected_forget_after", "affected_models", "unlearn_s", "repair_s",
+                  "retrain_s", "train_s")
 STATUS_COLUMNS = ("job", "status", "reason", "seconds")
 #: x axes of the sweep plots: (column, file name stem, label).
 PLOT_AXES = (("unlearning.depth", "sweep_vs_depth", "inheritance depth"),
@@ -50,6 +52,9 @@ def figures(results: Mapping[str, Any]) -> dict[str, Any]:
         part = final.get(stage) or {}
         out[f"forget_acc_{stage}"] = part.get("forget_acc")
         out[f"retain_acc_{stage}"] = part.get("retain_acc")
+        if stage != "after_repair":  # membership inference and the backdoor, where the run measured them
+            out[f"mia_auc_{stage}"] = part.get("mia_auc")
+            out[f"backdoor_asr_{stage}"] = part.get("backdoor_asr")
     models = results.get("affected_models") or []
     afters = [(m.get("after") or {}).get("forget_acc") for m in models]
     afters = [a for a in afters if a is not None]

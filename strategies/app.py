@@ -29,6 +29,7 @@ from strategies.client import ClientSpec, Handler, partition_id, register_unlear
 from strategies.config import DEFAULTS, AppConfig
 from strategies.experiment import _model_factory, run_experiment
 from strategies.sisa_client import register_sisa_handlers, sisa_mod
+from strategies.verify import poisoned_partition
 
 
 def _config(context: Context) -> AppConfig:
@@ -46,8 +47,14 @@ def app_model(context: Context) -> nn.Module:
 
 
 def app_partition(context: Context) -> Dataset:
-    """This client's partition of the App's data."""
-    return _data(context).partition(partition_id(context))
+    """This client's partition of the App's data; a forgotten client's carries the backdoor when
+    ``backdoor-fraction`` > 0 (``strategies.verify``)."""
+    cfg, pid = _config(context), partition_id(context)
+    ds = _data(context).partition(pid)
+    if not cfg.poisons(pid):
+        return ds
+    key = (repr(cfg.data_config()), pid, cfg.backdoor_fraction, cfg.backdoor_target)
+    return poisoned_partition(ds, cfg.backdoor_fraction, cfg.backdoor_target, seed=cfg.seed + pid, key=key)
 
 
 def app_test(context: Context) -> Dataset:

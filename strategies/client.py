@@ -592,12 +592,13 @@ def unlearning_handlers(spec: ClientSpec) -> dict[str, Handler]:
     from strategies.calibration import handle_calibrate, handle_check  # they use this module's helpers
     from strategies.erase import handle_erase
     from strategies.repair import handle_repair, handle_repair_held, handle_repair_sent
+    from strategies.verify import handle_losses
 
     table = {R.MSG_INFO: handle_info, R.MSG_FISHER: handle_fisher, R.MSG_EVAL_FORGET: handle_eval_forget,
              R.MSG_UNLEARN: handle_unlearn, R.MSG_EVAL_HELD: handle_eval_held, R.MSG_DERIVE: handle_derive,
              R.MSG_CALIBRATE: handle_calibrate, R.MSG_CHECK: handle_check, R.MSG_REPAIR: handle_repair,
              R.MSG_REPAIR_HELD: handle_repair_held, R.MSG_REPAIR_SENT: handle_repair_sent, R.MSG_ERASE: handle_erase,
-             R.MSG_BASELINE: handle_baseline, R.MSG_BASELINE_HELD: handle_baseline_held}
+             R.MSG_BASELINE: handle_baseline, R.MSG_BASELINE_HELD: handle_baseline_held, R.MSG_LOSSES: handle_losses}
     return {t: answering_errors(functools.partial(h, spec)) for t, h in table.items()}
 
 

@@ -50,6 +50,9 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "forget-classes": "3",
     "forget-clients": "0",
     "forget-samples": "",
+    "backdoor-fraction": 0.0,
+    "backdoor-target": 7,
+    "mia-samples": 500,
     "method": "fiun",
     "fiun-alpha": "auto",
     "calibration-samples": 500,
@@ -179,6 +182,9 @@ class AppConfig:
     forget_classes: tuple[int, ...]
     forget_clients: tuple[int, ...]
     forget_samples: str
+    backdoor_fraction: float
+    backdoor_target: int
+    mia_samples: int
     method: str
     fiun_alpha: float | str
     calibration_samples: int
@@ -261,6 +267,7 @@ class AppConfig:
             raise ConfigError(f"repair-forget-weight must be a finite number >= 0 (0: repair on kept data only), "
                               f"got {self.repair_forget_weight}")
         self._check_method()
+        self._check_verification()
         if self.hybrid_budget < 0:
             raise ConfigError(f"hybrid-budget must be >= 0 (a fraction of a shard's full training cost), "
                               f"got {self.hybrid_budget}")
@@ -301,6 +308,21 @@ class AppConfig:
                     f"{key.replace('_', '-')}={value!r} must be an absolute path: the ServerApp's working "
                     "directory is wherever the SuperLink started, not the App directory"
                 )
+
+    def _check_verification(self) -> None:
+        if self.mia_samples < 0:
+            raise ConfigError(f"mia-samples must be >= 0 (0: no membership inference), got {self.mia_samples}")
+        if not (0.0 <= self.backdoor_fraction <= 1.0):
+            raise ConfigError(f"backdoor-fraction must be in [0, 1] (0: no backdoor), got {self.backdoor_fraction}")
+        if self.backdoor_fraction > 0 and self.request_kind != "client":
+            raise ConfigError("backdoor-fraction poisons the clients a client request forgets (forget-clients): set "
+                              f"request-kind=client, or backdoor-fraction=0 (request-kind is {self.request_kind})")
+        if self.backdoor_target < 0:
+            raise ConfigError(f"backdoor-target must be a class label >= 0, got {self.backdoor_target}")
+
+    def poisons(self, partition: int) -> bool:
+        """Whether ``partition`` trains on a backdoored partition (``backdoor-fraction`` > 0, a forgotten client)."""
+        return self.backdoor_fraction > 0 and partition in self.forget_clients
 
     def _check_method(self) -> None:
         _choice(self.method, METHODS, "method")

@@ -24,7 +24,8 @@ from torch import nn
 
 from fl_unlearn.data import FederatedData, load_with_fallback
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.evaluate import forget_retain_accuracy
+from fl_unlearn.data import make_loader
+from fl_unlearn.evaluate import forget_retain_accuracy, mia_auc_from_losses, predict_logits, triggered_test_set
 from fl_unlearn.fisher import select_parameters
 from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.lineage import LineageGraph
@@ -40,6 +41,7 @@ from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
 from strategies.baseline import BASELINE_METHODS, BaselineSettings
 from strategies.retrain import RetrainStrategy
+from strategies.verify import member_losses_at_clients, nonmember_rows, per_sample_losses
 from fl_unlearn.calibrate import RepairConfig, grid_alphas
 from strategies.calibration import ClientCalibration
 from strategies.repair import (RepairBudget, RepairSettings, repair_at_clients, repair_held_at_clients,
@@ -50,7 +52,7 @@ Tensors = dict[str, torch.Tensor]
 #: Run-config keys that must match between a training run and a later ``mode=unlearn`` run on its store.
 SAME_AS_TRAINING = ("num-clients", "partitioner", "dirichlet-alpha", "classes-per-partition", "seed",
                     "max-train-samples", "batch-size", "fisher-layers", "fisher-estimator", "local-epochs", "lr",
-                    "momentum", "strategy", "num-server-rounds")
+                    "momentum", "strategy", "num-server-rounds", "backdoor-fraction", "backdoor-target")
 
 
 def make_strategy(cfg: AppConfig) -> Strategy:
@@ -107,15 +109,25 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
 
 
 class Evaluator:
-    """Held-out evaluation of server-side models: forget / retain accuracy on the test split.
+    """Held-out evaluation of server-side models: forget / retain accuracy on the test split, and (``strategies.verify``)
+    the membership-inference AUC on the forgotten data (``mia-samples`` > 0) and the backdoor's attack success rate
+    (``backdoor-fraction`` > 0).
 
-    For client and sample requests the forget accuracy is measured by the clients holding that data.
+    For client and sample requests the forget accuracy is measured by the clients holding that data, and so are the
+    members' losses of the membership inference for every request.
     """
 
     def __init__(self, new_model: Callable[[], nn.Module], test: Dataset, request: UnlearningRequest | None,
-                 grid: Grid | None = None, strategy: UnlearningStrategy | None = None) -> None:
+                 grid: Grid | None = None, strategy: UnlearningStrategy | None = None, *, mia_samples: int = 0,
+                 backdoor_target: int | None = None, seed: int = 0) -> None:
         self.new_model, self.test, self.request = new_model, test, request
         self.grid, self.strategy = grid, strategy
+        self.mia_samples = mia_samples if request is not None and grid is not None and strategy is not None else 0
+        self._nonmembers = make_loader(test, 256, rows=nonmember_rows(test, request, mia_samples, seed)) \
+            if self.mia_samples else None
+        self._triggered = make_loader(triggered_test_set(test, backdoor_target), 256) \
+            if backdoor_target is not None else None
+        self.backdoor_target = backdoor_target
 
     def _model(self, weights: Tensors) -> nn.Module:
         model = self.new_model()
@@ -126,12 +138,23 @@ class Evaluator:
         classes = list(self.request.classes) if self.request and self.request.kind == "classes" else []
         out = []
         for weights in weights_list:
-            acc = forget_retain_accuracy(self._model(weights), self.test, classes)
-            out.append({"forget_acc": acc["forget_acc"] if classes else None,
-                        "retain_acc": acc["retain_acc"] if classes else acc["acc"], "test_acc": acc["acc"]})
+            model = self._model(weights)
+            acc = forget_retain_accuracy(model, self.test, classes)
+            part = {"forget_acc": acc["forget_acc"] if classes else None,
+                    "retain_acc": acc["retain_acc"] if classes else acc["acc"], "test_acc": acc["acc"]}
+            if self._triggered is not None:  # share of triggered rows of the other classes put in the target class
+                part["backdoor_asr"] = float((predict_logits(model, self._triggered).argmax(dim=1)
+                                              == self.backdoor_target).float().mean())
+            out.append(part)
         if self.request is not None and not classes and self.grid is not None:
             for part, value in zip(out, self._forget_on_clients(weights_list)):
                 part["forget_acc"] = value
+        if self.mia_samples and weights_list:
+            members = member_losses_at_clients(self.grid, self.strategy.nodes, self.request, weights_list,
+                                               self.mia_samples)
+            for part, weights, member in zip(out, weights_list, members):
+                nonmember = per_sample_losses(self._model(weights), self._nonmembers)
+                part["mia_auc"] = mia_auc_from_losses(member, nonmember)
         return out
 
     def _forget_on_clients(self, weights_list: list[Tensors]) -> list[float | None]:
@@ -174,7 +197,8 @@ def _model_factory(cfg: AppConfig, data: FederatedData) -> tuple[str, Callable[[
 def _check_same_as_training(cfg: AppConfig, run_doc: dict[str, Any], used: str) -> None:
     trained = run_doc.get("config", {})
     now = cfg.to_run_config()
-    diff = {k: (trained.get(k), now[k]) for k in SAME_AS_TRAINING if k in trained and trained[k] != now[k]}
+    keys = SAME_AS_TRAINING + (("forget-clients",) if cfg.backdoor_fraction > 0 else ())  # who trained poisoned
+    diff = {k: (trained.get(k), now[k]) for k in keys if k in trained and trained[k] != now[k]}
     if run_doc.get("dataset_used") != used:
         diff["dataset (used)"] = (run_doc.get("dataset_used"), used)
     if diff:
@@ -255,7 +279,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
                                 "resumed_from": outcome.resumed_from}
     if outcome.calibration:
         results["alpha_auto"] = outcome.calibration
-    evaluator = Evaluator(new_model, test, request, grid, strategy)
+    evaluator = evaluator_for(cfg, new_model, test, request, grid, strategy)
     held = strategy.evaluate_client_models(grid, outcome)  # the clients' own models, after the timed phase
     results.update(_describe(outcome, graph, store, evaluator, final_before.id, held))
 
@@ -320,6 +344,14 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     return results
 
 
+def evaluator_for(cfg: AppConfig, new_model: Callable[[], nn.Module], test: Dataset, request: UnlearningRequest,
+                  grid: Grid, strategy: UnlearningStrategy) -> Evaluator:
+    """The App's :class:`Evaluator`: with the membership inference of ``mia-samples`` and, when the forgotten clients
+    carry the backdoor (``backdoor-fraction`` > 0), its attack success rate."""
+    return Evaluator(new_model, test, request, grid, strategy, mia_samples=cfg.mia_samples, seed=cfg.seed,
+                     backdoor_target=cfg.backdoor_target if cfg.backdoor_fraction > 0 else None)
+
+
 def baseline_settings(cfg: AppConfig) -> BaselineSettings | None:
     """The ``baseline-*`` keys for ``method=finetune`` / ``gradient_ascent``; ``None`` for FIUn."""
     if cfg.method not in BASELINE_METHODS:
@@ -337,7 +369,7 @@ def _retrain_as_method(grid: Grid, cfg: AppConfig, request: UnlearningRequest, s
     a lineage version: the trained models stay in the store and the lineage (nothing is erased)."""
     graph, store = strategy.graph, strategy.store
     strategy.check_request(request)
-    evaluator = Evaluator(new_model, test, request, grid, strategy)
+    evaluator = evaluator_for(cfg, new_model, test, request, grid, strategy)
     final = graph.node(strategy.current)
     before = evaluator([store.get(final.weights)])[0]
     retrained, seconds = _retrain(grid, cfg, request, store, graph)

@@ -41,6 +41,7 @@ MSG_DERIVE = "train.derive"
 MSG_ERASE = "train.erase"  # after a verified request: delete the superseded models a client holds
 MSG_BASELINE = "train.baseline"  # method=finetune / gradient_ascent: steps on models the server sends, returned
 MSG_BASELINE_HELD = "train.baselineheld"  # ... on models the client holds, stored as new versions
+MSG_LOSSES = "query.losses"  # membership inference: per-sample losses of a client's forget rows (strategies.verify)
 MSG_RETRAIN = "train.retrain"  # SISA exact path: one FedAvg round of a shard-model, revoked ids left out
 MSG_SISA_COUNTS = "query.sisacounts"  # kept samples per shard and slice; checks requested ids
 MSG_SISA_FISHER = "query.sisafisher"  # forget- / retain-Fisher of one shard's data at a served shard-model
@@ -123,6 +124,9 @@ BASELINE_SAMPLES = "baseline-samples"  # train.baseline*: cap on the rows a clie
 BASELINE_BATCH = "baseline-batch-size"
 BASELINE_ROUND = "baseline-round"  # train.baseline: the round (seeds the batch order)
 ASCENT_LOSS_CEILING = "ascent-loss-ceiling"  # gradient_ascent: stop once a forget batch's loss reaches this
+MIA_SAMPLES = "mia-samples"  # query.losses: cap on the forget rows a client scores
+LOSSES_PREFIX = "losses-"  # query.losses reply: losses-0, ...: one MetricRecord per sent model
+LOSSES = "losses"
 BASELINE_STOP = "baseline-stop"  # train.baseline* reply: budget | loss_ceiling | no_data (fl_unlearn.baselines)
 ORIGINAL_KEY_PREFIX = "original-"  # train.repairsent: original-0, ...: each model before unlearning, for the rule
 FORGET_CORRECT = "forget-correct"  # query.calibrate reply: correct forget predictions per alpha

@@ -82,15 +82,17 @@ def render_report(results: dict[str, Any]) -> str:
         f"- request: {request.get('description', request)}; method {results.get('method', 'fiun')}",
         f"- affected models: {len(results.get('affected_models', []))} (roots: {len(results.get('roots', []))})",
         "",
-        "| final global model | forget acc | retain acc |",
-        "|---|---|---|",
+        "| final global model | forget acc | retain acc | MIA AUC (forgotten data) | backdoor ASR |",
+        "|---|---|---|---|---|",
     ]
     for label in ("before", "after", "after_repair", "retrained"):
         part = final.get(label)
         if part is None and label == "after_repair":
             continue
         part = part or {}
-        lines.append(f"| {label.replace('_', ' ')} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} |")
+        auc = "n/a" if part.get("mia_auc") is None else f"{part['mia_auc']:.3f}"
+        lines.append(f"| {label.replace('_', ' ')} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} | "
+                     f"{auc} | {_pct(part.get('backdoor_asr'))} |")
     lines += ["", "| model | kind | forget before | forget after | retain before | retain after | after repair "
               "(forget / retain) |", "|---|---|---|---|---|---|---|"]
     for m in results.get("affected_models", []):

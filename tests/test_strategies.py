@@ -126,6 +126,8 @@ def test_app_trains_unlearns_and_reports(train_unlearn):
         assert set(m["before"]) >= {"forget_acc", "retain_acc"} and set(m["after"]) >= {"forget_acc", "retain_acc"}
     final = res["final_global"]
     assert final["id"] == "global-r2" and final["retrained"]["forget_acc"] == 0.0
+    assert all(0.0 <= final[part]["mia_auc"] <= 1.0 for part in ("before", "after", "retrained"))  # mia-samples=500
+    assert "backdoor_asr" not in final["before"]  # no backdoor asked for
     assert final["after"]["forget_acc"] <= final["before"]["forget_acc"]
     assert set(res["timing"]) >= {"train_s", "unlearn_s", "retrain_s"}
     for name in ("results.json", "lineage.json", "lineage.png", "report.md"):
@@ -439,6 +441,35 @@ def test_client_request_is_served_and_reported(tmp_path):
     assert res["repair_server"]["models"]["local-r1-p1"] == {
         "repaired": False, "rounds": 0, "val_loss": [], "node": None,
         "retain_before": None, "retain_after": None, "forget_after": None}
+
+
+def test_a_client_request_reports_the_backdoor_and_the_membership_inference(tmp_path):
+    # client 0 trains with half its rows triggered and labelled 7: the trained federation learns the trigger, the one
+    # retrained without client 0 does not; every evaluated model gets its attack success rate and MIA AUC
+    res = run_app(request_kind="client", forget_clients="0", backdoor_fraction=0.5, out_dir=str(tmp_path),
+                  retrain_baseline=True, repair="off")
+    final = res["final_global"]
+    assert final["before"]["backdoor_asr"] >= 0.5 and final["retrained"]["backdoor_asr"] <= 0.1
+    for part in ("before", "after", "retrained"):
+        assert 0.0 <= final[part]["mia_auc"] <= 1.0 and 0.0 <= final[part]["backdoor_asr"] <= 1.0
+    for m in res["affected_models"]:
+        assert {"mia_auc", "backdoor_asr"} <= set(m["after"]), m["id"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| MIA AUC (forgotten data) | backdoor ASR |" in report
+    from fl_unlearn.sweep import figures
+    row = figures(res)
+    assert row["backdoor_asr_before"] == final["before"]["backdoor_asr"] and row["mia_auc_after"] is not None
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({"backdoor-fraction": 0.5}, "set request-kind=client"),
+    ({"backdoor-fraction": 1.5, "request-kind": "client"}, r"in \[0, 1\]"),
+    ({"backdoor-target": -1}, "label >= 0"),
+    ({"mia-samples": -1}, "mia-samples must be >= 0"),
+])
+def test_verification_settings_are_checked(overrides, problem):
+    with pytest.raises(ConfigError, match=problem):
+        AppConfig.from_run_config(overrides)
 
 
 def test_keeps_nothing_names_the_clients_a_request_leaves_without_data():
