@@ -74,11 +74,14 @@ def test_app_exact_path_equals_scratch_on_flower_and_in_core(tmp_path):
     revoked = _revocation(data, SisaLayout(2, 2, 7))
     forget = tmp_path / "forget.json"
     forget.write_text(json.dumps({str(k): v for k, v in revoked.items()}))
-    cfg = {**BASE, "hybrid-policy": "exact", "forget-samples": str(forget), "out-dir": str(tmp_path / "out"),
+    # method=sisa: the exact path whatever the planner would choose (hybrid-policy stays at its default, auto)
+    cfg = {**BASE, "method": "sisa", "forget-samples": str(forget), "out-dir": str(tmp_path / "out"),
            "retrain-baseline": True}
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=2,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    record = json.loads((tmp_path / "out" / "results.json").read_text())["requests"][0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["method"] == "sisa" and results["config"]["hybrid-policy"] == "exact"
+    record = results["requests"][0]
 
     # the per-request record: path, costs, slices, figures
     assert record["path"] == "exact" and record["num_revoked"] == 5
