@@ -231,18 +231,7 @@ def baseline_rounds_at_clients(grid: Grid, nodes: NodeDirectory, models: Mapping
             arrays = {f"{R.MODEL_KEY_PREFIX}{n}": R.tensors_to_record(current[m]) for n, m in enumerate(ids)}
             msgs.append(Message(RecordDict({**arrays, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                                 message_type=R.MSG_BASELINE))
-        updates: dict[str, list[tuple[Tensors, int, int, str]]] = {m: [] for m in active}
-        for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_BASELINE):
-            for key, cfg in reply.content.config_records.items():
-                if not key.startswith(R.NODE_KEY_PREFIX):
-                    continue
-                model_id, rows = str(cfg[R.NODE_ID]), int(cfg[R.NUM_EXAMPLES])
-                arrays_key = f"{R.MODEL_KEY_PREFIX}{key[len(R.NODE_KEY_PREFIX):]}"
-                if model_id not in updates or (rows > 0) != (arrays_key in reply.content.array_records):
-                    raise UnlearnError(f"{R.MSG_BASELINE}: a reply about {model_id!r} that was not asked for or is "
-                                       "inconsistent")
-                weights = R.record_to_tensors(reply.content.array_records[arrays_key]) if rows else {}
-                updates[model_id].append((weights, rows, int(cfg[R.BASELINE_STEPS]), str(cfg[R.BASELINE_STOP])))
+        updates = _updates(checked_replies(exchange(grid, msgs, timeout=nodes.timeout), R.MSG_BASELINE), active)
         still = []
         for m in active:
             done = [u for u in updates[m] if u[1] > 0]
@@ -260,6 +249,24 @@ def baseline_rounds_at_clients(grid: Grid, nodes: NodeDirectory, models: Mapping
                 rep["stop"] = "loss_ceiling"
         active = still
     return {m: (current[m], report[m]) for m in models}
+
+
+def _updates(replies: Sequence[Message], asked: Sequence[str]) -> dict[str, list[tuple[Tensors, int, int, str]]]:
+    """Model id -> ``(weights, rows, steps, stop)`` per ``train.baseline`` reply (weights empty without rows);
+    ``UnlearnError`` for a reply about a model not asked for, or weights that contradict the rows."""
+    updates: dict[str, list[tuple[Tensors, int, int, str]]] = {m: [] for m in asked}
+    for reply in replies:
+        for key, cfg in reply.content.config_records.items():
+            if not key.startswith(R.NODE_KEY_PREFIX):
+                continue
+            model_id, rows = str(cfg[R.NODE_ID]), int(cfg[R.NUM_EXAMPLES])
+            arrays_key = f"{R.MODEL_KEY_PREFIX}{key[len(R.NODE_KEY_PREFIX):]}"
+            if model_id not in updates or (rows > 0) != (arrays_key in reply.content.array_records):
+                raise UnlearnError(f"{R.MSG_BASELINE}: a reply about {model_id!r} that was not asked for or is "
+                                   "inconsistent")
+            weights = R.record_to_tensors(reply.content.array_records[arrays_key]) if rows else {}
+            updates[model_id].append((weights, rows, int(cfg[R.BASELINE_STEPS]), str(cfg[R.BASELINE_STOP])))
+    return updates
 
 
 class BaselineSteps(ServerSteps):

@@ -49,7 +49,7 @@ APP_DIR = ROOT / "simulations" / "cifar100_fedavg"
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 #: Small and fast: sklearn digits (8x8), 2 clients, 2 rounds, the small CNN.
 BASE = {"dataset": "digits", "num-clients": 2, "num-server-rounds": 2, "seed": 7, "retrain-baseline": False,
-        "max-test-samples": 300}
+        "max-test-samples": 300, "mia-samples": 0}  # membership inference: on where a test reads it (a round trip)
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def train_unlearn(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("train_unlearn")
     path = Path("/tmp") / f"ray{os.getpid()}n"
     os.environ["RAY_TMPDIR"] = str(path)
-    results = run_app(out_dir=str(out), derive="finetune", derive_depth=2, retrain_baseline=True)
+    results = run_app(out_dir=str(out), derive="finetune", derive_depth=2, retrain_baseline=True, mia_samples=500)
     shutil.rmtree(path, ignore_errors=True)
     return results
 
@@ -447,7 +447,7 @@ def test_a_client_request_reports_the_backdoor_and_the_membership_inference(tmp_
     # client 0 trains with half its rows triggered and labelled 7: the trained federation learns the trigger, the one
     # retrained without client 0 does not; every evaluated model gets its attack success rate and MIA AUC
     res = run_app(request_kind="client", forget_clients="0", backdoor_fraction=0.5, out_dir=str(tmp_path),
-                  retrain_baseline=True, repair="off")
+                  retrain_baseline=True, repair="off", mia_samples=500)
     final = res["final_global"]
     assert final["before"]["backdoor_asr"] >= 0.5 and final["retrained"]["backdoor_asr"] <= 0.1
     for part in ("before", "after", "retrained"):
