@@ -61,6 +61,7 @@ class ServerSteps:
         if retains:
             shared = merge_fishers([f for f, _ in retains.values()], num_samples=[n for _, n in retains.values()],
                                    mode="weighted_mean")
+            shared = s._kept_retain(self.request, shared, retains, self.outcome)
         self.outcome.timing.update({"forget_fisher_s": t1 - start, "merge_s": time.perf_counter() - t1})
         return Fishers(forget_of, shared, dict(self.outcome.holders))
 

@@ -432,7 +432,18 @@ def test_multi_root_request_merges_two_holders(tmp_path):
 
 def test_client_request_is_served_and_reported(tmp_path):
     res = run_app(request_kind="client", forget_clients="1", out_dir=str(tmp_path), num_server_rounds=1,
-                  retrain_baseline=True)
+                  retrain_baseline=True, erase_superseded=False)
+    # the retain-Fisher: client 0's own whole-partition Fisher, prepared after training (client 1 is forgotten)
+    from fl_unlearn.mfim import merge_fishers
+
+    store = Store(Path(res["store_dir"]))
+    assert res["fisher_sources"]["retain"] == "prepared-kept"
+    weights = LineageGraph.open(Path(res["store_dir"]) / "lineage").node("global-r1").weights
+    parts = {p: store.get(store.get_ref(f"prepared-retain/p{p}/{weights}")) for p in (0, 1)}
+    journaled = store.get(RequestJournal.for_store(store).latest(res["request"]["id"]).doc["fishers"]["retain"])
+    expected = merge_fishers([parts[0]], num_samples=[1], mode="weighted_mean")
+    assert all(torch.equal(journaled[k], expected[k]) for k in expected)
+    assert not all(torch.equal(parts[0][k], parts[1][k]) for k in parts[0])
     assert res["request"]["clients"] == [1] and res["holders"] == {"1": pytest.approx(res["holders"]["1"])}
     assert {m["id"] for m in res["affected_models"]} == {"local-r1-p1", "global-r1"}
     for part in ("before", "after", "retrained"):
