@@ -22,9 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from torch import nn
 
-from fl_unlearn.data import FederatedData, load_with_fallback
+from fl_unlearn.data import FederatedData, load_with_fallback, make_loader
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.data import make_loader
 from fl_unlearn.evaluate import forget_retain_accuracy, mia_auc_from_losses, predict_logits, triggered_test_set
 from fl_unlearn.fisher import select_parameters
 from fl_unlearn.fiun import FIUnConfig
@@ -109,9 +108,9 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
 
 
 class Evaluator:
-    """Held-out evaluation of server-side models: forget / retain accuracy on the test split, and (``strategies.verify``)
-    the membership-inference AUC on the forgotten data (``mia-samples`` > 0) and the backdoor's attack success rate
-    (``backdoor-fraction`` > 0).
+    """Held-out evaluation of server-side models: forget / retain accuracy on the test split, and
+    (``strategies.verify``) the membership-inference AUC on the forgotten data (``mia-samples`` > 0) and the
+    backdoor's attack success rate (``backdoor-fraction`` > 0).
 
     For client and sample requests the forget accuracy is measured by the clients holding that data, and so are the
     members' losses of the membership inference for every request.
@@ -242,8 +241,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         client_calibration=client_calibration(cfg),
     )
     results: dict[str, Any] = {"dataset_requested": cfg.dataset, "dataset_used": used, "model": model_name,
-                               "strategy": cfg.strategy, "method": cfg.method, "config": cfg.to_run_config(), "warnings": warnings,
-                               "out_dir": str(out_dir), "store_dir": str(store_dir), "timing": {}}
+                               "strategy": cfg.strategy, "method": cfg.method, "config": cfg.to_run_config(),
+                               "warnings": warnings, "out_dir": str(out_dir), "store_dir": str(store_dir), "timing": {}}
 
     # --- Training (or the record of an earlier training run) --------------------------------------------
     if "train" in cfg.mode.split("+"):
