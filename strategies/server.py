@@ -729,7 +729,10 @@ class UnlearningStrategy(DelegatingStrategy):
         if request.kind != "client" or PREPARED not in retains:
             return whole
         model = self._newest_affected_global(outcome.affected)
-        kept = sorted(set(self.nodes.partition.values()) - set(request.clients))
+        # every client that prepared one, connected now or not (the prepared merge counted them all)
+        prepared = {int(name.split("/")[1][1:]) for name in self.store.refs(f"{PREPARED_RETAIN_REF}/p")
+                    if name.endswith(f"/{model.weights}")}
+        kept = sorted(prepared - set(request.clients))
         parts = [self._prepared_part(model, pid) for pid in kept]
         if not kept or any(p is None for p in parts):
             log(WARNING, "unlearn: no prepared Fisher of each kept client for %s; the whole-data one is used", model.id)
