@@ -130,7 +130,10 @@ class ClientsDone:
 
 
 class UnlearnSteps(Protocol):
-    """The work :func:`serve_request` orders; each step must be deterministic given its inputs."""
+    """The work :func:`serve_request` orders; each step must be deterministic given its inputs.
+
+    A ``method`` attribute (default ``"fiun"``) names what does the work; it is journaled when the request is
+    received, and a resumed request is finished only by steps of the same method."""
 
     def plan(self) -> Plan:
         """Check the request and fix the models to change; raise before anything is written."""
@@ -265,7 +268,7 @@ def serve_request(
     hook = hook or (lambda _state: None)
     entry = journal.latest(request.id)
     resumed_from = entry.state if entry is not None else None
-    doc = _resume_doc(entry, request) if entry is not None else _receive(journal, request, steps, hook)
+    doc = _resume_doc(entry, request, steps) if entry is not None else _receive(journal, request, steps, hook)
     if resumed_from is not None:
         log.info("journal: request %s resumes from state %s", request.id, resumed_from)
     plan = Plan.from_dict(doc["plan"])
@@ -290,7 +293,8 @@ def serve_request(
 
 def _receive(journal: RequestJournal, request: UnlearningRequest, steps: UnlearnSteps, hook: Hook) -> dict[str, Any]:
     plan = steps.plan()  # checks everything; raises before the journal is touched
-    doc = {"request": request.to_dict(), "plan": plan.to_dict(), "fishers": None, "digests": {}, "stats": {},
+    doc = {"request": request.to_dict(), "method": _method(steps), "plan": plan.to_dict(), "fishers": None,
+           "digests": {}, "stats": {},
            "alphas": [], "settings": None, "reports": {}, "versions": {}, "missing": plan.targets, "failures": {}}
     return _advance(journal, request, "received", doc, hook)
 
@@ -310,14 +314,22 @@ def _gather(journal: RequestJournal, request: UnlearningRequest, plan: Plan, doc
         raise
 
 
-def _resume_doc(entry: JournalEntry, request: UnlearningRequest) -> dict[str, Any]:
+def _resume_doc(entry: JournalEntry, request: UnlearningRequest, steps: UnlearnSteps) -> dict[str, Any]:
     if entry.doc.get("request") != request.to_dict():
         raise RequestError(f"request id {request.id!r} was journaled with different content "
                            f"({entry.doc.get('request')!r:.200}); use a new id for a new request")
     if entry.state == "verified":
         raise RequestError(f"request {request.id!r} was already applied and verified "
                            f"({len(entry.doc['versions'])} models unlearned); it is not applied twice")
+    begun = entry.doc.get("method", "fiun")  # journals from before the method was recorded: FIUn's
+    if begun != _method(steps):
+        raise UnlearnError(f"request {request.id} was begun with method={begun}; finish it with that method "
+                           f"(now {_method(steps)}); nothing changed")
     return dict(entry.doc)
+
+
+def _method(steps: UnlearnSteps) -> str:
+    return str(getattr(steps, "method", "fiun"))
 
 
 def _advance(journal: RequestJournal, request: UnlearningRequest, state: str, doc: dict[str, Any],

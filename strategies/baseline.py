@@ -102,16 +102,14 @@ class BaselineSettings:
                 R.ASCENT_LOSS_CEILING: float(self.loss_ceiling)}
 
     @classmethod
-    def from_message(cls, config: Mapping[str, Any]) -> tuple[BaselineSettings, int]:
-        """The settings and the steps per model a ``train.baseline*`` message asks for."""
+    def from_message(cls, config: Mapping[str, Any]) -> BaselineSettings:
+        """The settings a ``train.baseline*`` message asks for (``steps``: per model at this client)."""
         for key in (R.BASELINE_METHOD, R.BASELINE_STEPS, R.BASELINE_LR, R.BASELINE_SAMPLES, R.BASELINE_BATCH):
             if key not in config:
                 raise UnlearnError(f"train.baseline: the message has no {key!r}")
-        settings = cls(method=str(config[R.BASELINE_METHOD]), steps=int(config[R.BASELINE_STEPS]),
-                       lr=float(config[R.BASELINE_LR]), samples=int(config[R.BASELINE_SAMPLES]),
-                       batch_size=int(config[R.BASELINE_BATCH]),
-                       loss_ceiling=float(config.get(R.ASCENT_LOSS_CEILING, 5.0)))
-        return settings, settings.steps
+        return cls(method=str(config[R.BASELINE_METHOD]), steps=int(config[R.BASELINE_STEPS]),
+                   lr=float(config[R.BASELINE_LR]), samples=int(config[R.BASELINE_SAMPLES]),
+                   batch_size=int(config[R.BASELINE_BATCH]), loss_ceiling=float(config.get(R.ASCENT_LOSS_CEILING, 5.0)))
 
 
 # --- client side ---------------------------------------------------------------------------------------
@@ -123,7 +121,8 @@ def _run_method(spec: ClientSpec, context: Context, config: Mapping[str, Any], w
     from fl_unlearn.data import make_loader
     from strategies.client import _seed, capped_rows, load_model
 
-    settings, steps = BaselineSettings.from_message(config)
+    settings = BaselineSettings.from_message(config)
+    steps = settings.steps
     data = spec.data_fn(context)
     forget_rows, kept_rows = ForgetSpec.from_config(config).split_rows(data)
     rows = kept_rows if settings.method == "finetune" else forget_rows
@@ -277,6 +276,7 @@ class BaselineSteps(ServerSteps):
     def __init__(self, strategy: Any, grid: Grid, request: Any, outcome: Any, settings: BaselineSettings) -> None:
         super().__init__(strategy, grid, request, outcome)
         self.settings = settings
+        self.method = settings.method  # journaled: serve_request refuses to finish it with another method
 
     def gather(self, plan: Plan) -> Fishers:
         """No Fishers: the holders, as the lineage records them (forget samples per partition)."""
@@ -290,9 +290,6 @@ class BaselineSteps(ServerSteps):
         """The method on every server-held target, at the clients; each result goes to the store."""
         s, start = self.strategy, time.perf_counter()
         self._sync(plan)
-        if fishers.forget:
-            raise UnlearnError(f"request {self.request.id} was begun with method=fiun (its forget-Fishers are "
-                               "journaled); finish it with fiun")
         s.nodes.refresh(self.grid)
         digests, stats = {}, {}
         if todo:
@@ -317,7 +314,6 @@ class BaselineSteps(ServerSteps):
 
         s, start = self.strategy, time.perf_counter()
         self._sync(plan)
-        self._check_same_method(done)
         s.nodes.refresh(self.grid)
         msgs, failures = [], {}
         steps = self.settings.rounds * self.settings.steps
@@ -361,13 +357,6 @@ class BaselineSteps(ServerSteps):
 
     def _settings(self) -> dict[str, Any]:
         return {"method": self.settings.method, "baseline": dataclasses.asdict(self.settings)}
-
-    def _check_same_method(self, done: Mapping[str, Any]) -> None:
-        """A request journaled part-way by another method is finished by that method, not this one."""
-        journaled = (done.get("settings") or {}).get("method", "fiun")
-        if journaled != self.settings.method:
-            raise UnlearnError(f"request {self.request.id} was begun with method={journaled}; finish it with that "
-                               f"method (now {self.settings.method})")
 
 
 def _check_held_reply(reply: Message, asked: Mapping[str, str]) -> None:

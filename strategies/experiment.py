@@ -135,9 +135,8 @@ class Evaluator:
 
     def __call__(self, weights_list: list[Tensors]) -> list[dict[str, float | None]]:
         classes = list(self.request.classes) if self.request and self.request.kind == "classes" else []
-        out = []
-        for weights in weights_list:
-            model = self._model(weights)
+        out, models = [], [self._model(w) for w in weights_list]
+        for model in models:
             acc = forget_retain_accuracy(model, self.test, classes)
             part = {"forget_acc": acc["forget_acc"] if classes else None,
                     "retain_acc": acc["retain_acc"] if classes else acc["acc"], "test_acc": acc["acc"]}
@@ -151,9 +150,8 @@ class Evaluator:
         if self.mia_samples and weights_list:
             members = member_losses_at_clients(self.grid, self.strategy.nodes, self.request, weights_list,
                                                self.mia_samples)
-            for part, weights, member in zip(out, weights_list, members):
-                nonmember = per_sample_losses(self._model(weights), self._nonmembers)
-                part["mia_auc"] = mia_auc_from_losses(member, nonmember)
+            for part, model, member in zip(out, models, members):
+                part["mia_auc"] = mia_auc_from_losses(member, per_sample_losses(model, self._nonmembers))
         return out
 
     def _forget_on_clients(self, weights_list: list[Tensors]) -> list[float | None]:

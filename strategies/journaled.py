@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_unlearn.errors import UnlearnError
 from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.mfim import merge_fishers
 from fl_unlearn.recovery import ClientsDone, Dampened, Fishers, Plan, Progress, plan_request
@@ -30,6 +29,8 @@ if TYPE_CHECKING:
 
 class ServerSteps:
     """:class:`fl_unlearn.recovery.UnlearnSteps` over a Flower Grid, through ``strategy``'s phases."""
+
+    method = "fiun"  # journaled with the request: a resumed request is finished by the same method
 
     def __init__(self, strategy: UnlearningStrategy, grid: Grid, request: UnlearningRequest,
                  outcome: UnlearnOutcome) -> None:
@@ -68,9 +69,6 @@ class ServerSteps:
     def dampen(self, plan: Plan, todo: list[str], fishers: Fishers) -> Dampened:
         s, start = self.strategy, time.perf_counter()
         self._sync(plan)
-        if todo and not fishers.forget:  # journaled by a baseline method (strategies.baseline), which gathers none
-            raise UnlearnError(f"request {self.request.id} was begun by a baseline method (no forget-Fishers "
-                               "journaled); finish it with that method")
         s._auto_alpha(self.grid, self.request, fishers.forget, fishers.retain, self.outcome)
         digests = s._dampen_server_models(self.request, todo, fishers.forget, fishers.retain, self.outcome) if todo \
             else {}
@@ -100,9 +98,6 @@ class ServerSteps:
 
     def _restore(self, done: Mapping[str, Any]) -> None:
         o, settings = self.outcome, done.get("settings") or {}
-        if settings.get("method", "fiun") != "fiun":
-            raise UnlearnError(f"request {self.request.id} was begun with method={settings['method']}; finish it "
-                               "with that method (strategies.baseline)")
         o.stats = {**done.get("stats", {}), **o.stats}
         o.alphas = list(o.alphas or done.get("alphas", []))
         if settings.get("fiun") is not None and o.fiun is None:

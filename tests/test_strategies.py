@@ -335,21 +335,26 @@ def test_retrain_as_the_method_times_the_retrained_federation_and_changes_no_mod
     assert len(LineageGraph.open(store / "lineage")) == nodes_before
 
 
-def test_a_request_begun_by_one_method_is_not_finished_by_another():
-    from fl_unlearn.recovery import Fishers, Plan
+def test_a_request_begun_by_one_method_is_not_finished_by_another(tmp_path):
+    # the journal records the method a request was received with; serve_request refuses to resume it with another
+    from fl_unlearn.recovery import serve_request
     from strategies.baseline import BaselineSettings, BaselineSteps
     from strategies.journaled import ServerSteps
     from strategies.server import UnlearnOutcome
 
     request = UnlearningRequest.for_classes([3], id="r1", created=0.0)
+    store, graph = Store(tmp_path / "store"), LineageGraph.open(tmp_path / "store" / "lineage")
+    journal = RequestJournal.for_store(store)
     outcome = UnlearnOutcome(request, [], [])
+    journal.append(request.id, "received", {"request": request.to_dict(), "method": "finetune"})
     with pytest.raises(UnlearnError, match="begun with method=finetune"):
-        ServerSteps(None, None, request, outcome)._restore({"settings": {"method": "finetune"}})
-    steps = BaselineSteps(None, None, request, outcome, BaselineSettings("gradient_ascent"))
+        serve_request(journal, request, graph, store, ServerSteps(None, None, request, outcome))
+    old = UnlearningRequest.for_classes([4], id="r2", created=0.0)
+    journal.append(old.id, "received", {"request": old.to_dict()})  # journaled before methods were recorded
+    steps = BaselineSteps(None, None, old, outcome, BaselineSettings("gradient_ascent"))
     with pytest.raises(UnlearnError, match="begun with method=fiun"):
-        steps.dampen(Plan([], [], [], {}), [], Fishers({"global-r1": {}}))
-    with pytest.raises(UnlearnError, match="begun with method=fiun"):
-        steps._check_same_method({"settings": {"fiun": {}, "scale_free": True}})
+        serve_request(journal, old, graph, store, steps)
+    assert [e.state for e in journal.entries()] == ["received", "received"]  # nothing journaled by the refusals
 
 
 @pytest.mark.parametrize(("overrides", "problem"), [
