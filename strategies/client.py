@@ -539,17 +539,24 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
 
 
 def handle_eval_held(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``query.evalheld``: held-out forget / kept accuracy of models this client holds, by id (for the report;
+    """``query.evalheld``: held-out forget / kept accuracy of models this client holds, by id, and the checks the
+    config asks for (``strategies.verify.HeldChecks``: membership inference, backdoor) (for the report;
     ``train.unlearn`` only unlearns, so its round trip times the unlearning alone)."""
+    from strategies.verify import HeldChecks
+
     config = R.first_config(msg)
     store, forget = client_store(context, config), ForgetSpec.from_config(config)
     ids = [str(i) for i in config[R.MODEL_IDS]]
     index = held_index(store, ids)
-    forget_ds, _ = forget.split(spec.data_fn(context))
+    data = spec.data_fn(context)
+    forget_rows, _ = forget.split_rows(data)
+    forget_ds = data.select(forget_rows)
+    test = spec.test_fn(context) if spec.test_fn is not None else None
+    checks = HeldChecks.from_config(config).runner(data, forget_rows, test, forget.classes)
     out = {}
     for n, node_id in enumerate(ids):
-        figures = _evaluate_split(spec, context, load_model(spec, context, store.get(index[node_id]["weights"])),
-                                  forget, forget_ds)
+        model = load_model(spec, context, store.get(index[node_id]["weights"]))
+        figures = {**_evaluate_split(spec, context, model, forget, forget_ds), **checks(model)}
         out[f"{R.NODE_KEY_PREFIX}{n}"] = ConfigRecord({R.NODE_ID: node_id, **{k: float(v) for k, v in figures.items()}})
     return Message(RecordDict(out), reply_to=msg)
 

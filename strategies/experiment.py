@@ -24,7 +24,7 @@ from torch import nn
 
 from fl_unlearn.data import FederatedData, load_with_fallback, make_loader
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.evaluate import forget_retain_accuracy, mia_auc_from_losses, predict_logits, triggered_test_set
+from fl_unlearn.evaluate import forget_retain_accuracy, mia_auc_from_losses, triggered_test_set
 from fl_unlearn.fisher import select_parameters
 from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.lineage import LineageGraph
@@ -40,7 +40,7 @@ from strategies.report import write_results
 from strategies.nodes import checked_replies, exchange
 from strategies.baseline import BASELINE_METHODS, BaselineSettings
 from strategies.retrain import RetrainStrategy
-from strategies.verify import member_losses_at_clients, nonmember_rows, per_sample_losses
+from strategies.verify import HeldChecks, backdoor_asr, member_losses_at_clients, nonmember_rows, per_sample_losses
 from fl_unlearn.calibrate import RepairConfig, grid_alphas
 from strategies.calibration import ClientCalibration
 from strategies.repair import (RepairBudget, RepairSettings, repair_at_clients, repair_held_at_clients,
@@ -122,11 +122,14 @@ class Evaluator:
         self.new_model, self.test, self.request = new_model, test, request
         self.grid, self.strategy = grid, strategy
         self.mia_samples = mia_samples if request is not None and grid is not None and strategy is not None else 0
-        self._nonmembers = make_loader(test, 256, rows=nonmember_rows(test, request, mia_samples, seed)) \
+        classes = request.classes if request is not None and request.kind == "classes" else ()
+        self._nonmembers = make_loader(test, 256, rows=nonmember_rows(test, classes, mia_samples, seed)) \
             if self.mia_samples else None
         self._triggered = make_loader(triggered_test_set(test, backdoor_target), 256) \
             if backdoor_target is not None else None
         self.backdoor_target = backdoor_target
+        #: the same checks, run by the clients on the models they hold (``query.evalheld``)
+        self.held_checks = HeldChecks(self.mia_samples, seed, backdoor_target).to_config()
 
     def _model(self, weights: Tensors) -> nn.Module:
         model = self.new_model()
@@ -141,8 +144,7 @@ class Evaluator:
             part = {"forget_acc": acc["forget_acc"] if classes else None,
                     "retain_acc": acc["retain_acc"] if classes else acc["acc"], "test_acc": acc["acc"]}
             if self._triggered is not None:  # share of triggered rows of the other classes put in the target class
-                part["backdoor_asr"] = float((predict_logits(model, self._triggered).argmax(dim=1)
-                                              == self.backdoor_target).float().mean())
+                part["backdoor_asr"] = backdoor_asr(model, self._triggered, self.backdoor_target)
             out.append(part)
         if self.request is not None and not classes and self.grid is not None:
             for part, value in zip(out, self._forget_on_clients(weights_list)):
@@ -277,7 +279,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
     if outcome.calibration:
         results["alpha_auto"] = outcome.calibration
     evaluator = evaluator_for(cfg, new_model, test, request, grid, strategy)
-    held = strategy.evaluate_client_models(grid, outcome)  # the clients' own models, after the timed phase
+    # the clients' own models, after the timed phase
+    held = strategy.evaluate_client_models(grid, outcome, evaluator.held_checks)
     results.update(_describe(outcome, graph, store, evaluator, final_before.id, held))
 
     # --- Optional repair of the served global model (apart from unlearn_s; strategies.repair) ------------
@@ -306,7 +309,7 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         with budget.counting():
             held, held_s = _repair_held(grid, strategy, outcome, settings)
         results["repair_held"] = {"models": held, "seconds": held_s}
-        figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()])
+        figures = strategy.evaluate_held(grid, request, [h["node"] for h in held.values()], evaluator.held_checks)
         for model_id, rep in held.items():
             rows[model_id]["after_repair"] = figures[rep["node"]]
         repair_s += held_s

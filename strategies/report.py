@@ -70,6 +70,10 @@ def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
+def _auc(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def render_report(results: dict[str, Any]) -> str:
     """A short human-readable summary of ``results``."""
     request, final, timing, tg = (results.get(k) or {} for k in ("request", "final_global", "timing", "targets"))
@@ -90,16 +94,18 @@ def render_report(results: dict[str, Any]) -> str:
         if part is None and label == "after_repair":
             continue
         part = part or {}
-        auc = "n/a" if part.get("mia_auc") is None else f"{part['mia_auc']:.3f}"
         lines.append(f"| {label.replace('_', ' ')} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} | "
-                     f"{auc} | {_pct(part.get('backdoor_asr'))} |")
+                     f"{_auc(part.get('mia_auc'))} | {_pct(part.get('backdoor_asr'))} |")
     lines += ["", "| model | kind | forget before | forget after | retain before | retain after | after repair "
-              "(forget / retain) |", "|---|---|---|---|---|---|---|"]
+              "(forget / retain) | MIA AUC (before / after) | backdoor ASR (before / after) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in results.get("affected_models", []):
         b, a, r = m.get("before") or {}, m.get("after") or {}, m.get("after_repair")
         repaired = "-" if r is None else f"{_pct(r.get('forget_acc'))} / {_pct(r.get('retain_acc'))}"
         lines.append(f"| {m['id']} | {m['kind']} | {_pct(b.get('forget_acc'))} | {_pct(a.get('forget_acc'))} | "
-                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} | {repaired} |")
+                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} | {repaired} | "
+                     f"{_auc(b.get('mia_auc'))} / {_auc(a.get('mia_auc'))} | "
+                     f"{_pct(b.get('backdoor_asr'))} / {_pct(a.get('backdoor_asr'))} |")
     ratio = tg.get("time_ratio")
     lines += [
         "",

@@ -884,22 +884,28 @@ class UnlearningStrategy(DelegatingStrategy):
             f"; failed: {failures}" if failures else "")
         return versions, failures
 
-    def evaluate_client_models(self, grid: Grid, outcome: UnlearnOutcome) -> dict[str, dict[str, Any]]:
+    def evaluate_client_models(self, grid: Grid, outcome: UnlearnOutcome,
+                               checks: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """Held-out figures of the client-held models ``outcome`` unlearned, before and after (``query.evalheld``,
         one round trip; not part of ``unlearn_s``). Returns old id -> ``{"before": ..., "after": ...}``, each with
-        ``forget_acc`` / ``retain_acc`` as the clients measure them (``None`` where a client could not answer)."""
+        ``forget_acc`` / ``retain_acc`` as the clients measure them (``None`` where a client could not answer), and
+        what ``checks`` asks for (see :meth:`evaluate_held`)."""
         new_of = {old: outcome.versions[old] for old in outcome.client_results}
-        figures = self.evaluate_held(grid, outcome.request, list(new_of) + list(new_of.values()))
+        figures = self.evaluate_held(grid, outcome.request, list(new_of) + list(new_of.values()), checks)
         return {old: {"before": figures[old], "after": figures[new]} for old, new in new_of.items()}
 
-    def evaluate_held(self, grid: Grid, request: UnlearningRequest, node_ids: list[str]) -> dict[str, dict[str, Any]]:
+    def evaluate_held(self, grid: Grid, request: UnlearningRequest, node_ids: list[str],
+                      checks: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """``query.evalheld`` to the clients holding ``node_ids`` (client-held lineage nodes), all at once: node id ->
-        ``{"forget_acc", "retain_acc"}`` on held-out data; ``None`` values where a client could not answer."""
+        ``{"forget_acc", "retain_acc"}`` on held-out data; ``None`` values where a client could not answer.
+
+        ``checks`` (``strategies.verify.HeldChecks.to_config()``) adds ``mia_auc`` and ``backdoor_asr`` where the
+        holder could measure them."""
         by_client: dict[int, list[str]] = {}
         for node_id in node_ids:
             by_client.setdefault(self.graph.node(node_id).client, []).append(node_id)
         msgs = [Message(RecordDict({R.CONFIG_KEY: ConfigRecord({R.MODEL_IDS: ids, R.STORE_DIR: str(self.store.root),
-                                                                **request_config(request, pid)})}),
+                                                                **request_config(request, pid), **(checks or {})})}),
                         dst_node_id=self.nodes.node_of(pid), message_type=R.MSG_EVAL_HELD)
                 for pid, ids in sorted(by_client.items())]
         figures: dict[str, dict[str, Any]] = {}
@@ -908,8 +914,10 @@ class UnlearningStrategy(DelegatingStrategy):
                 continue
             for key, cfg in reply.content.config_records.items():
                 if key.startswith(R.NODE_KEY_PREFIX):
-                    figures[str(cfg[R.NODE_ID])] = {k: cfg.get(r) for k, r in (("forget_acc", R.FORGET_ACC),
-                                                                                 ("retain_acc", R.RETAIN_ACC))}
+                    checked = (("mia_auc", R.MIA_AUC), ("backdoor_asr", R.BACKDOOR_ASR))  # where asked and measured
+                    figures[str(cfg[R.NODE_ID])] = {"forget_acc": cfg.get(R.FORGET_ACC),
+                                                    "retain_acc": cfg.get(R.RETAIN_ACC),
+                                                    **{k: cfg[r] for k, r in checked if r in cfg}}
         missing = [i for i in node_ids if i not in figures]
         if missing:  # the models are recorded; only the report lacks their figures
             log(WARNING, "%s: no figures for %s (reported as null)", R.MSG_EVAL_HELD, missing)

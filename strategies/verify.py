@@ -10,12 +10,16 @@
   fraction of rows carrying a 3x3 white patch and the label ``backdoor-target`` (:func:`poisoned_partition`, what
   ``strategies.app`` gives the ClientApp as the client's data). The attack success rate of a model is the share of
   triggered test rows of the other classes it puts in the target class (``fl_unlearn.evaluate``).
+
+The models clients hold (derived ones) never leave them: their holder runs both checks (:class:`HeldChecks`, with
+``query.evalheld``) on the same public test rows as the server, the members being its own forget rows.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +28,7 @@ from datasets import Dataset
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_unlearn.data import make_loader
-from fl_unlearn.evaluate import poison_dataset
+from fl_unlearn.evaluate import mia_auc_from_losses, poison_dataset, predict_logits, triggered_test_set
 from fl_unlearn.requests import UnlearningRequest
 from strategies import records as R
 from strategies.forget import ForgetSpec, request_config
@@ -79,6 +83,69 @@ def handle_losses(spec: ClientSpec, msg: Message, context: Context) -> Message:
     return Message(RecordDict(out), reply_to=msg)
 
 
+@dataclass(frozen=True)
+class HeldChecks:
+    """The checks a holder runs on the models it holds besides accuracy (``query.evalheld``), as the server's
+    ``Evaluator`` runs them on the models it holds.
+
+    Parameters
+    ----------
+    mia_samples : int (default: 0)
+        Cap on the members (the holder's forget rows) and on the non-members (test rows, chosen as by
+        :func:`nonmember_rows`); 0 runs no membership inference. A holder without forget rows (a kept client, for a
+        client request) reports none.
+    seed : int (default: 0)
+        Seeds both choices of rows; the server passes the run's, so both sides take the same non-members.
+    backdoor_target : int | None (default: None)
+        The backdoor's target class: the attack success rate on the triggered test rows; ``None`` skips it.
+    """
+
+    mia_samples: int = 0
+    seed: int = 0
+    backdoor_target: int | None = None
+
+    def to_config(self) -> dict[str, int]:
+        """The ``query.evalheld`` config keys (none when nothing is asked for)."""
+        out = {R.MIA_SAMPLES: self.mia_samples, R.MIA_SEED: self.seed} if self.mia_samples else {}
+        return out if self.backdoor_target is None else {**out, R.BACKDOOR_TARGET: self.backdoor_target}
+
+    @classmethod
+    def from_config(cls, config: Any) -> HeldChecks:
+        target = config.get(R.BACKDOOR_TARGET)
+        return cls(int(config.get(R.MIA_SAMPLES, 0)), int(config.get(R.MIA_SEED, 0)),
+                   None if target is None else int(target))
+
+    def runner(self, data: Dataset, forget_rows: np.ndarray, test: Dataset | None, classes: Sequence[int]) -> Any:
+        """``model -> {R.MIA_AUC, R.BACKDOOR_ASR}`` (those it can measure) over this holder's ``data`` (its
+        ``forget_rows``) and ``test``; the loaders are built once for every model of the message."""
+        from strategies.client import capped_rows
+
+        members = capped_rows(forget_rows, self.mia_samples, self.seed) if self.mia_samples else forget_rows[:0]
+        mia = self.mia_samples and test is not None and len(members) > 0
+        member_loader = make_loader(data, 256, rows=members) if mia else None
+        nonmember_loader = make_loader(test, 256, rows=nonmember_rows(test, classes, self.mia_samples, self.seed)) \
+            if mia else None
+        triggered = make_loader(triggered_test_set(test, self.backdoor_target), 256) \
+            if self.backdoor_target is not None and test is not None else None
+
+        def run(model: torch.nn.Module) -> dict[str, float]:
+            out = {}
+            if mia:
+                out[R.MIA_AUC] = mia_auc_from_losses(per_sample_losses(model, member_loader),
+                                                     per_sample_losses(model, nonmember_loader))
+            if triggered is not None:
+                out[R.BACKDOOR_ASR] = backdoor_asr(model, triggered, self.backdoor_target)
+            return out
+
+        return run
+
+
+def backdoor_asr(model: torch.nn.Module, triggered: Any, target: int) -> float:
+    """Share of the ``triggered`` rows (a loader of :func:`~fl_unlearn.evaluate.triggered_test_set`) that ``model``
+    puts in ``target``."""
+    return float((predict_logits(model, triggered).argmax(dim=1) == target).float().mean())
+
+
 def per_sample_losses(model: torch.nn.Module, loader: Any) -> np.ndarray:
     """Cross-entropy of every sample of ``loader`` (float64, in order), in eval mode."""
     was_training = model.training
@@ -115,12 +182,11 @@ def member_losses_at_clients(grid: Grid, nodes: NodeDirectory, request: Unlearni
     return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
 
-def nonmember_rows(test: Dataset, request: UnlearningRequest, samples: int, seed: int) -> np.ndarray:
-    """Rows of the test split the attack takes as non-members: of the forgotten classes for a class request (else
-    any), at most ``samples`` (seeded)."""
+def nonmember_rows(test: Dataset, classes: Sequence[int], samples: int, seed: int) -> np.ndarray:
+    """Rows of the test split the attack takes as non-members: of the forgotten ``classes`` for a class request
+    (empty: any row), at most ``samples`` (seeded)."""
     labels = np.asarray(test["label"])
-    rows = np.flatnonzero(np.isin(labels, list(request.classes))) if request.kind == "classes" \
-        else np.arange(len(labels))
+    rows = np.flatnonzero(np.isin(labels, list(classes))) if len(classes) else np.arange(len(labels))
     if len(rows) > samples:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=samples, replace=False))
     return rows

@@ -123,7 +123,9 @@ def test_app_trains_unlearns_and_reports(train_unlearn):
     assert kinds == {"global", "local", "derived"}
     for m in res["affected_models"]:
         assert m["version"] is not None, m["id"]
-        assert set(m["before"]) >= {"forget_acc", "retain_acc"} and set(m["after"]) >= {"forget_acc", "retain_acc"}
+        # the derived models' figures come from their holders, membership inference included (mia-samples=500)
+        assert set(m["before"]) >= {"forget_acc", "retain_acc", "mia_auc"}, m["id"]
+        assert set(m["after"]) >= {"forget_acc", "retain_acc", "mia_auc"}, m["id"]
     final = res["final_global"]
     assert final["id"] == "global-r2" and final["retrained"]["forget_acc"] == 0.0
     assert all(0.0 <= final[part]["mia_auc"] <= 1.0 for part in ("before", "after", "retrained"))  # mia-samples=500
@@ -461,17 +463,26 @@ def test_client_request_is_served_and_reported(tmp_path):
 
 def test_a_client_request_reports_the_backdoor_and_the_membership_inference(tmp_path):
     # client 0 trains with half its rows triggered and labelled 7: the trained federation learns the trigger, the one
-    # retrained without client 0 does not; every evaluated model gets its attack success rate and MIA AUC
+    # retrained without client 0 does not; every evaluated model gets its attack success rate, and its MIA AUC where
+    # its evaluator holds members
     res = run_app(request_kind="client", forget_clients="0", backdoor_fraction=0.5, out_dir=str(tmp_path),
-                  retrain_baseline=True, repair="off", mia_samples=500)
+                  retrain_baseline=True, repair="off", mia_samples=500, derive="finetune")
     final = res["final_global"]
     assert final["before"]["backdoor_asr"] >= 0.5 and final["retrained"]["backdoor_asr"] <= 0.1
     for part in ("before", "after", "retrained"):
         assert 0.0 <= final[part]["mia_auc"] <= 1.0 and 0.0 <= final[part]["backdoor_asr"] <= 1.0
+    owners = {m["owner"]: m for m in res["affected_models"] if m["kind"] == "derived"}
+    assert set(owners) == {"client:0", "client:1"}
+    # measured by their holders: client 1 holds none of client 0's rows (no members), client 0 all of them
+    assert "mia_auc" not in owners["client:1"]["after"] and 0.0 <= owners["client:0"]["after"]["mia_auc"] <= 1.0
+    poisoned = owners["client:0"]  # derived from the global model on client 0's triggered rows: the backdoor
+    assert poisoned["before"]["backdoor_asr"] >= 0.5 > poisoned["after"]["backdoor_asr"]
     for m in res["affected_models"]:
-        assert {"mia_auc", "backdoor_asr"} <= set(m["after"]), m["id"]
+        assert m["kind"] == "derived" or "mia_auc" in m["after"], m["id"]
+        assert 0.0 <= m["after"]["backdoor_asr"] <= 1.0, m["id"]
     report = (tmp_path / "report.md").read_text()
     assert "| MIA AUC (forgotten data) | backdoor ASR |" in report
+    assert "| MIA AUC (before / after) | backdoor ASR (before / after) |" in report
     from fl_unlearn.sweep import figures
     row = figures(res)
     assert row["backdoor_asr_before"] == final["before"]["backdoor_asr"] and row["mia_auc_after"] is not None

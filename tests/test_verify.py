@@ -10,10 +10,11 @@ from flwr.app import Context, RecordDict
 
 from fl_unlearn.data import make_loader, sample_ids
 from fl_unlearn.lineage import LineageGraph
+from fl_unlearn.requests import UnlearningRequest
 from fl_unlearn.store import Store
 from strategies.app import app_model, app_partition
 from strategies.config import DEFAULTS
-from strategies.verify import member_losses_at_clients, per_sample_losses
+from strategies.verify import HeldChecks, member_losses_at_clients, nonmember_rows, per_sample_losses
 from test_reliability import APP_CFG, CLASS_REQUEST, NUM_CLIENTS, _copy, _grid, _strategy, federation  # noqa: F401
 
 
@@ -43,6 +44,40 @@ def test_member_losses_are_the_forgotten_rows_losses_computed_at_their_clients(f
     assert not np.allclose(np.sort(got[0]), np.sort(got[1]))  # each model's own losses
     capped = member_losses_at_clients(grid, strategy.nodes, CLASS_REQUEST, weights[:1], 5)[0]
     assert len(capped) == 5 * NUM_CLIENTS
+
+
+def test_the_holders_of_client_held_models_run_the_membership_inference_and_the_backdoor_check(federation, tmp_path,
+                                                                                              task_identity):
+    from fl_unlearn.evaluate import attack_success_rate, mia_auc_from_losses
+    from strategies.app import app_test
+
+    store_dir = _copy(federation, tmp_path)
+    strategy, grid = _strategy(store_dir), _grid()
+    strategy.nodes.refresh(grid)
+    graph = LineageGraph.open(store_dir / "lineage")
+    held = sorted(n.id for n in graph.nodes() if n.kind == "derived")
+    assert len(held) == NUM_CLIENTS
+    checks = HeldChecks(mia_samples=10_000, seed=7, backdoor_target=7)  # a cap above every count: all the rows
+    got = strategy.evaluate_held(grid, CLASS_REQUEST, held, checks.to_config())
+    test = app_test(_context(0))
+    nonmembers = make_loader(test, 256, rows=nonmember_rows(test, [3], 10_000, 7))
+    for node_id in held:
+        node = graph.node(node_id)
+        model = app_model(_context(node.client))
+        model.load_state_dict(Store(store_dir / "clients" / str(node.client)).get(node.meta["client-weights"]))
+        ds = app_partition(_context(node.client))
+        members = make_loader(ds, 256, rows=np.flatnonzero(np.asarray(ds["label"]) == 3))  # the holder's own rows
+        expected = mia_auc_from_losses(per_sample_losses(model, members), per_sample_losses(model, nonmembers))
+        assert got[node_id]["mia_auc"] == pytest.approx(expected, abs=1e-6), node_id
+        assert got[node_id]["backdoor_asr"] == pytest.approx(attack_success_rate(model, test, 7), abs=1e-6)
+        assert got[node_id]["retain_acc"] is not None
+    assert len({round(got[i]["mia_auc"], 6) for i in held}) > 1  # each model's own figure
+    plain = strategy.evaluate_held(grid, CLASS_REQUEST, held)  # nothing asked for: accuracy alone
+    assert all(set(plain[i]) == {"forget_acc", "retain_acc"} for i in held)
+    client_request = UnlearningRequest.for_clients([0], id="req-c", created=0.0)
+    kept = [i for i in held if graph.node(i).client != 0]
+    no_members = strategy.evaluate_held(grid, client_request, kept, checks.to_config())
+    assert all("mia_auc" not in no_members[i] and "backdoor_asr" in no_members[i] for i in kept)  # no forget rows
 
 
 def test_a_forgotten_client_trains_on_its_backdoored_partition_and_the_others_do_not():
