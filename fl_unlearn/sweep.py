@@ -31,12 +31,13 @@ _PER_JOB_KEYS = ("out-dir", "store-dir")
 #: Settings every row carries (the axes of the plots), whether swept or not.
 SETTING_COLUMNS = ("dataset.name", "federation.num_clients", "federation.rounds", "unlearning.depth",
                    "unlearning.method", "request.kind")
-#: Figures read from results.json: the final global model before / after unlearning and retrained, timings.
+#: Figures read from results.json: the final global model before / after unlearning and retrained, the worst kept-
+#: accuracy gap of an affected model to its retrained twin (points as a fraction; > 0: below it), timings.
 FIGURE_COLUMNS = ("forget_acc_before", "forget_acc_after", "forget_acc_retrained", "retain_acc_before",
                   "retain_acc_after", "retain_acc_retrained", "forget_acc_after_repair", "retain_acc_after_repair",
                   "mia_auc_before", "mia_auc_after", "mia_auc_retrained", "backdoor_asr_before", "backdoor_asr_after",
-                  "backdoor_asr_retrained", "max_affected_forget_after", "affected_models", "unlearn_s", "repair_s",
-                  "retrain_s", "train_s")
+                  "backdoor_asr_retrained", "max_affected_forget_after", "twin_retain_gap_after",
+                  "twin_retain_gap_after_repair", "affected_models", "unlearn_s", "repair_s", "retrain_s", "train_s")
 STATUS_COLUMNS = ("job", "status", "reason", "seconds")
 #: x axes of the sweep plots: (column, file name stem, label).
 PLOT_AXES = (("unlearning.depth", "sweep_vs_depth", "inheritance depth"),
@@ -59,6 +60,9 @@ def figures(results: Mapping[str, Any]) -> dict[str, Any]:
     afters = [(m.get("after") or {}).get("forget_acc") for m in models]
     afters = [a for a in afters if a is not None]
     out["max_affected_forget_after"] = max(afters) if afters else None
+    targets = results.get("targets") or {}
+    out["twin_retain_gap_after"] = targets.get("twin_retain_gap")
+    out["twin_retain_gap_after_repair"] = targets.get("twin_retain_gap_after_repair")
     out["affected_models"] = len(models)
     for key in ("unlearn_s", "repair_s", "retrain_s", "train_s"):
         out[key] = timing.get(key)

@@ -336,7 +336,12 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
-        retrained, results["timing"]["retrain_s"] = _retrain(grid, cfg, request, store, graph)
+        def evaluate_twin(model_id: str, weights: Tensors) -> None:
+            # each affected server-held model beside its retrained twin (same round, same client, without the data)
+            if model_id in rows and "retrained" not in rows[model_id]:
+                rows[model_id]["retrained"] = evaluator([weights])[0]
+
+        retrained, results["timing"]["retrain_s"] = _retrain(grid, cfg, request, store, graph, evaluate_twin)
         results["final_global"]["retrained"] = evaluator([retrained])[0]
     results["graph_snapshot"] = str(graph.snapshot()) if graph.directory else None
     path = write_results(out_dir, results, graph, highlight=outcome.affected)
@@ -533,15 +538,17 @@ def _train(grid: Grid, cfg: AppConfig, strategy: UnlearningStrategy, new_model: 
     return train_s
 
 
-def _retrain(grid: Grid, cfg: AppConfig, request: UnlearningRequest, store: Store,
-             graph: LineageGraph) -> tuple[Tensors, float]:
-    """The same federation from the same initial weights (``global-r0``) and seed, without the data."""
+def _retrain(grid: Grid, cfg: AppConfig, request: UnlearningRequest, store: Store, graph: LineageGraph,
+             on_model: Callable[[str, Tensors], None] | None = None) -> tuple[Tensors, float]:
+    """The same federation from the same initial weights (``global-r0``) and seed, without the data: its final
+    global model and the seconds it took (``on_model``, which sees every retrained model, not counted)."""
     initial = store.get(graph.node("global-r0").weights)
-    retrain = RetrainStrategy(make_strategy(cfg), request, num_nodes=cfg.num_clients, seed=cfg.seed)
+    retrain = RetrainStrategy(make_strategy(cfg), request, num_nodes=cfg.num_clients, seed=cfg.seed,
+                              on_model=on_model)
     log(INFO, "retrain: the federation again without %s", request.describe())
     start = time.perf_counter()
     result = retrain.start(grid, R.tensors_to_record(initial), num_rounds=cfg.num_server_rounds)
-    return R.record_to_tensors(result.arrays), time.perf_counter() - start
+    return R.record_to_tensors(result.arrays), time.perf_counter() - start - retrain.on_model_s
 
 
 def _erase(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutcome) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Framework-agnostic (no flwr import), so it can move to ``fl_unlearn/report.py`` 
 
 Targets checked in ``results.json`` (issue 4, ``reference/flower.md`` §6): forgotten-class held-out accuracy
 <= 5 % on the final global model and every affected model (class requests); kept-class accuracy within 5
-points of the retrained model's; ``unlearn_s`` < 5 % of ``retrain_s``.
+points of the retrained model's; ``unlearn_s`` < 5 % of ``retrain_s``. With the retrain baseline, every affected
+server-held model is also set beside its retrained twin (``twins_retain_ok``: the worst kept gap within 5 points).
 """
 
 from __future__ import annotations
@@ -47,9 +48,31 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         out["retain_gap"] = retrained["retain_acc"] - after["retain_acc"]  # > 0: below the retrained model
         out["retain_ok"] = abs(out["retain_gap"]) <= RETAIN_GAP_MAX
         out["retain_not_worse_ok"] = out["retain_gap"] <= RETAIN_GAP_MAX
+    out.update(_twin_targets(results.get("affected_models", [])))
     if timing.get("retrain_s") and timing.get("unlearn_s") is not None:
         out["time_ratio"] = timing["unlearn_s"] / timing["retrain_s"]
         out["time_ok"] = out["time_ratio"] < TIME_RATIO_MAX
+    return out
+
+
+def _twin_targets(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every affected model beside its retrained twin (``retrained``: the same round's model of the federation
+    retrained without the data; derived models have none): the worst kept-accuracy gap after unlearning and, where
+    the App repaired some, after the repair (the others as unlearned)."""
+    stages = {"": lambda m: m.get("after")}
+    if any(m.get("after_repair") for m in models):
+        stages["_after_repair"] = lambda m: m.get("after_repair") or m.get("after")
+    out: dict[str, Any] = {}
+    for label, stage in stages.items():
+        gaps = {}  # > 0: below the twin
+        for m in models:
+            twin, own = (m.get("retrained") or {}).get("retain_acc"), (stage(m) or {}).get("retain_acc")
+            if twin is not None and own is not None:
+                gaps[m["id"]] = twin - own
+        if gaps:
+            worst = max(gaps, key=gaps.__getitem__)
+            out.update({f"twins{label}": len(gaps), f"twin_retain_gap{label}": gaps[worst],
+                        f"twin_worst_model{label}": worst, f"twins_retain_ok{label}": gaps[worst] <= RETAIN_GAP_MAX})
     return out
 
 
@@ -97,13 +120,14 @@ def render_report(results: dict[str, Any]) -> str:
         lines.append(f"| {label.replace('_', ' ')} | {_pct(part.get('forget_acc'))} | {_pct(part.get('retain_acc'))} | "
                      f"{_auc(part.get('mia_auc'))} | {_pct(part.get('backdoor_asr'))} |")
     lines += ["", "| model | kind | forget before | forget after | retain before | retain after | after repair "
-              "(forget / retain) | MIA AUC (before / after) | backdoor ASR (before / after) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "(forget / retain) | retrained twin (forget / retain) | MIA AUC (before / after) | "
+              "backdoor ASR (before / after) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in results.get("affected_models", []):
-        b, a, r = m.get("before") or {}, m.get("after") or {}, m.get("after_repair")
+        b, a, r, t = m.get("before") or {}, m.get("after") or {}, m.get("after_repair"), m.get("retrained")
         repaired = "-" if r is None else f"{_pct(r.get('forget_acc'))} / {_pct(r.get('retain_acc'))}"
+        twin = "-" if t is None else f"{_pct(t.get('forget_acc'))} / {_pct(t.get('retain_acc'))}"
         lines.append(f"| {m['id']} | {m['kind']} | {_pct(b.get('forget_acc'))} | {_pct(a.get('forget_acc'))} | "
-                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} | {repaired} | "
+                     f"{_pct(b.get('retain_acc'))} | {_pct(a.get('retain_acc'))} | {repaired} | {twin} | "
                      f"{_auc(b.get('mia_auc'))} / {_auc(a.get('mia_auc'))} | "
                      f"{_pct(b.get('backdoor_asr'))} / {_pct(a.get('backdoor_asr'))} |")
     ratio = tg.get("time_ratio")
@@ -117,6 +141,13 @@ def render_report(results: dict[str, Any]) -> str:
         f"{tg.get('all_affected_forget_ok')}, retain within 5 points of retrained: {tg.get('retain_ok')}, "
         f"time < 5 %: {tg.get('time_ok')}",
     ]
+    if tg.get("twins"):
+        lines.append(f"- every model within 5 points of its retrained twin ({tg['twins']} twins): "
+                     f"{tg['twins_retain_ok']} (worst {tg['twin_worst_model']}, {100 * tg['twin_retain_gap']:.1f} "
+                     "points below)" + (f"; after the repair: {tg['twins_retain_ok_after_repair']} (worst "
+                                        f"{tg['twin_worst_model_after_repair']}, "
+                                        f"{100 * tg['twin_retain_gap_after_repair']:.1f} points)"
+                                        if "twins_after_repair" in tg else ""))
     budget = results.get("repair_budget") or {}
     cut = ([f"rounds ended early for {', '.join(budget['stopped'])}"] if budget.get("stopped") else []) \
         + ([f"not repaired: {', '.join(budget['skipped'])}"] if budget.get("skipped") else [])

@@ -243,6 +243,7 @@ def test_sweep_collector_writes_a_row_per_job_including_failed_ones(tmp_path):
         if num == 1:  # the App repaired this one's served model
             results["final_global"]["after_repair"] = {"forget_acc": 0.0, "retain_acc": 0.95}
             results["timing"]["repair_s"] = 7.5
+            results["targets"] = {"twin_retain_gap": 0.4, "twin_retain_gap_after_repair": 0.01}  # every model's twin
         _fake_job(sweep, num, {"status": "ok", "reason": "", "seconds": 90.0 + num, "settings": _settings(clients, depth),
                                "overrides": [f"federation.num_clients={clients}", f"unlearning.depth={depth}", "seed=1"]},
                   results)
@@ -261,6 +262,8 @@ def test_sweep_collector_writes_a_row_per_job_including_failed_ones(tmp_path):
     assert float(table[1]["unlearn_s"]) == 3.0 and float(table[1]["retrain_s"]) == 50.0
     assert (float(table[1]["retain_acc_after_repair"]), float(table[1]["repair_s"])) == (0.95, 7.5)
     assert table[0]["retain_acc_after_repair"] == table[0]["repair_s"] == ""  # not repaired
+    assert (float(table[1]["twin_retain_gap_after"]), float(table[1]["twin_retain_gap_after_repair"])) == (0.4, 0.01)
+    assert table[0]["twin_retain_gap_after"] == ""  # no retrained twins in that run
     assert table[1]["seed"] == "1" and table[3]["seed"] == ""  # swept keys beyond the settings get columns
     assert (table[0]["federation.num_clients"], table[1]["unlearning.depth"]) == ("2", "2")
     assert [r["run-config.fiun-alpha"] for r in table] == ["1.0", "1.0", "auto", "1.0", ""]

@@ -129,6 +129,13 @@ def test_app_trains_unlearns_and_reports(train_unlearn):
     final = res["final_global"]
     assert final["id"] == "global-r2" and final["retrained"]["forget_acc"] == 0.0
     assert all(0.0 <= final[part]["mia_auc"] <= 1.0 for part in ("before", "after", "retrained"))  # mia-samples=500
+    # every server-held model beside its retrained twin: the same round's model of the federation without class 3
+    twins = {m["id"]: m["retrained"] for m in res["affected_models"] if "retrained" in m}
+    assert set(twins) == {m["id"] for m in res["affected_models"] if m["kind"] != "derived"}
+    assert twins["global-r2"] == final["retrained"]  # the retrained final model is the final model's twin
+    assert all(t["forget_acc"] <= 0.05 and 0.0 <= t["mia_auc"] <= 1.0 for t in twins.values())
+    assert len({t["retain_acc"] for t in twins.values()}) > 1  # each twin is its own model
+    assert res["targets"]["twins"] == len(twins) and isinstance(res["targets"]["twins_retain_ok"], bool)
     assert "backdoor_asr" not in final["before"]  # no backdoor asked for
     assert final["after"]["forget_acc"] <= final["before"]["forget_acc"]
     assert set(res["timing"]) >= {"train_s", "unlearn_s", "retrain_s"}
