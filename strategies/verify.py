@@ -18,7 +18,7 @@ The models clients hold (derived ones) never leave them: their holder runs both 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,13 +115,14 @@ class HeldChecks:
         return cls(int(config.get(R.MIA_SAMPLES, 0)), int(config.get(R.MIA_SEED, 0)),
                    None if target is None else int(target))
 
-    def runner(self, data: Dataset, forget_rows: np.ndarray, test: Dataset | None, classes: Sequence[int]) -> Any:
+    def runner(self, data: Dataset, forget_rows: np.ndarray, test: Dataset | None,
+               classes: Sequence[int]) -> Callable[[torch.nn.Module], dict[str, float]]:
         """``model -> {R.MIA_AUC, R.BACKDOOR_ASR}`` (those it can measure) over this holder's ``data`` (its
         ``forget_rows``) and ``test``; the loaders are built once for every model of the message."""
         from strategies.client import capped_rows
 
         members = capped_rows(forget_rows, self.mia_samples, self.seed) if self.mia_samples else forget_rows[:0]
-        mia = self.mia_samples and test is not None and len(members) > 0
+        mia = bool(self.mia_samples) and test is not None and len(members) > 0
         member_loader = make_loader(data, 256, rows=members) if mia else None
         nonmember_loader = make_loader(test, 256, rows=nonmember_rows(test, classes, self.mia_samples, self.seed)) \
             if mia else None
