@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from torch import nn
 
 from fl_unlearn.data import FederatedData, load_with_fallback, make_loader
-from fl_unlearn.errors import ConfigError
+from fl_unlearn.errors import ConfigError, UnlearnError
 from fl_unlearn.evaluate import forget_retain_accuracy, mia_auc_from_losses, triggered_test_set
 from fl_unlearn.fisher import select_parameters
 from fl_unlearn.fiun import FIUnConfig
@@ -336,12 +336,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
 
     # --- Gold standard: retrain from the same initial weights and seed without the data -----------------
     if cfg.retrain_baseline:
-        def evaluate_twin(model_id: str, weights: Tensors) -> None:
-            # each affected server-held model beside its retrained twin (same round, same client, without the data)
-            if model_id in rows and "retrained" not in rows[model_id]:
-                rows[model_id]["retrained"] = evaluator([weights])[0]
-
-        retrained, results["timing"]["retrain_s"] = _retrain(grid, cfg, request, store, graph, evaluate_twin)
+        retrained, results["timing"]["retrain_s"] = _retrain(grid, cfg, request, store, graph,
+                                                             twin_evaluator(rows, evaluator))
         results["final_global"]["retrained"] = evaluator([retrained])[0]
     results["graph_snapshot"] = str(graph.snapshot()) if graph.directory else None
     path = write_results(out_dir, results, graph, highlight=outcome.affected)
@@ -549,6 +545,22 @@ def _retrain(grid: Grid, cfg: AppConfig, request: UnlearningRequest, store: Stor
     start = time.perf_counter()
     result = retrain.start(grid, R.tensors_to_record(initial), num_rounds=cfg.num_server_rounds)
     return R.record_to_tensors(result.arrays), time.perf_counter() - start - retrain.on_model_s
+
+
+def twin_evaluator(rows: dict[str, dict[str, Any]], evaluate: Callable[[list[Tensors]], list[dict[str, Any]]]
+                   ) -> Callable[[str, Tensors], None]:
+    """``RetrainStrategy.on_model`` for the App: each affected server-held model (``rows``, by id) gets its retrained
+    twin's figures as ``rows[id]["retrained"]`` (same round, same client, without the data). A twin whose evaluation
+    fails (a client down for the membership inference) goes unreported; the retraining goes on."""
+    def evaluate_twin(model_id: str, weights: Tensors) -> None:
+        if model_id not in rows or "retrained" in rows[model_id]:
+            return
+        try:
+            rows[model_id]["retrained"] = evaluate([weights])[0]
+        except UnlearnError as err:
+            log(WARNING, "retrain: no figures for the twin of %s: %s", model_id, err)
+
+    return evaluate_twin
 
 
 def _erase(grid: Grid, strategy: UnlearningStrategy, outcome: UnlearnOutcome) -> dict[str, Any]:

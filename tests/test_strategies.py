@@ -468,6 +468,27 @@ def test_client_request_is_served_and_reported(tmp_path):
         "retain_before": None, "retain_after": None, "forget_after": None}
 
 
+def test_a_twin_whose_evaluation_fails_goes_unreported_and_the_retraining_goes_on():
+    from fl_unlearn.errors import UnlearnError
+    from strategies.experiment import twin_evaluator
+
+    rows = {"global-r1": {"id": "global-r1"}, "local-r1-p0": {"id": "local-r1-p0"}}
+    evaluated = []
+
+    def evaluate(weights_list):
+        evaluated.append(float(weights_list[0]["w"]))
+        if weights_list[0]["w"] < 0:  # as member_losses_at_clients raises when a client answers with an error
+            raise UnlearnError("query.losses failed on 1 node(s): simulated client crash")
+        return [{"retain_acc": float(weights_list[0]["w"])}]
+
+    on_model = twin_evaluator(rows, evaluate)
+    on_model("local-r1-p0", {"w": torch.tensor(-1.0)})
+    on_model("global-r1", {"w": torch.tensor(0.75)})
+    on_model("local-r1-p1", {"w": torch.tensor(0.5)})  # not an affected model: not evaluated
+    assert rows["global-r1"]["retrained"] == {"retain_acc": 0.75} and "retrained" not in rows["local-r1-p0"]
+    assert evaluated == [-1.0, 0.75]
+
+
 def test_a_client_request_reports_the_backdoor_and_the_membership_inference(tmp_path):
     # client 0 trains with half its rows triggered and labelled 7: the trained federation learns the trigger, the one
     # retrained without client 0 does not; every evaluated model gets its attack success rate, and its MIA AUC where
