@@ -83,7 +83,21 @@ def row_of(cls: int, results: dict) -> dict:
         "worst_affected_kept_left": min(kept_left, default=float("nan")),
         "worst_affected_forget_left": max(forget_left, default=float("nan")),
         "models_repaired": len(after_repair),
+        **twin_gaps(results["affected_models"]),
     }
+
+
+def twin_gaps(models: list[dict]) -> dict:
+    """Every affected model beside its retrained twin (the App's ``retrained`` per model): how many have one, how
+    many keep more than 5 points less after FIUn and as the request leaves them, and the worst gap of each."""
+    twins = [m for m in models if (m.get("retrained") or {}).get("retain_acc") is not None and m.get("after")]
+    out: dict = {"twins": len(twins)}
+    for label, stage in (("fiun", lambda m: m["after"]), ("left", lambda m: m.get("after_repair") or m["after"])):
+        gaps = {m["id"]: 100 * (m["retrained"]["retain_acc"] - stage(m)["retain_acc"]) for m in twins}
+        worst = max(gaps, key=gaps.__getitem__, default=None)
+        out.update({f"twins_over_5_{label}": sum(g > 5.0 for g in gaps.values()), f"twin_worst_{label}": worst,
+                    f"twin_gap_{label}": gaps[worst] if worst else float("nan")})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +194,13 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['class']:5d} | {100 * r['worst_affected_kept_fiun']:5.1f} -> {100 * r['worst_affected_kept_left']:5.1f}"
                   f" | {100 * r['worst_affected_forget_left']:4.1f} | {r['models_repaired']:2d} of {r['affected']}"
                   f" | {r['repair_s']:.1f}")
+    print("\nclass | models with a retrained twin | more than 5 points below their twin: after FIUn -> as left |"
+          " worst gap, points (model): after FIUn -> as left")
+    for r in rows:
+        if "error" not in r and r.get("twins"):
+            print(f"{r['class']:5d} | {r['twins']:2d} | {r['twins_over_5_fiun']:2d} -> {r['twins_over_5_left']:2d}"
+                  f" | {r['twin_gap_fiun']:5.1f} ({r['twin_worst_fiun']}) -> {r['twin_gap_left']:5.1f}"
+                  f" ({r['twin_worst_left']})")
 
 
 if __name__ == "__main__":
