@@ -190,15 +190,19 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-#: (panel title, y label, [(series label, column)], log scale); ``{method}`` is the row's unlearning.method.
-#: The final global model's figures, plus the worst forgotten accuracy over all affected models (derived too).
+#: (panel title, y label, [(series label, column)], "log" or the y limits); ``{method}`` is the row's
+#: unlearning.method. The final global model's figures, the worst forgotten accuracy over all affected models
+#: (derived too), and the largest kept-accuracy gap of an affected server-held model to its retrained twin.
 _PANELS = (
     ("forgotten data", "held-out accuracy", [("original", "forget_acc_before"), ("{method}", "forget_acc_after"),
                                              ("{method}, worst affected model", "max_affected_forget_after"),
-                                             ("retrain", "forget_acc_retrained")], False),
+                                             ("retrain", "forget_acc_retrained")], (-0.02, 1.02)),
     ("kept data", "held-out accuracy", [("original", "retain_acc_before"), ("{method}", "retain_acc_after"),
-                                        ("retrain", "retain_acc_retrained")], False),
-    ("time", "seconds", [("{method}", "unlearn_s"), ("retrain", "retrain_s")], True),
+                                        ("retrain", "retain_acc_retrained")], (-0.02, 1.02)),
+    ("kept data, worst model against its twin", "held-out accuracy below the retrained twin",
+     [("{method}", "twin_retain_gap_after"), ("{method}, after the repair", "twin_retain_gap_after_repair")],
+     (-0.1, 1.02)),
+    ("time", "seconds", [("{method}", "unlearn_s"), ("retrain", "retrain_s")], "log"),
 )
 
 
@@ -252,8 +256,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
     for x_key, stem, x_label in PLOT_AXES:
         other = next(k for k, _, _ in PLOT_AXES if k != x_key)
         group = other if len({str(r.get(other)) for r in ok}) > 1 else None
-        fig = _figure(15, 5.6)
-        for i, (title, y_label, columns, log_scale) in enumerate(_PANELS):
+        fig = _figure(20, 5.6)
+        for i, (title, y_label, columns, scale) in enumerate(_PANELS):
             ax = fig.add_subplot(1, len(_PANELS), i + 1)
             _plot_panel(ax, ok, x_key, columns, group)
             ax.set_title(title)
@@ -262,10 +266,11 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
             ticks = sorted({x for x in (_number(r.get(x_key)) for r in ok) if not math.isnan(x)})
             if ticks:
                 ax.set_xticks(ticks)
-            if log_scale and ax.lines:
-                ax.set_yscale("log")
-            elif not log_scale:
-                ax.set_ylim(-0.02, 1.02)
+            if scale == "log":
+                if ax.lines:
+                    ax.set_yscale("log")
+            else:
+                ax.set_ylim(*scale)
             if ax.lines:  # below the panel: lines near 0 and 1 stay visible
                 ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
         path = Path(out_dir) / f"{stem}.png"

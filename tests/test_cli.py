@@ -281,14 +281,20 @@ def test_a_sweep_over_methods_plots_one_line_per_method(tmp_path):
     from fl_unlearn.sweep import _PANELS, _plot_panel
 
     rows = [{"status": "ok", "unlearning.depth": 1, "unlearning.method": method, "forget_acc_after": forget,
-             "forget_acc_retrained": 0.0, "unlearn_s": seconds, "retrain_s": 20.0 if method != "retrain" else seconds}
-            for method, forget, seconds in [("fiun", 0.0, 1.0), ("finetune", 0.9, 5.0), ("retrain", 0.0, 18.0)]]
+             "forget_acc_retrained": 0.0, "unlearn_s": seconds, "retrain_s": 20.0 if method != "retrain" else seconds,
+             "twin_retain_gap_after": gap, "twin_retain_gap_after_repair": 0.01 if method == "fiun" else None}
+            for method, forget, seconds, gap in [("fiun", 0.0, 1.0, 0.8), ("finetune", 0.9, 5.0, 0.008),
+                                                 ("retrain", 0.0, 18.0, None)]]
     fig = plt.figure()
-    for i, (_, _, columns, _) in enumerate(_PANELS):
+    lines = {}
+    for i, (title, _, columns, _) in enumerate(_PANELS):
         ax = fig.add_subplot(1, len(_PANELS), i + 1)
         _plot_panel(ax, rows, "unlearning.depth", columns, None)
         labels = [line.get_label() for line in ax.get_lines()]
         assert len(labels) == len(set(labels)), labels  # method=retrain and the retrained reference: one line
+        lines[title] = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines["kept data, worst model against its twin"] == {"fiun": [0.8], "finetune": [0.008],
+                                                               "fiun, after the repair": [0.01]}
     time_lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
     assert time_lines == {"fiun": [1.0], "finetune": [5.0], "retrain": [pytest.approx((20.0 + 20.0 + 18.0 + 18.0) / 4)]}
     plt.close(fig)
