@@ -57,9 +57,10 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 
 def _twin_targets(models: list[dict[str, Any]]) -> dict[str, Any]:
     """Every affected model beside its retrained twin (``retrained``: the same round's model of the federation
-    retrained without the data; derived models have none): the worst kept-accuracy gap after unlearning and, where
-    the App repaired some, after the repair (the others as unlearned)."""
-    stages = {"": lambda m: m.get("after")}
+    retrained without the data; derived models have none): the worst kept-accuracy gap after unlearning, where the
+    App repaired some after the repair (the others as unlearned), and before unlearning (``_before``: how far the
+    trained models already were from their twins; a model trained without a hard class can be the better one)."""
+    stages = {"_before": lambda m: m.get("before"), "": lambda m: m.get("after")}
     if any(m.get("after_repair") for m in models):
         stages["_after_repair"] = lambda m: m.get("after_repair") or m.get("after")
     out: dict[str, Any] = {}
@@ -147,7 +148,9 @@ def render_report(results: dict[str, Any]) -> str:
                      "points below)" + (f"; after the repair: {tg['twins_retain_ok_after_repair']} (worst "
                                         f"{tg['twin_worst_model_after_repair']}, "
                                         f"{100 * tg['twin_retain_gap_after_repair']:.1f} points)"
-                                        if "twins_after_repair" in tg else ""))
+                                        if "twins_after_repair" in tg else "")
+                     + (f"; before unlearning: worst {tg['twin_worst_model_before']}, "
+                        f"{100 * tg['twin_retain_gap_before']:.1f} points" if "twins_before" in tg else ""))
     budget = results.get("repair_budget") or {}
     cut = ([f"rounds ended early for {', '.join(budget['stopped'])}"] if budget.get("stopped") else []) \
         + ([f"not repaired: {', '.join(budget['skipped'])}"] if budget.get("skipped") else [])

@@ -136,6 +136,9 @@ def test_app_trains_unlearns_and_reports(train_unlearn):
     assert all(t["forget_acc"] <= 0.05 and 0.0 <= t["mia_auc"] <= 1.0 for t in twins.values())
     assert len({t["retain_acc"] for t in twins.values()}) > 1  # each twin is its own model
     assert res["targets"]["twins"] == len(twins) and isinstance(res["targets"]["twins_retain_ok"], bool)
+    worst_before = res["targets"]["twin_worst_model_before"]  # how far the trained models already were
+    before = next(m["before"]["retain_acc"] for m in res["affected_models"] if m["id"] == worst_before)
+    assert res["targets"]["twin_retain_gap_before"] == pytest.approx(twins[worst_before]["retain_acc"] - before)
     assert "backdoor_asr" not in final["before"]  # no backdoor asked for
     assert final["after"]["forget_acc"] <= final["before"]["forget_acc"]
     assert set(res["timing"]) >= {"train_s", "unlearn_s", "retrain_s"}
