@@ -29,7 +29,8 @@ data reached it; each affected model's retain-Fisher is taken at its own weights
 a federation keeps; its time is reported apart as ``cache s``, not in FIUn's time). For a class request the
 holders' forget-Fishers are in that cache too: the App's clients prepare one per class on the final global model
 right after training (``retain-fisher=prepared``); a client request computes its forget-Fishers in FIUn's time.
-Fishers cover every layer, batch estimator, at most ``--fisher-samples`` samples per forget-Fisher and
+Fishers cover every layer, the App's estimator (``--fisher-estimator``; ``expected`` since 2026-12-06, ``batch``
+before), at most ``--fisher-samples`` samples per forget-Fisher and
 ``--retain-fisher-samples`` per retain-Fisher (the App's defaults). ``alpha="auto"``
 calibrates on training-side samples only (forget: the holders' samples; kept: the model's own data); the
 test split is only used to report.
@@ -109,7 +110,7 @@ from fl_unlearn.evaluate import (  # noqa: E402
     loss_threshold_mia_auc,
     poison_dataset,
 )
-from fl_unlearn.fisher import compute_fisher, select_parameters  # noqa: E402
+from fl_unlearn.fisher import ESTIMATORS, compute_fisher, select_parameters  # noqa: E402
 from fl_unlearn.fiun import FIUnConfig, dampen, unlearn_many  # noqa: E402
 from fl_unlearn.lineage import LineageGraph, TrainingData  # noqa: E402
 from fl_unlearn.mfim import merge_fishers  # noqa: E402
@@ -145,8 +146,10 @@ class Setup:
     poisoned_client: int = 0
     poison_fraction: float = 0.5
     backdoor_target: int = 7
-    fisher_samples: int = 2048
-    retain_fisher_samples: int = 0
+    # the App's fisher-samples, retain-fisher-samples and fisher-estimator
+    fisher_samples: int = int(DEFAULTS["fisher-samples"])
+    retain_fisher_samples: int = int(DEFAULTS["retain-fisher-samples"])
+    fisher_estimator: str = str(DEFAULTS["fisher-estimator"])
     calibration_forget: int = 64
     calibration_retain: int = 32
     check_samples: int = 32
@@ -366,7 +369,8 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
 
 def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str], cap: int):
     loader = make_loader(ds, net.setup.batch_size, shuffle=True, seed=net.setup.seed)  # capped: sample every client
-    return compute_fisher(net.model_with(weights), loader, params, estimator="batch", max_samples=cap or None)
+    return compute_fisher(net.model_with(weights), loader, params, estimator=net.setup.fisher_estimator,
+                          max_samples=cap or None)
 
 
 def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
@@ -783,6 +787,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int)
     parser.add_argument("--forget-class", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--fisher-estimator", choices=ESTIMATORS, help="the Fishers' estimator (the App's default)")
     parser.add_argument("--alphas-per-octave", type=int, help="alpha=auto's grid: alphas per factor of 2 (App: 2)")
     parser.add_argument("--lams", type=lambda t: tuple(float(v) for v in t.split(",")),
                         help="alpha=auto's grid: comma list of lambdas (App: 1,0)")

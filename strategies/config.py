@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_unlearn.errors import ConfigError
+from fl_unlearn.fisher import ESTIMATORS
 
 #: Run-config keys and their defaults (flat scalars; lists as comma strings).
 DEFAULTS: dict[str, bool | int | float | str] = {
@@ -80,10 +81,10 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "ascent-loss-ceiling": 5.0,
     "fiun-lambda": 1.0,
     "fisher-layers": "all",
-    "fisher-estimator": "batch",
-    "fisher-samples": 2048,
+    "fisher-estimator": "expected",
+    "fisher-samples": 512,
     "retain-fisher": "prepared",
-    "retain-fisher-samples": 0,
+    "retain-fisher-samples": 1024,
     "mfim-mode": "weighted_mean",
     "derive": "none",
     "derive-depth": 1,
@@ -281,6 +282,8 @@ class AppConfig:
         if self.calibration_forget_samples < 1 or self.calibration_retain_samples < 0:
             raise ConfigError("calibration-forget-samples must be >= 1 and calibration-retain-samples >= 0, got "
                               f"{self.calibration_forget_samples} and {self.calibration_retain_samples}")
+        if self.fisher_estimator not in ESTIMATORS:  # else the clients would fail one by one, mid-request
+            raise ConfigError(f"fisher-estimator must be one of {', '.join(ESTIMATORS)}, got {self.fisher_estimator!r}")
         if self.fisher_samples < 0 or self.retain_fisher_samples < 0:
             raise ConfigError(f"fisher-samples and retain-fisher-samples must be >= 0 (0: all), got "
                               f"{self.fisher_samples} and {self.retain_fisher_samples}")

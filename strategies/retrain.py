@@ -51,9 +51,12 @@ class RetrainStrategy(DelegatingStrategy):
         return set(self.request.clients) if self.request.kind == "client" else set()
 
     def _extra_train_config(self, server_round: int) -> dict[str, Any]:
+        # No Fisher: the retrained models are compared, never unlearned (a client asked for none would otherwise
+        # accumulate one, or with a non-batch estimator make a whole Fisher pass every round, inside retrain_s)
+        extra: dict[str, Any] = {R.ACCUMULATE: False}
         if self.request.kind == "classes":
-            return {R.EXCLUDE_CLASSES: list(self.request.classes)}
-        return {}
+            extra[R.EXCLUDE_CLASSES] = list(self.request.classes)
+        return extra
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

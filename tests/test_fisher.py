@@ -1,4 +1,4 @@
-"""Tests for fl_unlearn.fisher: parameter selection, the two estimators, the accumulator, the checks."""
+"""Tests for fl_unlearn.fisher: parameter selection, the three estimators, the accumulator, the checks."""
 
 from __future__ import annotations
 
@@ -65,6 +65,23 @@ def brute_per_sample(model: nn.Module, batches, names) -> dict[str, torch.Tensor
     single = [(x[i : i + 1], y[i : i + 1]) for x, y in batches for i in range(len(y))]
     fisher = brute_batch(model, single, names)
     return fisher
+
+
+def brute_expected(model: nn.Module, batches, names) -> dict[str, torch.Tensor]:
+    """Mean over samples of ``sum_c p_c (grad log p_c)^2``, one backward per sample and class."""
+    model = copy.deepcopy(model).eval()
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros_like(params[n]) for n in names}
+    count = 0
+    for x, _ in batches:
+        for i in range(len(x)):
+            log_probs = F.log_softmax(model(x[i : i + 1]), dim=1)[0]
+            for c in range(len(log_probs)):
+                grads = torch.autograd.grad(log_probs[c], [params[n] for n in names], retain_graph=True)
+                for n, g in zip(names, grads):
+                    sums[n] += log_probs[c].exp().detach() * g**2
+            count += 1
+    return {n: s / count for n, s in sums.items()}
 
 
 def assert_close(actual: dict, expected: dict) -> None:
@@ -152,7 +169,34 @@ def test_per_sample_equals_batch_estimator_with_batch_size_one() -> None:
                  compute_fisher(model, batches, names, estimator="batch"))
 
 
-@pytest.mark.parametrize("estimator", ["batch", "per_sample"])
+@pytest.mark.parametrize("factory", [mlp, cnn, bn_cnn])
+@pytest.mark.parametrize("jacobian_fits", [True, False])
+def test_expected_estimator_equals_loop_over_samples_and_classes(factory, jacobian_fits: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import fl_unlearn.fisher as fisher_module
+
+    if not jacobian_fits:  # the one-class-at-a-time path that large models take
+        monkeypatch.setattr(fisher_module, "_VMAP_ELEMENTS", 16)
+    model = factory()
+    batches = batches_for(model, [3, 5])
+    names = select_parameters(model, "all")
+    fisher = compute_fisher(model, batches, names, estimator="expected")
+    assert_close(fisher, brute_expected(model, batches, names))
+    assert fisher.info.estimator == "expected" and fisher.info.num_samples == 8
+
+
+def test_expected_estimator_ignores_labels_and_differs_from_the_empirical_one() -> None:
+    model = cnn()
+    batches = batches_for(model, [6])
+    relabelled = [(x, (y + 1) % 4) for x, y in batches]
+    names = select_parameters(model, "all")
+    expected = compute_fisher(model, batches, names, estimator="expected")
+    assert_close(compute_fisher(model, relabelled, names, estimator="expected"), expected)
+    empirical = compute_fisher(model, batches, names, estimator="per_sample")
+    assert not torch.allclose(expected["3.weight"], empirical["3.weight"])
+
+
+@pytest.mark.parametrize("estimator", ["batch", "per_sample", "expected"])
 def test_only_selected_parameters_fp32_nonnegative(estimator: str) -> None:
     model = cnn().double()
     batches = [(x.double(), y) for x, y in batches_for(model, [4, 4])]
@@ -163,7 +207,7 @@ def test_only_selected_parameters_fp32_nonnegative(estimator: str) -> None:
     assert (fisher["3.weight"] >= 0).all()
 
 
-@pytest.mark.parametrize("estimator", ["batch", "per_sample"])
+@pytest.mark.parametrize("estimator", ["batch", "per_sample", "expected"])
 def test_compute_fisher_leaves_model_untouched(estimator: str) -> None:
     model = bn_cnn()
     model.train()
@@ -319,6 +363,8 @@ def test_accumulator_rejects_frozen_and_per_sample_without_opacus() -> None:
         FisherAccumulator(model, ["0.weight"])
     with pytest.raises(ConfigError, match="GradSampleModule"):
         FisherAccumulator(model, ["2.weight"], estimator="per_sample")
+    with pytest.raises(ConfigError, match="expected.*compute_fisher"):
+        FisherAccumulator(model, ["2.weight"], estimator="expected")
     assert not hasattr(model, "_fl_unlearn_fisher_accumulator")
 
 
