@@ -506,7 +506,7 @@ def _strategy(store_dir: Path):
     graph = LineageGraph.open(store_dir / "lineage")
     return UnlearningStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1),
                               Store(store_dir), graph, num_nodes=NUM_CLIENTS, seed=7, num_classes=10,
-                              node_timeout=1.0)
+                              node_timeout=1.0, fisher_estimator="batch")  # faults, not Fishers: the quick one
 
 
 def _grid() -> FakeGrid:

@@ -50,6 +50,10 @@ BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 #: Small and fast: sklearn digits (8x8), 2 clients, 2 rounds, the small CNN.
 BASE = {"dataset": "digits", "num-clients": 2, "num-server-rounds": 2, "seed": 7, "retrain-baseline": False,
         "max-test-samples": 300, "mia-samples": 0}  # membership inference: on where a test reads it (a round trip)
+#: For the runs that train a federation of their own to test something other than the Fishers: the batch
+#: estimator. The default one (expected) costs each such run 3-4 s more on 2 cores. The shared runs (``trained``,
+#: ``train_unlearn``), the tests on their stores and the ``flwr run`` test keep the defaults.
+QUICK_FISHER = {"fisher_estimator": "batch"}
 
 
 @pytest.fixture(autouse=True)
@@ -441,7 +445,7 @@ def test_multi_root_request_merges_two_holders(tmp_path):
     single = {c: ps[0] for c, ps in sorted(owners.items()) if len(ps) == 1}
     (a, pa), (b, pb) = next(((x, y) for x in single.items() for y in single.items() if x[1] < y[1]))
     res = run_app(num_nodes=4, num_clients=4, partitioner="pathological", classes_per_partition=3,
-                  forget_classes=f"{a},{b}", out_dir=str(tmp_path), num_server_rounds=1)
+                  forget_classes=f"{a},{b}", out_dir=str(tmp_path), num_server_rounds=1, **QUICK_FISHER)
     assert sorted(res["holders"]) == sorted([str(pa), str(pb)])  # two roots' clients, merged with MFIM
     assert {m["owner"] for m in res["affected_models"] if m["kind"] == "local"} == {f"client:{pa}", f"client:{pb}"}
     assert res["final_global"]["after"]["forget_acc"] <= 0.05
@@ -449,7 +453,7 @@ def test_multi_root_request_merges_two_holders(tmp_path):
 
 def test_client_request_is_served_and_reported(tmp_path):
     res = run_app(request_kind="client", forget_clients="1", out_dir=str(tmp_path), num_server_rounds=1,
-                  retrain_baseline=True, erase_superseded=False)
+                  retrain_baseline=True, erase_superseded=False, **QUICK_FISHER)
     # the retain-Fisher: client 0's own whole-partition Fisher, prepared after training (client 1 is forgotten)
     from fl_unlearn.mfim import merge_fishers
 
@@ -565,7 +569,7 @@ def test_a_forgotten_clients_own_derived_models_are_unlearned_with_the_federatio
     # retain-Fisher. It dampens it with the federation's (sent in train.unlearn) instead of failing the request, and
     # is not asked to repair it (nothing to repair on). Found on the Deployment Engine: the request stayed incomplete.
     res = run_app(request_kind="client", forget_clients="1", out_dir=str(tmp_path), num_server_rounds=1,
-                  derive="finetune", derive_depth=1)
+                  derive="finetune", derive_depth=1, **QUICK_FISHER)
     state = res["request_state"]
     assert state["state"] == "verified" and state["missing"] == [] and state["failures"] == {}
     derived = {m["id"]: m for m in res["affected_models"] if m["kind"] == "derived"}
@@ -847,7 +851,7 @@ def test_dp_training_and_derived_chains_unlearn(tmp_path):
     # Opacus DP-SGD on the clients (per-sample gradients feed the Fisher accumulator), then incremental
     # derived chains that the clients unlearn themselves.
     res = run_app(out_dir=str(tmp_path), num_server_rounds=1, dp_noise_multiplier=0.5, dp_max_grad_norm=1.0,
-                  derive="incremental", derive_depth=2, retain_fisher="accumulated")
+                  derive="incremental", derive_depth=2, retain_fisher="accumulated", **QUICK_FISHER)
     derived = [m for m in res["affected_models"] if m["kind"] == "derived"]
     assert derived and all(m["version"] and m["after"]["retain_acc"] is not None for m in derived)
     graph = LineageGraph.load(Path(res["store_dir"]) / "lineage")
@@ -898,7 +902,7 @@ def wrapper_app(make_inner, out: dict, store_dir: Path, **wrapper_options) -> Se
 ], ids=["fedavg", "fedprox", "fedadam"])
 def test_wrapper_keeps_inner_strategy_working(make_inner, tmp_path):
     out: dict = {}
-    simulate(wrapper_app(make_inner, out, tmp_path / "store"), make_client_app({**BASE}))
+    simulate(wrapper_app(make_inner, out, tmp_path / "store", **QUICK_FISHER), make_client_app({**BASE}))
     inner = make_inner()
     assert all(c[R.PARENT_ID].startswith("global-r") for c in out["configs"])
     if isinstance(inner, FedProx):
@@ -952,7 +956,8 @@ def test_legacy_numpyclient_app_with_mod(tmp_path):
     spec = ClientSpec(model_fn=app_model, data_fn=app_partition, test_fn=app_test)
     client_app = ClientApp(client_fn=legacy_client_fn, mods=[with_run_config(BASE), unlearning_mod(spec)])
     out: dict = {}
-    simulate(wrapper_app(lambda: FedAvg(fraction_evaluate=0.0), out, tmp_path / "store", retain_fisher="accumulated"),
+    simulate(wrapper_app(lambda: FedAvg(fraction_evaluate=0.0), out, tmp_path / "store", retain_fisher="accumulated",
+                         **QUICK_FISHER),
              client_app)
     assert out["result"].train_metrics_clientapp[1]["legacy"] == 1.0  # trained by the legacy fit
     graph = out["graph"]
