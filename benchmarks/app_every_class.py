@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from strategies.report import twin_gaps_by_stage  # noqa: E402
+
 APP = ROOT / "simulations" / "cifar100_fedavg"
 SCRIPT = ROOT / "scripts" / "flwr_run.sh"
 
@@ -88,15 +92,15 @@ def row_of(cls: int, results: dict) -> dict:
 
 
 def twin_gaps(models: list[dict]) -> dict:
-    """Every affected model beside its retrained twin (the App's ``retrained`` per model): how many have one, how
-    many keep more than 5 points less after FIUn and as the request leaves them, and the worst gap of each."""
-    twins = [m for m in models if (m.get("retrained") or {}).get("retain_acc") is not None and m.get("after")]
-    out: dict = {"twins": len(twins)}
-    for label, stage in (("fiun", lambda m: m["after"]), ("left", lambda m: m.get("after_repair") or m["after"])):
-        gaps = {m["id"]: 100 * (m["retrained"]["retain_acc"] - stage(m)["retain_acc"]) for m in twins}
+    """Every affected model beside its retrained twin (``strategies.report.twin_gaps_by_stage``): how many have one,
+    how many keep more than 5 points less after FIUn and as the request leaves them, and the worst gap of each."""
+    by_stage = twin_gaps_by_stage(models)
+    stages = {"fiun": by_stage["after"], "left": by_stage.get("after_repair", by_stage["after"])}
+    out: dict = {"twins": len(stages["fiun"])}
+    for label, gaps in stages.items():
         worst = max(gaps, key=gaps.__getitem__, default=None)
-        out.update({f"twins_over_5_{label}": sum(g > 5.0 for g in gaps.values()), f"twin_worst_{label}": worst,
-                    f"twin_gap_{label}": gaps[worst] if worst else float("nan")})
+        out.update({f"twins_over_5_{label}": sum(100 * g > 5.0 for g in gaps.values()), f"twin_worst_{label}": worst,
+                    f"twin_gap_{label}": 100 * gaps[worst] if worst else float("nan")})
     return out
 
 

@@ -633,6 +633,9 @@ def score_alpha_grid(
     alpha selects a subset of the weights, so (as the per-model check also assumes) it keeps those samples too
     and cannot meet the target: the federation's choice is the one the full grid gives, for fewer forward
     passes (MNIST class 3: 16 of 42 candidates per client). Clients without forget samples score everything.
+
+    Candidates that zero a whole weight tensor (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`) are
+    :data:`UNSCORED`: they forget by breaking the model, and are never chosen.
     """
     grid = tuple(candidates) if candidates is not None else candidate_grid()
     retain, forget = scale_free(retain_fisher), scale_free(forget_fisher)
@@ -649,6 +652,11 @@ def score_alpha_grid(
             continue
         if lam not in sweeps:
             sweeps[lam] = AlphaSweep(weights, retain, forget, replace(base, lam=lam))
+        if sweeps[lam].zeroes_a_weight(alpha):  # never used (it forgets by breaking the model): not scored
+            f_correct.append(UNSCORED)
+            r_correct.append(UNSCORED)
+            r_loss.append(UNSCORED_LOSS)
+            continue
         f, r, loss = score_split(model, sweeps[lam].at(alpha), forget_set, retain_set)
         f_correct.append(f)
         r_correct.append(r)
@@ -881,8 +889,9 @@ def check_models(
     What a client holding data to forget runs for the other affected models of a class request: the choice was
     scored on the newest global model only, and an early model can keep a class at the same alpha. ``sequence``
     is :func:`check_sequence` of the federation's choice (mildest first); a model that already forgets at the
-    choice costs one forward pass. ``-1`` where no candidate forgets every sample. Fishers are made scale-free
-    here, as for the final dampening.
+    choice costs one forward pass. ``-1`` where no candidate forgets every sample. Candidates that zero a whole
+    weight tensor of the model (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`) are passed over. Fishers are
+    made scale-free here, as for the final dampening.
 
     Parameters
     ----------
@@ -913,6 +922,8 @@ def check_models(
         index, damped = -1, {}  # per lambda of the sequence: this model's dampened values, once
         for i, (alpha, lam) in enumerate(sequence):
             sweep = sweeps.of(m, lam)
+            if sweep.zeroes_a_weight(alpha):  # it would forget by breaking the model: never used
+                continue
             if lam not in damped:
                 damped[lam] = sweep.damped(weights)
             if forgets_all(model, sweep.at(weights, damped[lam], alpha), forget_set):
@@ -992,6 +1003,11 @@ def walk_models(
     same per-model choices. Where the monotony fails (lambda 1 forgets at an alpha where lambda 0 kept a sample),
     the model is reported at a smaller alpha, which was tried and forgets: a stronger dampening, never a milder
     one (``benchmarks/baselines.py``: one of 19 models, alpha 4 instead of 5.66).
+
+    A walk stops before an alpha that zeroes a whole weight tensor of the model
+    (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`): such a model forgets every class by predicting one.
+    On the App's MNIST class 9 the walk took ``local-r1-p3`` to alpha 0.5 at lambda 0, which zeroed its first
+    convolution: 12.6 % kept accuracy, and the repair could not revive it.
     """
     sweeps = _Sweeps("walk_models", models, retain_fisher, forget_fishers, base)
     model = model.eval()
@@ -1003,14 +1019,18 @@ def walk_models(
         for lam in sorted(starts):  # strongest (smallest) lambda first
             start = float(starts[lam])
             sweep, damped = sweeps.of(i, lam), None
+            floor = NONE_FORGETS  # the alphas above it that the walk tried kept a sample
             for alpha in sorted({float(a) for a in alphas if a <= start} | {start}, reverse=True):
                 if any(lo < alpha <= hi for lo, hi in keeps):
                     continue
+                if sweep.zeroes_a_weight(alpha):  # so does every smaller alpha: never used, not tried
+                    floor = alpha
+                    break
                 damped = sweep.damped(weights) if damped is None else damped
                 if forgets_all(model, sweep.at(weights, damped, alpha), forget_set):
-                    reports[i][lam] = alpha
+                    reports[i][lam] = floor = alpha
                     break
-            keeps.append((max(reports[i][lam], NONE_FORGETS), start))
+            keeps.append((floor, start))
     return reports
 
 
@@ -1074,13 +1094,14 @@ def first_forgetting(sequence: Sequence[tuple[float, float]], report: Mapping[fl
     return -1
 
 
-def per_model_candidate(sequence: Sequence[tuple[float, float]],
-                        reports: Sequence[int]) -> tuple[tuple[float, float], bool]:
+def per_model_candidate(sequence: Sequence[tuple[float, float]], reports: Sequence[int],
+                        fallback: int = -1) -> tuple[tuple[float, float], bool]:
     """One model's ``(alpha, lambda)`` from the holders' :func:`check_models` indices, and whether it forgets.
 
     The strongest of the holders' first forgetting candidates (each holder forgot everything there or earlier,
     so, dampening being monotone along the sequence, all of them do there), never milder than the choice
-    (``sequence[0]``). A holder that found none (-1) makes it the strongest candidate, ``met=False``.
+    (``sequence[0]``). A holder that found none (-1) makes it ``sequence[fallback]`` (the strongest candidate,
+    or :func:`strongest_usable`), ``met=False``.
 
     Examples
     --------
@@ -1091,8 +1112,18 @@ def per_model_candidate(sequence: Sequence[tuple[float, float]],
     ((4.0, 0.0), False)
     """
     if any(r < 0 for r in reports):
-        return tuple(sequence[-1]), False
+        return tuple(sequence[fallback]), False
     return tuple(sequence[max(reports, default=0)]), True
+
+
+def strongest_usable(sequence: Sequence[tuple[float, float]], weights: Weights, retain_fisher: Mapping[str, Tensor],
+                     forget_fisher: Mapping[str, Tensor], base: FIUnConfig = FIUnConfig()) -> int:
+    """The index of the strongest candidate of ``sequence`` that zeroes no whole weight tensor of a model with
+    these Fishers (scale-free here): where a model no candidate makes forget is dampened. 0 (the choice) if every
+    candidate zeroes one."""
+    sweeps = _Sweeps("strongest_usable", [weights], retain_fisher, [forget_fisher], base)
+    usable = [i for i, (alpha, lam) in enumerate(sequence) if not sweeps.of(0, lam).zeroes_a_weight(alpha)]
+    return usable[-1] if usable else 0
 
 
 def unlearn_with_candidates(

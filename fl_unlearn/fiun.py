@@ -301,6 +301,18 @@ class FisherSweep:
             self._selections[alpha] = selected
         return selected
 
+    def zeroes_a_weight(self, alpha: float, *, keep: bool = True) -> bool:
+        """Whether dampening at ``alpha`` sets every entry of some ``*weight`` tensor (more than one entry) to 0.
+
+        At lambda 0 that happens once ``alpha`` selects the whole tensor. The layer then passes nothing on, so the
+        model predicts (nearly) one class whatever the input: it forgets any class, trivially, and no repair revives
+        it (the layer's gradients are 0 too). The calibration never uses such a candidate. A smaller alpha selects
+        more, so it zeroes the tensor too. ``keep`` as in :meth:`selection`.
+        """
+        selected = self.selection(alpha, keep=keep)
+        return any(name.endswith("weight") and factors.numel() > 1 and bool((selected[name] & (factors == 0)).all())
+                   for name, (_, _, _, factors) in self._parts.items())
+
     def damped(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every covered tensor of ``weights`` multiplied by its factors (the values the selected weights take)."""
         return {name: (weights[name].to(factors.dtype) * factors).to(weights[name].dtype)
@@ -349,6 +361,10 @@ class AlphaSweep:
         """The weights dampened at ``alpha``: ``unlearn_many([weights], [F_D], F_f, cfg with alpha)``'s, bit for
         bit (new tensors; names the Fishers do not cover are copies)."""
         return self._fishers.at(self._weights, self._damped, alpha, keep=False)
+
+    def zeroes_a_weight(self, alpha: float) -> bool:
+        """:meth:`FisherSweep.zeroes_a_weight` of these Fishers."""
+        return self._fishers.zeroes_a_weight(alpha, keep=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,10 @@ at which each holder's model forgets
 (:func:`fl_unlearn.calibrate.first_forgetting`), and dampens each model at the mildest candidate at which every
 holder forgot all its samples, never milder than the federation's choice
 (:func:`fl_unlearn.calibrate.per_model_candidate`). Models that no candidate makes forget get their own
-forget-Fisher and a second check (``query.checkforget``, :func:`check_at_clients`, from the choice on). Client and
+forget-Fisher and a second check (``query.checkforget``, :func:`check_at_clients`, from the choice on), and, if
+still none does, the strongest candidate that zeroes no whole weight tensor of theirs: no check ever counts a
+candidate that zeroes one (it forgets by breaking the model; :meth:`fl_unlearn.fiun.FisherSweep.zeroes_a_weight`),
+and the grid leaves it unscored. Client and
 sample requests have a target relative to each model's own generalisation, which the clients cannot score per
 model in one pass: they keep the one choice.
 """
@@ -76,6 +79,7 @@ from fl_unlearn.calibrate import (
     first_forgetting,
     per_model_candidate,
     score_alpha_grid,
+    strongest_usable,
     walk_alphas,
     walk_models,
 )
@@ -298,7 +302,8 @@ def check_held_models(
     -------
     tuple
         Per model: its ``(alpha, lambda)``, the forget-Fisher to dampen it with, and ``"met"``, ``"own-fisher"``
-        or ``"not-met"`` (the strongest candidate with its own forget-Fisher, still keeping a sample).
+        or ``"not-met"`` (the strongest candidate that zeroes no whole weight tensor, with its own forget-Fisher,
+        still keeping a sample).
     """
     base, sequence = _chosen_sequence(config)
     found = check_models(model, weights, list(retains), [forget_fisher] * len(weights), forget_set, sequence,
@@ -310,6 +315,8 @@ def check_held_models(
         forgets[j] = own_fisher(weights[j])
         (found[j],) = check_models(model, [weights[j]], [retains[j]], [forgets[j]], forget_set, sequence, base=base)
         status[j] = "own-fisher" if found[j] >= 0 else "not-met"
+        if found[j] < 0:
+            found[j] = strongest_usable(sequence, weights[j], retains[j], forgets[j], base)
     return [tuple(sequence[i]) for i in found], forgets, status
 
 
@@ -462,7 +469,8 @@ def calibrate_at_clients(
         choice.holders = sorted(replied_holders)
         sequence = check_sequence(alpha, lam, settings.alphas, settings.lams)
         _set_per_model(choice, check, sequence,
-                       [[first_forgetting(sequence, walk[i]) for i in range(len(check))] for walk in walks])
+                       [[first_forgetting(sequence, walk[i]) for i in range(len(check))] for walk in walks],
+                       retain_fisher, base)
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
     return choice
@@ -536,19 +544,25 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
                 raise UnlearnError(f"query.checkforget: indices {values} for {len(check)} models and a sequence of "
                                    f"{len(sequence)} candidates")
             reports.append(values)
-    _set_per_model(choice, check, sequence, reports)
+    _set_per_model(choice, check, sequence, reports, retain_fisher, base)
 
 
 def _set_per_model(choice: CalibrationChoice, check: Sequence[tuple[str, Tensors, Tensors]],
-                   sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[int]]) -> None:
-    """Set ``choice.per_model`` / ``per_model_met`` from every holder's first forgetting index per model."""
-    for i, (node_id, _, _) in enumerate(check):
-        candidate, met = per_model_candidate(sequence, [r[i] for r in reports])
+                   sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[int]],
+                   retain_fisher: Tensors, base: FIUnConfig) -> None:
+    """Set ``choice.per_model`` / ``per_model_met`` from every holder's first forgetting index per model; a model
+    no candidate makes forget gets the strongest one that zeroes none of its weight tensors."""
+    for i, (node_id, weights, forget) in enumerate(check):
+        found = [r[i] for r in reports]
+        fallback = strongest_usable(sequence, weights, retain_fisher, forget, base) if min(found, default=0) < 0 \
+            else -1
+        candidate, met = per_model_candidate(sequence, found, fallback)
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
     unmet = sorted(node_id for node_id, _, _ in check if not choice.per_model_met[node_id])
     if unmet:  # dampening with this forget-Fisher cannot reach these models' class; say so, do not hide it
         log(WARNING, "unlearn: per-model check: no candidate forgot the class on %s at every holder; they get the "
-            "strongest one (alpha %g, lambda %g) and per_model_met = false", unmet, *sequence[-1])
+            "strongest one that zeroes no whole weight tensor (%s) and per_model_met = false", unmet,
+            ", ".join(f"{k}: alpha {choice.per_model[k][0]:g} lambda {choice.per_model[k][1]:g}" for k in unmet))
     stronger = {k: v for k, v in choice.per_model.items() if v != (choice.alpha, choice.lam)}
     log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger dampening%s", len(check),
         len(reports), len(stronger),

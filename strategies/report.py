@@ -55,23 +55,39 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _twin_targets(models: list[dict[str, Any]]) -> dict[str, Any]:
+def twin_gaps_by_stage(models: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Every affected model beside its retrained twin (``retrained``: the same round's model of the federation
-    retrained without the data; derived models have none): the worst kept-accuracy gap after unlearning, where the
-    App repaired some after the repair (the others as unlearned), and before unlearning (``_before``: how far the
-    trained models already were from their twins; a model trained without a hard class can be the better one)."""
-    stages = {"_before": lambda m: m.get("before"), "": lambda m: m.get("after")}
+    retrained without the data; derived models have none): per stage, per model id, the twin's kept accuracy minus
+    the model's (> 0: below the twin).
+
+    The stages: ``before`` unlearning (how far the trained models already were from their twins; a model trained
+    without a hard class can be the better one), ``after`` it, and, where the App repaired some model,
+    ``after_repair`` (the others as unlearned).
+    """
+    stages = {"before": lambda m: m.get("before"), "after": lambda m: m.get("after")}
     if any(m.get("after_repair") for m in models):
-        stages["_after_repair"] = lambda m: m.get("after_repair") or m.get("after")
-    out: dict[str, Any] = {}
+        stages["after_repair"] = lambda m: m.get("after_repair") or m.get("after")
+    out: dict[str, dict[str, float]] = {}
     for label, stage in stages.items():
-        gaps = {}  # > 0: below the twin
+        gaps = out.setdefault(label, {})
         for m in models:
             twin, own = (m.get("retrained") or {}).get("retain_acc"), (stage(m) or {}).get("retain_acc")
             if twin is not None and own is not None:
                 gaps[m["id"]] = twin - own
+    return out
+
+
+#: The suffix of each stage's keys in ``targets``.
+_STAGE_KEYS = {"before": "_before", "after": "", "after_repair": "_after_repair"}
+
+
+def _twin_targets(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst kept-accuracy gap to the twins per stage (:func:`twin_gaps_by_stage`), and whether it is within
+    ``RETAIN_GAP_MAX``."""
+    out: dict[str, Any] = {}
+    for stage, gaps in twin_gaps_by_stage(models).items():
         if gaps:
-            worst = max(gaps, key=gaps.__getitem__)
+            label, worst = _STAGE_KEYS[stage], max(gaps, key=gaps.__getitem__)
             out.update({f"twins{label}": len(gaps), f"twin_retain_gap{label}": gaps[worst],
                         f"twin_worst_model{label}": worst, f"twins_retain_ok{label}": gaps[worst] <= RETAIN_GAP_MAX})
     return out

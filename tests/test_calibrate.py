@@ -263,8 +263,10 @@ def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_
     walked = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid,
                               stop_when_kept=True)
     assert walked.scored() != full.scored()  # alpha 1e9 dampens nothing, so every walk stops before the end
+    # alpha 0 at lambda 0 zeroes the whole weight: never scored (test_the_checks_never_forget_by_zeroing_...)
+    assert [pair for pair, ok in zip(grid, full.scored()) if not ok] == [(0.0, 0.0)]
     for lam in (0.0, 1.0):
-        idx = [i for i, (_, v) in enumerate(grid) if v == lam]
+        idx = [i for i, (_, v) in enumerate(grid) if v == lam and full.scored()[i]]
         scored = [i for i in idx if walked.scored()[i]]
         assert scored == idx[:len(scored)] and scored  # a prefix, strongest first, never empty
         for i in scored:  # scored candidates are scored exactly as the full grid scores them
@@ -273,9 +275,9 @@ def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_
         assert all(full.forget_correct[i] == 0 for i in scored[:-1]) and full.forget_correct[scored[-1]] > 0
     # the choice is the full grid's whenever the milder alphas past a miss miss too (monotone here)
     assert choose_candidate(walked, 0.0) == choose_candidate(full, 0.0)
-    # a client without forget samples cannot walk: it scores everything
-    assert all(score_alpha_grid(model, weights, retain, forget, None, retain_set, candidates=grid,
-                                stop_when_kept=True).scored())
+    # a client without forget samples cannot walk: it scores everything (but the candidate that zeroes the weight)
+    assert score_alpha_grid(model, weights, retain, forget, None, retain_set, candidates=grid,
+                            stop_when_kept=True).scored() == full.scored()
 
 
 def test_walk_with_a_keep_budget_stops_past_the_budget_only():
@@ -446,6 +448,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     count_correct,
     count_correct_split,
     per_model_candidate,
+    strongest_usable,
     unlearn_with_candidates,
 )
 
@@ -577,6 +580,77 @@ def test_per_model_candidate_is_the_strongest_holder_report_never_milder_than_th
     assert per_model_candidate(seq, [0, 0]) == ((4.0, 1.0), True)
     assert per_model_candidate(seq, [2, 1]) == ((4.0, 0.0), True)
     assert per_model_candidate(seq, [1, -1]) == ((4.0, 0.0), False)
+    assert per_model_candidate(seq, [1, -1], fallback=1) == ((2.0, 1.0), False)  # strongest_usable's index
+
+
+# Two layers; x = [1, 0] of class 0 gives logits [1, 0.1]. With the first layer's weights zeroed the logits are the
+# second layer's bias [0, 0.1] for every input: class 1, whatever the input. The forget-Fisher covers only that
+# weight tensor (scale-free: 3 x the mean, the retain-Fisher 1 everywhere), so alphas < 3 select all of it.
+_LAYERED = {"0.weight": torch.eye(2), "0.bias": torch.zeros(2), "1.weight": torch.eye(2),
+            "1.bias": torch.tensor([0.0, 0.1])}
+_LAYERED_RETAIN = {k: torch.ones_like(v) for k, v in _LAYERED.items()}
+_LAYERED_FORGET = {k: torch.full_like(v, 5.0) if k == "0.weight" else torch.zeros_like(v) for k, v in _LAYERED.items()}
+_LAYERED_SET = (torch.tensor([[1.0, 0.0]] * 3), torch.zeros(3, dtype=torch.long))
+
+
+def _layered() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+
+
+def test_a_sweep_knows_when_a_candidate_zeroes_a_whole_weight_tensor():
+    from fl_unlearn.fiun import AlphaSweep, FisherSweep
+
+    retain, forget = scale_free(_LAYERED_RETAIN), scale_free(_LAYERED_FORGET)
+    at_zero = FisherSweep(retain, forget, FIUnConfig(lam=0.0), like=_LAYERED)
+    assert at_zero.zeroes_a_weight(2.0) and at_zero.zeroes_a_weight(0.5) and not at_zero.zeroes_a_weight(4.0)
+    assert not FisherSweep(retain, forget, FIUnConfig(lam=1.0), like=_LAYERED).zeroes_a_weight(2.0)  # scaled by 1/3
+    assert AlphaSweep(_LAYERED, retain, forget, FIUnConfig(lam=0.0)).zeroes_a_weight(2.0)
+    one_entry = {**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]])}
+    assert not FisherSweep(retain, scale_free(one_entry), FIUnConfig(lam=0.0), like=_LAYERED).zeroes_a_weight(0.1)
+    # and it is what it says: dampened there, the layer is 0 and the model predicts class 1 for everything
+    (w,), _ = unlearn_many([_LAYERED], [retain], forget, FIUnConfig(alpha=2.0, lam=0.0))
+    assert not w["0.weight"].any() and count_correct(_layered(), w, _LAYERED_SET) == 0
+    assert count_correct(_layered(), _LAYERED, _LAYERED_SET) == 3
+
+
+def test_the_checks_never_forget_by_zeroing_a_whole_weight_tensor():
+    alphas, lams = (1.0, 2.0, 4.0), (1.0, 0.0)
+    # the walk stops before alpha 2 at lambda 0 (where zeroing would "forget"); lambda 1 never forgets here
+    reports = walk_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [_LAYERED_FORGET], _LAYERED_SET,
+                          {0.0: 4.0, 1.0: 4.0}, alphas)
+    assert reports == [{0.0: NONE_FORGETS, 1.0: NONE_FORGETS}]
+    seq = check_sequence(4.0, 0.0, alphas, lams)
+    assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [_LAYERED_FORGET], _LAYERED_SET, seq) == [-1]
+    # a model no candidate makes forget gets the strongest one that zeroes nothing: the choice itself here
+    assert strongest_usable(seq, _LAYERED, _LAYERED_RETAIN, _LAYERED_FORGET) == 0
+    assert strongest_usable(check_sequence(4.0, 1.0, alphas, lams), _LAYERED, _LAYERED_RETAIN,
+                            _LAYERED_FORGET) == 3  # (1, 1): lambda 1 only scales the layer
+    # the federation's grid leaves such candidates unscored, so they are never chosen
+    grid = candidate_grid(alphas, lams)
+    counts = score_alpha_grid(_layered(), _LAYERED, _LAYERED_RETAIN, _LAYERED_FORGET, _LAYERED_SET, _LAYERED_SET,
+                              candidates=grid)
+    assert [pair for pair, ok in zip(grid, counts.scored()) if not ok] == [(1.0, 0.0), (2.0, 0.0)]
+
+
+def test_a_holder_never_dampens_its_models_by_zeroing_a_whole_weight_tensor():
+    from strategies import records as R
+    from strategies.calibration import check_held_models
+
+    config = {R.ALPHAS: [1.0, 2.0, 4.0], R.LAMS: [1.0, 0.0], "fiun-alpha": 4.0, "fiun-lam": 0.0}
+    candidates, forgets, status = check_held_models(
+        _layered(), [_LAYERED], [_LAYERED_RETAIN], _LAYERED_FORGET, _LAYERED_SET, config,
+        own_fisher=lambda w: _LAYERED_FORGET)
+    assert candidates == [(4.0, 0.0)] and status == ["not-met"]  # not (2, 0), which zeroes the first layer
+
+
+def test_the_server_gives_a_model_no_candidate_forgets_the_strongest_usable_one():
+    from strategies.calibration import CalibrationChoice, _set_per_model
+
+    seq = check_sequence(4.0, 0.0, (1.0, 2.0, 4.0), (1.0, 0.0))
+    choice = CalibrationChoice(4.0, 0.0, 0.03, True, GridCounts(((4.0, 0.0),), [0], [3], 3, 3), 0.0, 0.0)
+    _set_per_model(choice, [("m", _LAYERED, _LAYERED_FORGET), ("n", _LAYERED, _LAYERED_FORGET)], seq, [[-1, 1]],
+                   _LAYERED_RETAIN, FIUnConfig())
+    assert choice.per_model == {"m": (4.0, 0.0), "n": (2.0, 0.0)} and choice.per_model_met == {"m": False, "n": True}
 
 
 def test_unlearn_with_candidates_equals_unlearn_many_per_model():
