@@ -517,7 +517,7 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
             load_model(spec, context, weights[0]), weights, retain, forget_fisher,
             _sample_tensors(data, forget_rows, check_n, _seed(context, -3)), config,
             own_fisher=lambda w: fisher_of(load_model(spec, context, w), data, forget_rows, context, config,
-                                           seed=_seed(context, -2)))
+                                           seed=_seed(context, -2), cap_key=R.OWN_FISHER_SAMPLES))
         new_weights, stats = unlearn_with_candidates(weights, [scale_free(f) for f in retain],
                                                      [scale_free(f) for f in forgets], cfg, candidates)
         stats = [{**_as_plain(st), "alpha": a, "lam": v} for st, (a, v) in zip(stats, candidates)]

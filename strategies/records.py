@@ -139,6 +139,7 @@ RETAIN_LOSS = "retain-loss"  # query.calibrate reply: summed cross-entropy of th
 CALIBRATION_FORGET = "calibration-forget-samples"  # forget samples a client scores (cap)
 CALIBRATION_RETAIN = "calibration-retain-samples"  # kept samples a client scores (cap)
 CALIBRATION_CHECK = "calibration-check-samples"  # forget samples per client for the per-model check (cap)
+OWN_FISHER_SAMPLES = "own-fisher-samples"  # rows per holder for a model's own forget-Fisher (cap; after a failed check)
 CALIBRATION_STOP = "calibration-stop-when-kept"  # class requests: walk each lambda's alphas, stop at the first miss
 CALIBRATION_BUDGET = "calibration-keep-budget"  # ... that keeps more than this many forget samples
 CALIBRATION_WALK_EVERY = "calibration-walk-every-alpha"  # the per-model walk tries every grid alpha, not every other

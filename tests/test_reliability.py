@@ -695,9 +695,16 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
 
     grid.faults[(0, R.MSG_CALIBRATE)] = [nothing_forgets]  # the check inside calibration; the re-check is honest
     sent: list[str] = []
+    caps: list[int] = []  # the rows each query.fisher asks for, in order
+
+    def record(m) -> bool:
+        sent.append(m.metadata.message_type)
+        if m.metadata.message_type == R.MSG_FISHER:
+            caps.append(int(R.first_config(m)[R.FISHER_SAMPLES]))
+        return True
+
     send = grid.send_and_receive
-    grid.send_and_receive = lambda msgs, timeout=None: send(
-        [m for m in msgs if not sent.append(m.metadata.message_type)], timeout=timeout)
+    grid.send_and_receive = lambda msgs, timeout=None: send([m for m in msgs if record(m)], timeout=timeout)
     strategy = UnlearningStrategy(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
         LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10, node_timeout=1.0,
@@ -711,6 +718,9 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     # the first query.fisher goes to every client; then one per fallback model and holder; one calibration (with
     # the first check), and one re-check
     assert sent.count(R.MSG_FISHER) == NUM_CLIENTS + len(checked) * len(holders)
+    # a model's own forget-Fisher is taken on the calibration's forget samples, not on fisher-samples rows
+    assert caps[:NUM_CLIENTS] == [strategy.fisher_samples] * NUM_CLIENTS and strategy.fisher_samples > 32
+    assert caps[NUM_CLIENTS:] == [32] * (len(checked) * len(holders))
     assert sent.count(R.MSG_CALIBRATE) == NUM_CLIENTS and sent.count(R.MSG_CHECK) == len(holders)
     own = dict(zip(checked, merges[-len(checked):]))  # the fallback merges, one per model, in order
     for i, node_id in enumerate(outcome.server_models):
@@ -719,6 +729,25 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
             assert all(torch.equal(used[k], v) for k, v in scale_free(own[node_id]).items())
             given = cal["per_model"][node_id]
             assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
+
+
+def test_a_models_own_forget_fisher_is_capped_at_the_calibrations_forget_samples_at_the_holders_too(tmp_path):
+    # the holders check the models they hold in train.unlearn and take a failing one's own forget-Fisher there
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies import records as R
+    from strategies.calibration import ClientCalibration
+    from strategies.server import UnlearningStrategy, UnlearnOutcome
+
+    strategy = UnlearningStrategy(FedAvg(), Store(tmp_path / "store"), LineageGraph(), num_nodes=2, seed=7,
+                                  num_classes=10, client_calibration=ClientCalibration(forget_samples=48))
+    outcome = UnlearnOutcome(CLASS_REQUEST, [], [])
+    assert strategy._client_check_config(CLASS_REQUEST, outcome) == {}  # a fixed alpha: no check at the holders
+    outcome.scale_free = True
+    config = strategy._client_check_config(CLASS_REQUEST, outcome)
+    assert config[R.OWN_FISHER_SAMPLES] == 48 and config[R.CALIBRATION_CHECK] == 32
+    strategy.fisher_samples = 16  # never more rows than fisher-samples
+    assert strategy._client_check_config(CLASS_REQUEST, outcome)[R.OWN_FISHER_SAMPLES] == 16
 
 
 def _kept_loss_of_first_candidate(value):
