@@ -283,6 +283,7 @@ class FisherSweep:
         _check_config(cfg)
         self._parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._selections: dict[float, dict[str, Tensor]] = {}
+        self._zeroes: dict[float, bool] = {}  # zeroes_a_weight per alpha, with its selection (the models share it)
         for name in retain_fisher:
             device = like[name].device
             work = torch.float32 if device.type == "mps" else torch.float64
@@ -307,11 +308,17 @@ class FisherSweep:
         At lambda 0 that happens once ``alpha`` selects the whole tensor. The layer then passes nothing on, so the
         model predicts (nearly) one class whatever the input: it forgets any class, trivially, and no repair revives
         it (the layer's gradients are 0 too). The calibration never uses such a candidate. A smaller alpha selects
-        more, so it zeroes the tensor too. ``keep`` as in :meth:`selection`.
+        more, so it zeroes the tensor too. ``keep`` as in :meth:`selection` (kept, the answer is too: it depends on
+        the Fishers and alpha only, not on the model a walk is at).
         """
+        if alpha in self._zeroes:
+            return self._zeroes[alpha]
         selected = self.selection(alpha, keep=keep)
-        return any(name.endswith("weight") and factors.numel() > 1 and bool((selected[name] & (factors == 0)).all())
-                   for name, (_, _, _, factors) in self._parts.items())
+        zeroes = any(name.endswith("weight") and factors.numel() > 1 and bool((selected[name] & (factors == 0)).all())
+                     for name, (_, _, _, factors) in self._parts.items())
+        if keep:
+            self._zeroes[alpha] = zeroes
+        return zeroes
 
     def damped(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every covered tensor of ``weights`` multiplied by its factors (the values the selected weights take)."""
