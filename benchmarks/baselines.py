@@ -84,16 +84,12 @@ from fl_unlearn.calibrate import (  # noqa: E402
     choose_candidate,
     dampening_change,
     count_correct_split,
-    feasible_starts,
-    first_forgetting,
     grid_alphas,
     per_model_candidate,
     repair,
     scale_free,
     score_alpha_grid,
     unlearn_with_candidates,
-    walk_alphas,
-    walk_models,
 )
 from fl_unlearn.data import (  # noqa: E402
     DataConfig,
@@ -156,7 +152,6 @@ class Setup:
     # alpha=auto's grid: alphas 0.5..512, this many per factor of 2, times these lambdas (the App's defaults)
     alphas_per_octave: int = 2
     lams: tuple[float, ...] = DEFAULT_LAMS
-    walk_every_alpha: bool = False  # the per-model walk over every grid alpha (the App's calibration-walk-every-alpha)
     repair_stop: str = str(DEFAULTS["repair-stop"])  # fiun+repair: the App's repair-stop
     finetune_steps: int = 50
     finetune_lr: float = 0.05
@@ -380,9 +375,10 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
     it forgets, 32 it keeps; ``score_alpha_grid``; for a class each lambda's alphas strongest first, up to the
     first that keeps a forget sample); the summed counts choose one candidate (target 0 for a class, the
-    kept-sample accuracy before unlearning for a client). For a class, in the same pass, every holder walks the
-    other models from its feasible starts (``walk_models`` on 32 forget samples) and each model gets the mildest
-    candidate from the choice on that every holder forgot at (``first_forgetting``, ``per_model_candidate``); a
+    kept-sample accuracy before unlearning for a client). For a class, once the choice is known, every holder checks
+    the other models from it towards stronger candidates (``check_models`` on 32 of its forget samples, the App's
+    ``query.checkforget``) and each model gets the mildest candidate every holder forgot at
+    (``per_model_candidate``); a
     model none forgets gets its own forget-Fisher (``forgets`` is updated in place) and is checked again
     (``check_models``). Returns per target its ``(alpha, lambda)`` and whether it met the target, the target, and
     the models given their own forget-Fisher.
@@ -390,12 +386,11 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
     settings = ClientCalibration(forget_samples=s.calibration_forget, alphas=grid_alphas(s.alphas_per_octave),
-                                 lams=tuple(s.lams), walk_every_alpha=s.walk_every_alpha)
-    steps = walk_alphas(settings.alphas, every=settings.walk_every_alpha)
+                                 lams=tuple(s.lams))
     grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
-    total, before_kept, forget_sets, walks = None, 0, {}, {}
+    total, before_kept, forget_sets = None, 0, {}
     holders = sum(1 for k in range(s.clients) if len(ctx.forget.forgotten[k]))
     budget = settings.keep_budget(holders) if is_class else 0
     for k in range(s.clients):
@@ -408,10 +403,6 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         before_kept += count_correct_split(model, ctx.weights[newest], None, rset)[1]
         if fset is not None:
             forget_sets[k] = (fset[0][:s.check_samples], fset[1][:s.check_samples])
-            if is_class:  # each model with its own retain-Fisher (the App shares one; the walk is the same)
-                walks[k] = walk_models(model, [ctx.weights[ctx.targets[i]] for i in others],
-                                       [retain[i] for i in others], [forgets[i] for i in others],
-                                       forget_sets[k], feasible_starts(counts, budget), steps)
     target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
@@ -419,9 +410,11 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     own: list[int] = []
     if is_class and met:
         sequence = check_sequence(alpha, lam, settings.alphas, settings.lams)
+        # each model with its own retain-Fisher (the App shares one; the check is the same)
+        reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in others], [retain[i] for i in others],
+                                [forgets[i] for i in others], fset, sequence) for fset in forget_sets.values()]
         for j, i in enumerate(others):
-            candidates[i], mets[i] = per_model_candidate(sequence, [first_forgetting(sequence, w[j])
-                                                                    for w in walks.values()])
+            candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
         # itself, merged, and checked again (strategies.server._own_forget_fishers, query.checkforget)
         own = [i for i, ok in enumerate(mets) if not ok]
@@ -791,8 +784,6 @@ def main() -> None:
     parser.add_argument("--alphas-per-octave", type=int, help="alpha=auto's grid: alphas per factor of 2 (App: 2)")
     parser.add_argument("--lams", type=lambda t: tuple(float(v) for v in t.split(",")),
                         help="alpha=auto's grid: comma list of lambdas (App: 1,0)")
-    parser.add_argument("--walk-every-alpha", action="store_true",
-                        help="alpha=auto's per-model walk over every grid alpha (App: calibration-walk-every-alpha)")
     parser.add_argument("--model-oracle", action="store_true",
                         help="class request: per affected model, the best grid candidate forgetting to <= 5 %% held "
                              "out (a bound read from the test split; ~1 min more on MNIST)")

@@ -519,7 +519,7 @@ DEFAULT_LAMS: tuple[float, ...] = (1.0, 0.0)
 #: too coarse (MNIST, class 5: alpha 2 at lambda 0 forgot it and kept 92.8 % held out, alpha 4 forgot nothing;
 #: alpha 2.83 forgets it and keeps 98.3 %). Each candidate costs the clients forward passes, but they walk each
 #: lambda only up to the first alpha that keeps too much: 7-16 candidates scored per client instead of 5-9, +0.015
-#: to 0.035 s per client on the small CNN, and the per-model walk starts closer to where it stops.
+#: to 0.035 s per client on the small CNN.
 GRID_ALPHAS: tuple[float, ...] = DEFAULT_ALPHAS
 
 
@@ -889,8 +889,9 @@ def check_models(
     What a client holding data to forget runs for the other affected models of a class request: the choice was
     scored on the newest global model only, and an early model can keep a class at the same alpha. ``sequence``
     is :func:`check_sequence` of the federation's choice (mildest first); a model that already forgets at the
-    choice costs one forward pass. ``-1`` where no candidate forgets every sample. Candidates that zero a whole
-    weight tensor of the model (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`) are passed over. Fishers are
+    choice costs one forward pass. ``-1`` where no candidate forgets every sample. Candidates that zero more than
+    half of a weight tensor of the model (:meth:`~fl_unlearn.fiun.FisherSweep.breaks_a_weight`) are passed over.
+    Fishers are
     made scale-free here, as for the final dampening.
 
     Parameters
@@ -922,7 +923,7 @@ def check_models(
         index, damped = -1, {}  # per lambda of the sequence: this model's dampened values, once
         for i, (alpha, lam) in enumerate(sequence):
             sweep = sweeps.of(m, lam)
-            if sweep.zeroes_a_weight(alpha):  # it would forget by breaking the model: never used
+            if sweep.breaks_a_weight(alpha):  # it would forget by breaking the model: never used
                 continue
             if lam not in damped:
                 damped[lam] = sweep.damped(weights)
@@ -933,109 +934,8 @@ def check_models(
     return found
 
 
-def walk_alphas(alphas: Sequence[float], every: bool = False) -> list[float]:
-    """The alphas a holder's :func:`walk_models` steps through: every other alpha of the grid, from the smallest
-    (factors of 2 on :data:`GRID_ALPHAS`), or all of them with ``every`` (``calibration-walk-every-alpha``). With
-    every other one a model walks half the steps and may get an alpha one grid step stronger than it needs (the
-    walk's start is always tried): with every sqrt(2) step, the walk over 14 models made MNIST class 4's slowest
-    client 0.66 s and the App's unlearning 8.3 % of retraining.
-
-    Examples
-    --------
-    >>> walk_alphas((0.5, 0.7071, 1.0, 1.4142, 2.0))
-    [0.5, 1.0, 2.0]
-    >>> walk_alphas((1.0, 0.5, 0.7071), every=True)
-    [0.5, 0.7071, 1.0]
-    """
-    steps = sorted({float(a) for a in alphas})
-    return steps if every else steps[::2]
-
-
-#: :func:`walk_models` report for a lambda the holder did not walk (no candidate there forgot all its samples).
-NOT_WALKED = -2.0
-#: :func:`walk_models` report where the model kept a sample down to the smallest alpha.
-NONE_FORGETS = -1.0
-
-
-def feasible_starts(counts: GridCounts, keep_budget: int = 0) -> dict[float, float]:
-    """Per lambda: the mildest alpha at which one client's calibration kept at most ``keep_budget`` of the forget
-    samples it scored (the federation's budget, :func:`score_alpha_grid`).
-
-    The federation's choice for a class keeps at most that many at every holder, so at its lambda its alpha is
-    at most this one: where the holder starts :func:`walk_models`. Lambdas without such an alpha are absent.
-
-    Examples
-    --------
-    >>> feasible_starts(GridCounts(((1.0, 0.0), (2.0, 0.0), (1.0, 1.0)), [0, 0, 3], [9, 9, 9], 5, 10))
-    {0.0: 2.0}
-    """
-    starts: dict[float, float] = {}
-    for (alpha, lam), f, r in zip(counts.candidates, counts.forget_correct, counts.retain_correct):
-        if f != UNSCORED and f <= keep_budget and r != UNSCORED:
-            starts[lam] = max(alpha, starts.get(lam, alpha))
-    return starts
-
-
-def walk_models(
-    model: torch.nn.Module,
-    models: Sequence[Weights],
-    retain_fisher: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
-    forget_fishers: Sequence[Mapping[str, Tensor]],
-    forget_set: tuple[Tensor, Tensor],
-    starts: Mapping[float, float],
-    alphas: Sequence[float],
-    *,
-    base: FIUnConfig = FIUnConfig(),
-) -> list[dict[float, float]]:
-    """Per model and per lambda of ``starts``: the mildest alpha, walking down from the start, at which the
-    model forgets every sample of ``forget_set`` (:data:`NONE_FORGETS` where none does).
-
-    The per-model check in the same round trip as the calibration: the holder does not know the federation's
-    choice yet, only that it is at most ``starts[lam]`` (:func:`feasible_starts`), so it walks from there; a
-    model that forgets at the start costs one forward pass per lambda. :func:`first_forgetting` then answers,
-    for the choice, what :func:`check_models` would have. ``retain_fisher`` is one Fisher for every model (the
-    App's) or one per model; Fishers are made scale-free here.
-
-    Lambdas are walked strongest (smallest) first, and a milder lambda's walk steps over the alphas at which a
-    stronger one found the model keeping a sample: at the same alpha it selects the same weights and shrinks
-    them less, so it keeps the sample too (the monotony :func:`check_sequence` orders its candidates by). On the
-    App's MNIST class 4 (14 models, two lambdas) that is 58-62 forward passes per holder instead of 80, for the
-    same per-model choices. Where the monotony fails (lambda 1 forgets at an alpha where lambda 0 kept a sample),
-    the model is reported at a smaller alpha, which was tried and forgets: a stronger dampening, never a milder
-    one (``benchmarks/baselines.py``: one of 19 models, alpha 4 instead of 5.66).
-
-    A walk stops before an alpha that zeroes a whole weight tensor of the model
-    (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`): such a model forgets every class by predicting one.
-    On the App's MNIST class 9 the walk took ``local-r1-p3`` to alpha 0.5 at lambda 0, which zeroed its first
-    convolution: 12.6 % kept accuracy, and the repair could not revive it.
-    """
-    sweeps = _Sweeps("walk_models", models, retain_fisher, forget_fishers, base)
-    model = model.eval()
-    reports: list[dict[float, float]] = [dict.fromkeys(starts, NONE_FORGETS) for _ in models]
-    for i, weights in enumerate(models):
-        # The alphas a stronger lambda's walk found keeping a sample, as (lo, hi] ranges: a milder lambda keeps
-        # it there too (it shrinks the same selected weights less), so its walk steps over them.
-        keeps: list[tuple[float, float]] = []
-        for lam in sorted(starts):  # strongest (smallest) lambda first
-            start = float(starts[lam])
-            sweep, damped = sweeps.of(i, lam), None
-            floor = NONE_FORGETS  # the alphas above it that the walk tried kept a sample
-            for alpha in sorted({float(a) for a in alphas if a <= start} | {start}, reverse=True):
-                if any(lo < alpha <= hi for lo, hi in keeps):
-                    continue
-                if sweep.zeroes_a_weight(alpha):  # so does every smaller alpha: never used, not tried
-                    floor = alpha
-                    break
-                damped = sweep.damped(weights) if damped is None else damped
-                if forgets_all(model, sweep.at(weights, damped, alpha), forget_set):
-                    reports[i][lam] = floor = alpha
-                    break
-            keeps.append((floor, start))
-    return reports
-
-
 class _Sweeps:
-    """The walks' and checks' dampening: per model, its scale-free Fishers validated as
+    """The checks' dampening: per model, its scale-free Fishers validated as
     :func:`~fl_unlearn.fiun.unlearn_many` would (:func:`~fl_unlearn.fiun.check_many`), and one
     :class:`~fl_unlearn.fiun.FisherSweep` per distinct Fisher pair and lambda, shared by the models that use the
     pair (the App's 14 check models share one retain-Fisher and a few forget-Fishers): the factors and each
@@ -1072,28 +972,6 @@ def _scale_free_per_model(what: str, n: int, retain_fisher: Mapping[str, Tensor]
             [normalised.setdefault(id(f), scale_free(f)) for f in forget_fishers])
 
 
-def first_forgetting(sequence: Sequence[tuple[float, float]], report: Mapping[float, float]) -> int:
-    """The index into ``sequence`` (:func:`check_sequence`) at which a holder's :func:`walk_models` report says
-    the model first forgets, or -1.
-
-    ``(alpha, lam)`` forgets when the walk at ``lam`` found a forgetting alpha at least as large: the walk tried
-    every alpha from its start down to that one, and a smaller alpha selects more weights (forgetting is
-    monotone in alpha, as :func:`per_model_candidate` assumes). Alphas above the start were not tried and count
-    as not forgetting.
-
-    Examples
-    --------
-    >>> seq = check_sequence(4.0, 1.0, (1.0, 2.0, 4.0), (1.0, 0.0))
-    >>> first_forgetting(seq, {1.0: 2.0, 0.0: 4.0}), first_forgetting(seq, {1.0: -1.0, 0.0: 1.0})
-    (1, 5)
-    """
-    for i, (alpha, lam) in enumerate(sequence):
-        found = report.get(lam, NOT_WALKED)
-        if found >= 0 and alpha <= found:
-            return i
-    return -1
-
-
 def per_model_candidate(sequence: Sequence[tuple[float, float]], reports: Sequence[int],
                         fallback: int = -1) -> tuple[tuple[float, float], bool]:
     """One model's ``(alpha, lambda)`` from the holders' :func:`check_models` indices, and whether it forgets.
@@ -1118,11 +996,11 @@ def per_model_candidate(sequence: Sequence[tuple[float, float]], reports: Sequen
 
 def strongest_usable(sequence: Sequence[tuple[float, float]], weights: Weights, retain_fisher: Mapping[str, Tensor],
                      forget_fisher: Mapping[str, Tensor], base: FIUnConfig = FIUnConfig()) -> int:
-    """The index of the strongest candidate of ``sequence`` that zeroes no whole weight tensor of a model with
-    these Fishers (scale-free here): where a model no candidate makes forget is dampened. 0 (the choice) if every
-    candidate zeroes one."""
+    """The index of the strongest candidate of ``sequence`` that zeroes no more than half of any weight tensor of a
+    model with these Fishers (scale-free here; :meth:`~fl_unlearn.fiun.FisherSweep.breaks_a_weight`): where a model
+    no candidate makes forget is dampened. 0 (the choice) if every candidate breaks one."""
     sweeps = _Sweeps("strongest_usable", [weights], retain_fisher, [forget_fisher], base)
-    usable = [i for i, (alpha, lam) in enumerate(sequence) if not sweeps.of(0, lam).zeroes_a_weight(alpha)]
+    usable = [i for i, (alpha, lam) in enumerate(sequence) if not sweeps.of(0, lam).breaks_a_weight(alpha)]
     return usable[-1] if usable else 0
 
 

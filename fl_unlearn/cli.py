@@ -186,7 +186,6 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.calibration_kept_tolerance": ("calibration-kept-tolerance", _float),
     "unlearning.calibration_alphas_per_octave": ("calibration-alphas-per-octave", _int),
     "unlearning.calibration_lambdas": ("calibration-lambdas", _float_list),
-    "unlearning.calibration_walk_every_alpha": ("calibration-walk-every-alpha", _bool),
     "unlearning.fisher_layers": ("fisher-layers", _text),
     "unlearning.fisher_estimator": ("fisher-estimator", _text),
     "unlearning.fisher_samples": ("fisher-samples", _int),

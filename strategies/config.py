@@ -64,7 +64,6 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "calibration-kept-tolerance": 0.01,
     "calibration-alphas-per-octave": 2,
     "calibration-lambdas": "1,0",
-    "calibration-walk-every-alpha": False,
     "repair": "auto",
     "repair-scope": "all",
     "repair-stop": "stall",
@@ -196,7 +195,6 @@ class AppConfig:
     calibration_kept_tolerance: float
     calibration_alphas_per_octave: int
     calibration_lambdas: tuple[float, ...]
-    calibration_walk_every_alpha: bool
     repair: str
     repair_scope: str
     repair_stop: str

@@ -103,8 +103,7 @@ def client_calibration(cfg: AppConfig) -> ClientCalibration | None:
                              forget_tolerance=cfg.calibration_forget_tolerance,
                              kept_tolerance=cfg.calibration_kept_tolerance,
                              alphas=grid_alphas(cfg.calibration_alphas_per_octave),
-                             lams=tuple(cfg.calibration_lambdas),
-                             walk_every_alpha=cfg.calibration_walk_every_alpha)
+                             lams=tuple(cfg.calibration_lambdas))
 
 
 class Evaluator:

@@ -142,13 +142,11 @@ CALIBRATION_CHECK = "calibration-check-samples"  # forget samples per client for
 OWN_FISHER_SAMPLES = "own-fisher-samples"  # rows per holder for a model's own forget-Fisher (cap; after a failed check)
 CALIBRATION_STOP = "calibration-stop-when-kept"  # class requests: walk each lambda's alphas, stop at the first miss
 CALIBRATION_BUDGET = "calibration-keep-budget"  # ... that keeps more than this many forget samples
-CALIBRATION_WALK_EVERY = "calibration-walk-every-alpha"  # the per-model walk tries every grid alpha, not every other
 CHECK_MODEL_PREFIX = "check-model-"  # query.checkforget: the other affected models, check-model-0, ...
 CHECK_FISHER_PREFIX = "check-fisher-"  # query.checkforget: their distinct forget-Fishers, check-fisher-0, ...
 CHECK_FISHER_OF = "check-fisher-of"  # query.checkforget: per check model, the index of its forget-Fisher
 CHECK_INDEX = "check-index"  # query.checkforget reply: per model, the first candidate that forgets (-1: none)
 CHECK = "check"  # train.unlearn reply, per model: met | own-fisher | not-met (the holder's own per-model check)
-CHECK_WALK = "check-walk"  # query.calibrate reply: per check model and lambda, the mildest alpha that forgets
 SCALE_FREE = "scale-free"  # train.unlearn: alpha applies to mean-normalised Fishers (alpha="auto")
 AFTER = "after-"
 # SISA (strategies.sisa_server / sisa_client): the layout, the round, and what a client reports

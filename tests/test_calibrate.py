@@ -183,14 +183,6 @@ def test_choose_candidate_with_a_kept_margin_takes_the_least_change_among_near_t
         choose_candidate(counts, 0.0, kept_margin=-1, change=measure)
 
 
-def test_walk_alphas_are_every_other_grid_alpha_from_the_smallest():
-    from fl_unlearn.calibrate import GRID_ALPHAS, walk_alphas
-
-    assert walk_alphas(GRID_ALPHAS) == [2.0 ** k for k in range(-1, 10)]  # factors of 2 on the sqrt(2) grid
-    assert walk_alphas([4.0, 1.0, 2.0, 1.0]) == [1.0, 4.0]  # unordered, repeated (a grid's alpha column)
-    assert walk_alphas([4.0, 1.0, 2.0, 1.0], every=True) == [1.0, 2.0, 4.0]  # calibration-walk-every-alpha
-
-
 def test_dampening_change_grows_with_the_dampening_and_ignores_fisher_scale():
     _, weights, retain, forget = _linear_with_fishers()
     change = dampening_change(weights, retain, forget)
@@ -301,11 +293,6 @@ def test_walk_with_a_keep_budget_stops_past_the_budget_only():
     # the budget's target: the best kept accuracy among candidates keeping at most that share
     target = budget / full.forget_num
     assert choose_candidate(walked, target) == choose_candidate(full, target)
-    assert feasible_starts(walked, budget) == {lam: max(a for (a, v), f in zip(grid, walked.forget_correct)
-                                                        if v == lam and f != UNSCORED and f <= budget)
-                                               for lam in (0.0, 1.0)
-                                               if any(v == lam and f != UNSCORED and f <= budget
-                                                      for (_, v), f in zip(grid, walked.forget_correct))}
 
 
 def test_unscored_candidates_stay_unscored_in_sums_and_are_never_chosen():
@@ -438,13 +425,8 @@ def test_repair_with_the_forget_guard_pushes_the_forget_label_down_and_validates
 # --- every affected model forgets: the per-model check of a class request -------------------------------------
 
 from fl_unlearn.calibrate import (  # noqa: E402
-    NONE_FORGETS,
-    NOT_WALKED,
     check_models,
     check_sequence,
-    feasible_starts,
-    first_forgetting,
-    walk_models,
     count_correct,
     count_correct_split,
     per_model_candidate,
@@ -497,56 +479,6 @@ def test_check_models_finds_the_first_candidate_that_forgets_and_reports_none_ho
         check_models(_Tiny(), [forgettable], _RETAIN, [], _FORGET_SET, seq)
 
 
-def test_walk_from_the_feasible_start_answers_for_any_choice_what_the_check_would():
-    forgettable, stubborn = _tiny(0.0), _tiny(0.6)
-    forgettable["fc.weight"][0, 0] = 4.0  # forgets only at lambda 0 with alpha < 6 (see the test above)
-    alphas = (1.0, 2.0, 4.0, 8.0, 16.0)
-    starts = {1.0: 16.0, 0.0: 8.0}
-    models = [forgettable, stubborn]
-    reports = walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, starts, alphas)
-    assert reports == [{1.0: NONE_FORGETS, 0.0: 4.0}, {1.0: NONE_FORGETS, 0.0: NONE_FORGETS}]
-    for alpha, lam in candidate_grid(alphas, (1.0, 0.0)):
-        if alpha > starts[lam]:
-            continue  # never the choice: this holder keeps a sample there
-        seq = check_sequence(alpha, lam, alphas, (1.0, 0.0))
-        expected = check_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, seq)
-        assert [first_forgetting(seq, r) for r in reports] == expected
-    # a lambda the holder did not walk, and alphas above its start, never count as forgetting
-    assert first_forgetting([(8.0, 1.0), (8.0, 0.0)], {0.0: 4.0}) == -1
-    assert first_forgetting([(4.0, 1.0)], {1.0: NOT_WALKED}) == -1
-    with pytest.raises(ConfigError):
-        walk_models(_Tiny(), models, _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)
-
-
-def test_a_milder_lambda_walk_steps_over_the_alphas_a_stronger_one_found_keeping(monkeypatch):
-    import fl_unlearn.calibrate as C
-
-    forgettable, stubborn = _tiny(0.0), _tiny(0.6)
-    forgettable["fc.weight"][0, 0] = 4.0  # forgets only at lambda 0 with alpha < 6
-    models, alphas, starts = [forgettable, stubborn], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
-    steps: list[tuple[int, float, float]] = []
-
-    class Counting(C.FisherSweep):
-        def __init__(self, retain, forget, cfg, **kw):
-            super().__init__(retain, forget, cfg, **kw)
-            self.lam = cfg.lam
-
-        def at(self, weights, damped, alpha, **kw):
-            steps.append((next(i for i, m in enumerate(models) if m is weights), alpha, self.lam))
-            return super().at(weights, damped, alpha, **kw)
-
-    monkeypatch.setattr(C, "FisherSweep", Counting)
-    reports = walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET], _FORGET_SET, starts, alphas)
-    assert reports == [{1.0: NONE_FORGETS, 0.0: 4.0}, {1.0: NONE_FORGETS, 0.0: NONE_FORGETS}]
-    # lambda 0 first: the forgettable model steps 8 (keeps) and 4 (forgets); at lambda 1, 16 is above the lambda-0
-    # start and 8 kept it at lambda 0, so it steps 16, then over 8 to 4, 2, 1
-    assert [s for s in steps if s[0] == 0] == [(0, 8.0, 0.0), (0, 4.0, 0.0), (0, 16.0, 1.0), (0, 4.0, 1.0),
-                                               (0, 2.0, 1.0), (0, 1.0, 1.0)]
-    # the stubborn one kept everything down to 1 at lambda 0: at lambda 1 only 16 is tried
-    assert [s for s in steps if s[0] == 1] == [(1, 8.0, 0.0), (1, 4.0, 0.0), (1, 2.0, 0.0), (1, 1.0, 0.0),
-                                               (1, 16.0, 1.0)]
-
-
 def test_a_holder_checks_the_models_it_holds_and_takes_their_own_fisher_where_none_forgets():
     from strategies import records as R
     from strategies.calibration import check_held_models
@@ -566,13 +498,6 @@ def test_a_holder_checks_the_models_it_holds_and_takes_their_own_fisher_where_no
     (w,), _ = unlearn_many([stubborn], [scale_free(_RETAIN)], scale_free(own),
                            FIUnConfig(alpha=candidates[1][0], lam=candidates[1][1]))
     assert count_correct(_Tiny(), w, _FORGET_SET) == 0
-
-
-def test_feasible_starts_are_the_mildest_scored_alphas_that_forget_everything():
-    counts = GridCounts(((1.0, 0.0), (4.0, 0.0), (8.0, 0.0), (1.0, 1.0), (4.0, 1.0)),
-                        [0, 0, 2, 1, UNSCORED], [5, 6, 7, 8, UNSCORED], 4, 8)
-    assert feasible_starts(counts) == {0.0: 4.0}
-    assert feasible_starts(counts, keep_budget=2) == {0.0: 8.0, 1.0: 1.0}
 
 
 def test_per_model_candidate_is_the_strongest_holder_report_never_milder_than_the_choice():
@@ -607,6 +532,16 @@ def test_a_sweep_knows_when_a_candidate_zeroes_a_whole_weight_tensor():
     assert AlphaSweep(_LAYERED, retain, forget, FIUnConfig(lam=0.0)).zeroes_a_weight(2.0)
     one_entry = {**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]])}
     assert not FisherSweep(retain, scale_free(one_entry), FIUnConfig(lam=0.0), like=_LAYERED).zeroes_a_weight(0.1)
+    # the checks' guard: more than half of a weight tensor zeroed breaks the model (ZEROED_SHARE); half does not
+    for selected, share in (([[5.0, 0.0], [0.0, 0.0]], 0.25), ([[5.0, 5.0], [0.0, 0.0]], 0.5),
+                            ([[5.0, 5.0], [5.0, 0.0]], 0.75), ([[5.0, 5.0], [5.0, 5.0]], 1.0)):
+        sweep = FisherSweep(retain, scale_free({**_LAYERED_FORGET, "0.weight": torch.tensor(selected)}),
+                            FIUnConfig(lam=0.0), like=_LAYERED)
+        assert sweep.zeroed_share(0.1) == share
+        assert sweep.breaks_a_weight(0.1) == (share > 0.5) and sweep.zeroes_a_weight(0.1) == (share == 1.0)
+    three = scale_free({**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 5.0], [5.0, 0.0]])})
+    seq = check_sequence(0.1, 0.0, (0.1,), (0.0,))  # one candidate, zeroing 3 of the layer's 4 weights
+    assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [three], _LAYERED_SET, seq) == [-1]
     # and it is what it says: dampened there, the layer is 0 and the model predicts class 1 for everything
     (w,), _ = unlearn_many([_LAYERED], [retain], forget, FIUnConfig(alpha=2.0, lam=0.0))
     assert not w["0.weight"].any() and count_correct(_layered(), w, _LAYERED_SET) == 0
@@ -615,10 +550,7 @@ def test_a_sweep_knows_when_a_candidate_zeroes_a_whole_weight_tensor():
 
 def test_the_checks_never_forget_by_zeroing_a_whole_weight_tensor():
     alphas, lams = (1.0, 2.0, 4.0), (1.0, 0.0)
-    # the walk stops before alpha 2 at lambda 0 (where zeroing would "forget"); lambda 1 never forgets here
-    reports = walk_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [_LAYERED_FORGET], _LAYERED_SET,
-                          {0.0: 4.0, 1.0: 4.0}, alphas)
-    assert reports == [{0.0: NONE_FORGETS, 1.0: NONE_FORGETS}]
+    # the check passes over alphas 2 and 1 at lambda 0 (where zeroing would "forget"); lambda 1 never forgets here
     seq = check_sequence(4.0, 0.0, alphas, lams)
     assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [_LAYERED_FORGET], _LAYERED_SET, seq) == [-1]
     # a model no candidate makes forget gets the strongest one that zeroes nothing: the choice itself here
@@ -678,37 +610,38 @@ def test_one_forward_pass_counts_what_two_do():
     assert count_correct_split(model, weights, None, r) == (0, count_correct(model, weights, r))
 
 
-def test_walk_of_many_models_reports_as_one_model_at_a_time_and_as_unlearn_many_dampens(monkeypatch):
+def test_check_of_many_models_reports_as_one_model_at_a_time_and_as_unlearn_many_dampens(monkeypatch):
     import fl_unlearn.calibrate as C
 
     forgettable, stubborn = _tiny(0.0), _tiny(0.6)
     forgettable["fc.weight"][0, 0] = 4.0
-    models, alphas, starts = [forgettable, stubborn, _tiny(0.0)], (1.0, 2.0, 4.0, 8.0, 16.0), {1.0: 16.0, 0.0: 8.0}
-    together = walk_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, starts, alphas)
-    alone = [walk_models(_Tiny(), [m], _RETAIN, [_FORGET], _FORGET_SET, starts, alphas)[0] for m in models]
-    assert together == alone
-    # one retain-Fisher per model (distinct dicts, not one shared) walks the same
+    models, alphas = [forgettable, stubborn, _tiny(0.0)], (1.0, 2.0, 4.0, 8.0, 16.0)
+    seq = check_sequence(16.0, 1.0, alphas, (1.0, 0.0))
+    together = check_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, seq)
+    alone = [check_models(_Tiny(), [m], _RETAIN, [_FORGET], _FORGET_SET, seq)[0] for m in models]
+    assert together == alone and len(set(together)) > 1
+    # one retain-Fisher per model (distinct dicts, not one shared) checks the same
     copies = [{k: v.clone() for k, v in _RETAIN.items()} for _ in models]
-    assert walk_models(_Tiny(), models, copies, [_FORGET] * 3, _FORGET_SET, starts, alphas) == together
+    assert check_models(_Tiny(), models, copies, [_FORGET] * 3, _FORGET_SET, seq) == together
     with pytest.raises(ConfigError, match="2 retain-Fishers"):
-        walk_models(_Tiny(), models, copies[:2], [_FORGET] * 3, _FORGET_SET, starts, alphas)
-    # every dampened model the walk scores is unlearn_many's at that (alpha, lambda), bit for bit
+        check_models(_Tiny(), models, copies[:2], [_FORGET] * 3, _FORGET_SET, seq)
+    # every dampened model the check scores is unlearn_many's at that (alpha, lambda), bit for bit
     seen = []
     real_forgets_all = C.forgets_all
     monkeypatch.setattr(C, "forgets_all", lambda model, w, data: seen.append(w) or real_forgets_all(model, w, data))
     torch.manual_seed(3)
     rich = [{k: v + 0.3 * torch.randn_like(v) for k, v in _tiny(0.0).items()} for _ in range(2)]
     forget = {k: torch.rand_like(v) * 6 for k, v in _FORGET.items()}
-    walk_models(_Tiny(), rich, _RETAIN, [forget] * 2, _FORGET_SET, starts, alphas)
+    check_models(_Tiny(), rich, _RETAIN, [forget] * 2, _FORGET_SET, seq)
     candidates = [unlearn_many([m], [scale_free(_RETAIN)], scale_free(forget), FIUnConfig(alpha=a, lam=v))[0][0]
-                  for m in rich for v in (0.0, 1.0) for a in (1.0, 2.0, 4.0, 8.0, 16.0)]
+                  for m in rich for v in (0.0, 1.0) for a in alphas]
     assert seen and all(any(all(torch.equal(w[k], c[k]) for k in c) for c in candidates) for w in seen)
     monkeypatch.setattr(C, "forgets_all", real_forgets_all)
     # a bad Fisher is still refused, before any step
     bad = {k: v.clone() for k, v in _FORGET.items()}
     bad["fc.bias"][0] = float("nan")
     with pytest.raises(Exception, match="NaN|finite"):
-        walk_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET, bad], _FORGET_SET, starts, alphas)
+        check_models(_Tiny(), models, _RETAIN, [_FORGET, _FORGET, bad], _FORGET_SET, seq)
 
 
 def test_predictions_in_channels_last_equal_the_plain_forward_pass():

@@ -686,14 +686,12 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     store_dir = _copy(federation, tmp_path)
     grid = _grid()
 
-    def nothing_forgets(reply):  # partition 0 says no alpha forgets any model with the shared forget-Fisher
-        from fl_unlearn.calibrate import NONE_FORGETS
-
+    def nothing_forgets(reply):  # partition 0 says no candidate forgets any model with the shared forget-Fisher
         metrics = reply.content.metric_records[R.METRICS_KEY]
-        metrics[R.CHECK_WALK] = [NONE_FORGETS] * len(metrics[R.CHECK_WALK])
+        metrics[R.CHECK_INDEX] = [-1] * len(metrics[R.CHECK_INDEX])
         return reply
 
-    grid.faults[(0, R.MSG_CALIBRATE)] = [nothing_forgets]  # the check inside calibration; the re-check is honest
+    grid.faults[(0, R.MSG_CHECK)] = [nothing_forgets]  # the first check; the re-check is honest
     sent: list[str] = []
     caps: list[int] = []  # the rows each query.fisher asks for, in order
 
@@ -715,13 +713,13 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     checked = sorted(cal["per_model"])
     holders = sorted(p for p, n in outcome.holders.items() if n > 0)
     assert checked and cal["own_fisher"] == checked  # every checked model fell back to its own forget-Fisher
-    # the first query.fisher goes to every client; then one per fallback model and holder; one calibration (with
-    # the first check), and one re-check
+    # the first query.fisher goes to every client; then one per fallback model and holder; one calibration, the
+    # first check and one re-check
     assert sent.count(R.MSG_FISHER) == NUM_CLIENTS + len(checked) * len(holders)
     # a model's own forget-Fisher is taken on the calibration's forget samples, not on fisher-samples rows
     assert caps[:NUM_CLIENTS] == [strategy.fisher_samples] * NUM_CLIENTS and strategy.fisher_samples > 32
     assert caps[NUM_CLIENTS:] == [32] * (len(checked) * len(holders))
-    assert sent.count(R.MSG_CALIBRATE) == NUM_CLIENTS and sent.count(R.MSG_CHECK) == len(holders)
+    assert sent.count(R.MSG_CALIBRATE) == NUM_CLIENTS and sent.count(R.MSG_CHECK) == 2 * len(holders)
     own = dict(zip(checked, merges[-len(checked):]))  # the fallback merges, one per model, in order
     for i, node_id in enumerate(outcome.server_models):
         if node_id in own:  # dampened with its own (scale-free) forget-Fisher, at what the re-check gave it
@@ -729,6 +727,52 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
             assert all(torch.equal(used[k], v) for k, v in scale_free(own[node_id]).items())
             given = cal["per_model"][node_id]
             assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
+
+
+def test_the_per_model_check_is_a_second_round_trip_from_the_choice(federation, tmp_path, task_identity):
+    # query.calibrate carries the model to calibrate on and no other; once the choice is known, the holders check
+    # every other affected model from it (query.checkforget), and each is dampened where their check put it
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_unlearn.calibrate import check_sequence
+    from strategies import records as R
+    from strategies.calibration import ClientCalibration
+    from strategies.server import UnlearningStrategy
+
+    store_dir = _copy(federation, tmp_path)
+    grid = _grid()
+    sent = []
+    send = grid.send_and_receive
+
+    def exchange(msgs, timeout=None):
+        msgs = list(msgs)
+        sent.extend(msgs)
+        return send(msgs, timeout=timeout)
+
+    grid.send_and_receive = exchange
+    settings = ClientCalibration(forget_samples=32, retain_samples=16, check_samples=16)
+    strategy = UnlearningStrategy(
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
+        LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10, node_timeout=1.0,
+        fisher_estimator="batch", client_calibration=settings)
+    outcome = strategy.unlearn(grid, CLASS_REQUEST)
+    cal = outcome.calibration
+    holders = sorted(p for p, n in outcome.holders.items() if n > 0)
+    checked = sorted(cal["per_model"])
+    assert outcome.state == "verified" and cal["target_met"] and checked and holders
+    calibrate = [m for m in sent if m.metadata.message_type == R.MSG_CALIBRATE]
+    check = [m for m in sent if m.metadata.message_type == R.MSG_CHECK]
+    assert len(calibrate) == NUM_CLIENTS and not any(
+        k.startswith(R.CHECK_MODEL_PREFIX) for m in calibrate for k in m.content.array_records)
+    assert sorted(strategy.nodes.partition[m.metadata.dst_node_id] for m in check) == holders  # one each
+    for m in check:  # the choice travels with the models: the holders check from it on
+        config = R.first_config(m)
+        assert (config[R.FIUN_ALPHA], config["fiun-lam"]) == (cal["alpha"], cal["lam"])
+        assert sum(k.startswith(R.CHECK_MODEL_PREFIX) for k in m.content.array_records) == len(checked)
+    sequence = check_sequence(cal["alpha"], cal["lam"], settings.alphas, settings.lams)
+    for node_id in checked:  # every model at the choice or a stronger candidate from it, never a milder one
+        given = (cal["per_model"][node_id]["alpha"], cal["per_model"][node_id]["lam"])
+        assert given in sequence and (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == given
 
 
 def test_a_models_own_forget_fisher_is_capped_at_the_calibrations_forget_samples_at_the_holders_too(tmp_path):
