@@ -956,8 +956,8 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _auto_alpha(self, grid: Grid, request: UnlearningRequest, forget_of: dict[str, Tensors],
                     shared_retain: Tensors | None, outcome: UnlearnOutcome) -> None:
-        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model, which also
-        checks every other affected server-held model at the holders (class requests)."""
+        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model, then (class
+        requests) one ``query.checkforget`` of every other affected server-held model at the holders."""
         if self.client_calibration is None or self.calibration is not None:
             return
         node = self._newest_affected_global(outcome.affected)
@@ -967,7 +967,7 @@ class UnlearningStrategy(DelegatingStrategy):
                                        self._forget_fraction(node, request))
         pids = sorted(self.nodes.partition.values())
         base = self.fiun or FIUnConfig()
-        # The other server-held affected models, checked per model in the same round trip (class requests; they
+        # The other server-held affected models, checked per model once the choice is known (class requests; they
         # must share the retain-Fisher the check dampens with)
         check = [(a, self.store.get(self.graph.node(a).weights), forget_of[a]) for a in outcome.affected
                  if a != node.id and self.graph.node(a).weights is not None] if shared_retain is not None else []
