@@ -410,11 +410,16 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     own: list[int] = []
     if is_class and met:
         sequence = check_sequence(alpha, lam, settings.alphas, settings.lams)
-        # each model with its own retain-Fisher (the App shares one; the check is the same)
-        reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in others], [retain[i] for i in others],
-                                [forgets[i] for i in others], fset, sequence) for fset in forget_sets.values()]
-        for j, i in enumerate(others):
-            candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
+
+        def check_at_holders(indices: list[int]) -> None:  # the App's query.checkforget, from the choice on
+            # each model with its own retain-Fisher (the App shares one; the check is the same)
+            reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in indices],
+                                    [retain[i] for i in indices], [forgets[i] for i in indices], fset, sequence)
+                       for fset in forget_sets.values()]
+            for j, i in enumerate(indices):
+                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
+
+        check_at_holders(others)
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
         # itself, merged, and checked again (strategies.server._own_forget_fishers, query.checkforget)
         own = [i for i, ok in enumerate(mets) if not ok]
@@ -425,10 +430,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
                      for k in ctx.holders[name]]
             forgets[i] = _merged(parts)
         if own:
-            reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in own], [retain[i] for i in own],
-                                    [forgets[i] for i in own], fset, sequence) for fset in forget_sets.values()]
-            for j, i in enumerate(own):
-                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
+            check_at_holders(own)
     return candidates, mets, target, [ctx.targets[i] for i in own]
 
 

@@ -287,12 +287,12 @@ def _chosen_sequence(config: Any) -> tuple[FIUnConfig, list[tuple[float, float]]
                                 [float(v) for v in config[R.LAMS]])
 
 
-def _check_content(arrays: Any, config: Any, what: str) -> tuple[list[Tensors], list[Tensors]]:
+def _check_content(arrays: Any, config: Any) -> tuple[list[Tensors], list[Tensors]]:
     """The check models a message carries and, per model, the forget-Fisher it is dampened with."""
     keys = sorted((k for k in arrays if k.startswith(R.CHECK_MODEL_PREFIX)), key=lambda k: int(k.rsplit("-", 1)[1]))
     fisher_of = [int(i) for i in config[R.CHECK_FISHER_OF]]
     if not keys or len(fisher_of) != len(keys):
-        raise UnlearnError(f"{what}: {len(keys)} check models and {len(fisher_of)} check-fisher-of entries")
+        raise UnlearnError(f"query.checkforget: {len(keys)} check models and {len(fisher_of)} check-fisher-of entries")
     fishers = {i: R.record_to_tensors(arrays[f"{R.CHECK_FISHER_PREFIX}{i}"]) for i in sorted(set(fisher_of))}
     return [R.record_to_tensors(arrays[k]) for k in keys], [fishers[i] for i in fisher_of]
 
@@ -306,7 +306,7 @@ def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config = R.first_config(msg)
     arrays = msg.content.array_records
-    models, fishers = _check_content(arrays, config, "query.checkforget")
+    models, fishers = _check_content(arrays, config)
     data = spec.data_fn(context)
     forget_rows, _ = ForgetSpec.from_config(config).split_rows(data)
     forget_set = _sample_tensors(data, forget_rows, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
