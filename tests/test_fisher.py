@@ -185,6 +185,76 @@ def test_expected_estimator_equals_loop_over_samples_and_classes(factory, jacobi
     assert fisher.info.estimator == "expected" and fisher.info.num_samples == 8
 
 
+def strided_cnn() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=2, dilation=2, bias=False), nn.ReLU(),
+                         nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(18, 4))
+
+
+class _TwiceLinear(nn.Module):
+    """One registered layer, called twice per forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+class _BatchCentred(nn.Module):
+    """Mixes the samples of a batch even in eval mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(0, keepdim=True)
+
+
+def shared_linear() -> nn.Module:
+    torch.manual_seed(4)
+    layer = nn.Linear(6, 6)
+    return nn.Sequential(layer, nn.Tanh(), layer, nn.Linear(6, 4))
+
+
+def twice_linear() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(6, 6), _TwiceLinear(), nn.Linear(6, 4))
+
+
+def batch_centred() -> nn.Module:
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(6, 6), _BatchCentred(), nn.Tanh(), nn.Linear(6, 4))
+
+
+@pytest.mark.parametrize("factory, by_layers", [(mlp, True), (cnn, True), (strided_cnn, True), (bn_cnn, False),
+                                                (twice_linear, False)])
+def test_expected_estimator_from_the_layers_where_their_formula_holds(factory, by_layers: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear and Conv2d layers that run once: one forward and a backward per class; anything else (BatchNorm
+    parameters, a layer called twice): the per-sample path. Either way the loop over samples and classes."""
+    import fl_unlearn.fisher as fisher_module
+
+    taken = []
+    real = fisher_module._expected_by_layers
+    monkeypatch.setattr(fisher_module, "_expected_by_layers",
+                        lambda *args: taken.append(result := real(*args)) or result)
+    model = factory()
+    batches = batches_for(model, [3, 5])
+    for names, fits in ((select_parameters(model, "all"), by_layers), (select_parameters(model, "last"), True)):
+        taken.clear()
+        assert_close(compute_fisher(model, batches, names, estimator="expected"),
+                     brute_expected(model, batches, names))
+        assert [t is not None for t in taken] == [fits] * 2  # the last Linear alone is always from its layer
+
+
+@pytest.mark.parametrize("factory", [shared_linear, batch_centred])
+def test_expected_fisher_from_the_layers_refuses_shared_layers_and_samples_that_mix(factory) -> None:
+    from fl_unlearn.fisher import _expected_by_layers
+
+    model = factory().eval()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert _expected_by_layers(model, params, {}, batches_for(model, [4])[0][0]) is None
+
+
 def test_expected_estimator_ignores_labels_and_differs_from_the_empirical_one() -> None:
     model = cnn()
     batches = batches_for(model, [6])
