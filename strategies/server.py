@@ -192,7 +192,7 @@ class UnlearningStrategy(DelegatingStrategy):
     fisher_estimator : str (default: "expected")
         ``expected``, ``batch`` or ``per_sample`` (``fl_unlearn.fisher.compute_fisher``); the same for retain- and
         forget-Fishers. ``expected``, the true Fisher of the model's own outputs, costs a backward pass per class
-        (85 s to prepare the App's MNIST federation of 4 clients against 13.6 s with ``batch``) and is what made ``alpha="auto"`` forget every class of MNIST and digits within issue 9's bar
+        (21 s to prepare the App's MNIST federation of 4 clients against 13.6 s with ``batch``) and is what made ``alpha="auto"`` forget every class of MNIST and digits within issue 9's bar
         (``benchmarks/robustness.py``: worst kept gap 0.2 and 1.9 points instead of 1.0 and 3.0). With many classes
         and a large model (CIFAR-100, ResNet-18) ``batch`` is the affordable choice on a CPU.
     mfim_mode : str (default: "weighted_mean")
