@@ -465,16 +465,19 @@ def _expected_by_layers(model: nn.Module, params: dict, frozen: dict, x: Tensor)
 
     ``None`` (the caller takes the per-sample path) unless every selected parameter is the weight or bias of a
     ``Linear`` on ``[N, features]`` or a ``Conv2d`` (one group, zero padding given as numbers) that runs once per
-    forward pass and shares no parameter, and the batch's samples do not affect one another (the first sample
-    alone gives the same outputs).
+    forward pass and shares no parameter, no in-place operation changes a layer's input or output afterwards
+    (torchvision's ``ReLU(inplace=True)`` right after a convolution), and the batch's samples do not affect one
+    another (the first sample alone gives the same outputs).
     """
     owners = _layer_owners(model, params)
     if owners is None:
         return None
     seen: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
+    versions: list[tuple[Tensor, int]] = []  # an in-place op after the layer (ReLU(inplace=True)) would change them
 
     def keep(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         seen.setdefault(module, []).append((inputs[0].detach(), output))
+        versions.extend((t, t._version) for t in (inputs[0], output))
 
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     hooks = [m.register_forward_hook(keep) for m in owners]
@@ -484,7 +487,8 @@ def _expected_by_layers(model: nn.Module, params: dict, frozen: dict, x: Tensor)
     finally:
         for hook in hooks:
             hook.remove()
-    if not _layers_as_expected(owners, seen) or not _samples_independent(model, params, frozen, x, log_probs):
+    if not _layers_as_expected(owners, seen) or any(t._version != v for t, v in versions) \
+            or not _samples_independent(model, params, frozen, x, log_probs):
         return None
     modules = list(owners)
     outputs = [seen[m][0][1] for m in modules]
@@ -540,7 +544,8 @@ def _samples_independent(model: nn.Module, params: dict, frozen: dict, x: Tensor
         return True
     with torch.no_grad():
         alone = F.log_softmax(functional_call(model, (params, frozen), (x[:1],)).float(), dim=1)
-    return bool(torch.allclose(alone, log_probs[:1].detach(), rtol=1e-4, atol=1e-5))
+    # loose enough for TF32 convolutions on a GPU; a layer that mixes samples moves the outputs by far more
+    return bool(torch.allclose(alone, log_probs[:1].detach(), rtol=1e-3, atol=1e-3))
 
 
 def _layer_input(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -209,6 +209,11 @@ class _BatchCentred(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+def inplace_relu_cnn() -> nn.Module:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+
+
 def shared_linear() -> nn.Module:
     torch.manual_seed(4)
     layer = nn.Linear(6, 6)
@@ -226,11 +231,11 @@ def batch_centred() -> nn.Module:
 
 
 @pytest.mark.parametrize("factory, by_layers", [(mlp, True), (cnn, True), (strided_cnn, True), (bn_cnn, False),
-                                                (twice_linear, False)])
+                                                (twice_linear, False), (inplace_relu_cnn, False)])
 def test_expected_estimator_from_the_layers_where_their_formula_holds(factory, by_layers: bool,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Linear and Conv2d layers that run once: one forward and a backward per class; anything else (BatchNorm
-    parameters, a layer called twice): the per-sample path. Either way the loop over samples and classes."""
+    parameters, a layer called twice, an in-place ReLU on a layer's output): the per-sample path. Either way the loop over samples and classes."""
     import fl_unlearn.fisher as fisher_module
 
     taken = []
