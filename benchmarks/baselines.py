@@ -374,13 +374,12 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
 
     Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
     it forgets, 32 it keeps; ``score_alpha_grid``; for a class each lambda's alphas strongest first, up to the
-    first that keeps a forget sample); the summed counts choose one candidate (target 0 for a class, the
-    kept-sample accuracy before unlearning for a client). For a class, once the choice is known, every holder checks
-    the other models from it towards stronger candidates (``check_models`` on 32 of its forget samples, the App's
-    ``query.checkforget``) and each model gets the mildest candidate every holder forgot at
-    (``per_model_candidate``); a
-    model none forgets gets its own forget-Fisher (``forgets`` is updated in place) and is checked again
-    (``check_models``). Returns per target its ``(alpha, lambda)`` and whether it met the target, the target, and
+    first that keeps more than the federation's budget); the summed counts choose one candidate (target: the
+    calibration's forget tolerance for a class, the kept-sample accuracy before unlearning for a client). For a class,
+    once the choice is known, every holder checks the other models from it towards stronger candidates
+    (``check_models`` on 32 of its forget samples, the App's ``query.checkforget``) and each model gets the mildest
+    candidate every holder forgot at (``per_model_candidate``); a model none forgets gets its own forget-Fisher
+    (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its ``(alpha, lambda)`` and whether it met the target, the target, and
     the models given their own forget-Fisher.
     """
     net, s = ctx.net, ctx.net.setup

@@ -891,8 +891,7 @@ def check_models(
     is :func:`check_sequence` of the federation's choice (mildest first); a model that already forgets at the
     choice costs one forward pass. ``-1`` where no candidate forgets every sample. Candidates that zero more than
     half of a weight tensor of the model (:meth:`~fl_unlearn.fiun.FisherSweep.breaks_a_weight`) are passed over.
-    Fishers are
-    made scale-free here, as for the final dampening.
+    Fishers are made scale-free here, as for the final dampening.
 
     Parameters
     ----------
