@@ -421,11 +421,14 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         check_at_holders(others)
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
         # itself, merged, and checked again (strategies.server._own_forget_fishers, query.checkforget)
+        # (on as many rows per holder as the App takes: UnlearningStrategy._own_fisher_samples, the calibration's
+        # forget samples, at most fisher_samples; until 2026-12-06 this took fisher_samples, 512, at 1.2-1.6 s)
         own = [i for i, ok in enumerate(mets) if not ok]
         params = select_parameters(model, FISHER_LAYERS)
+        own_rows = min(s.calibration_forget, s.fisher_samples) if s.fisher_samples else s.calibration_forget
         for i in own:
             name = ctx.targets[i]
-            parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params, s.fisher_samples)
+            parts = [_fisher(net, ctx.weights[name], ctx.forget.forgotten[k], params, own_rows)
                      for k in ctx.holders[name]]
             forgets[i] = _merged(parts)
         if own:
