@@ -378,7 +378,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     calibration's forget tolerance for a class, the kept-sample accuracy before unlearning for a client). For a class,
     once the choice is known, every holder checks the other models from it towards stronger candidates
     (``check_models`` on 32 of its forget samples, the App's ``query.checkforget``) and each model gets the mildest
-    candidate every holder forgot at (``per_model_candidate``); a model none forgets gets its own forget-Fisher
+    candidate at which the holders keep at most the choice's tolerance of them in all (``per_model_candidate``,
+    3 of 128; none of them until 2026-12-06); a model none forgets gets its own forget-Fisher
     (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its ``(alpha, lambda)`` and whether it met the target, the target, and
     the models given their own forget-Fisher.
     """
@@ -409,14 +410,16 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     own: list[int] = []
     if is_class and met:
         sequence = check_sequence(alpha, lam, settings.alphas, settings.lams)
+        check_budget = settings.check_budget(len(forget_sets))
 
         def check_at_holders(indices: list[int]) -> None:  # the App's query.checkforget, from the choice on
             # each model with its own retain-Fisher (the App shares one; the check is the same)
             reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in indices],
-                                    [retain[i] for i in indices], [forgets[i] for i in indices], fset, sequence)
+                                    [retain[i] for i in indices], [forgets[i] for i in indices], fset, sequence,
+                                    budget=check_budget)
                        for fset in forget_sets.values()]
             for j, i in enumerate(indices):
-                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports])
+                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports], budget=check_budget)
 
         check_at_holders(others)
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model

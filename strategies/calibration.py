@@ -28,10 +28,13 @@ same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So
 round trip (``query.checkforget``, :func:`check_at_clients`) sends the other affected server-held models to the
 clients holding data to forget: each holder walks, per model, from the federation's choice towards stronger
 candidates (smaller alphas, then lambda 0: :func:`fl_unlearn.calibrate.check_sequence`, every grid alpha) until
-the model forgets every one of a few of its forget samples (:func:`fl_unlearn.calibrate.check_models`: one
-forward pass for a model that forgets at the choice), and the server dampens each model at the mildest candidate
-at which every holder forgot all its samples, never milder than the choice
-(:func:`fl_unlearn.calibrate.per_model_candidate`). Until 2026-12-06 the holders walked those models inside
+the model forgets every one of a few of its forget samples, counting at each step the samples it still predicts
+(:func:`fl_unlearn.calibrate.check_models`: one forward pass for a model that forgets at the choice), and the
+server dampens each model at the mildest candidate at which the holders' counts add up to at most the choice's
+own tolerance of the samples checked (``forget_tolerance``: 3 of 128 by default), never milder than the choice
+(:func:`fl_unlearn.calibrate.per_model_candidate`). Until 2026-12-06 a model had to keep none of them, a bar the
+choice itself does not meet: on the App's MNIST class 9 a round-1 local model kept 1 of 128 at the choice and 25
+at the next stronger candidate, and took a forget-Fisher of its own, two more round trips. Until 2026-12-06 the holders walked those models inside
 ``query.calibrate``, before the choice was known, from their feasible starts at every lambda; one round trip
 fewer, but the walks at the lambda not chosen (most of the walking) were wasted: on the App's MNIST class 0
 unlearning took 0.94 s with the second round trip against 1.04 s (class 1, whose choice is at lambda 1: 1.20 s
@@ -63,6 +66,7 @@ from flwr.common.logger import log
 from fl_unlearn.calibrate import (
     DEFAULT_LAMS,
     GRID_ALPHAS,
+    NOT_WALKED,
     UNSCORED,
     UNSCORED_LOSS,
     GridCounts,
@@ -72,6 +76,7 @@ from fl_unlearn.calibrate import (
     choose_candidate,
     dampening_change,
     count_correct_split,
+    first_within,
     per_model_candidate,
     score_alpha_grid,
     strongest_usable,
@@ -116,7 +121,8 @@ class ClientCalibration:
         class 6 it pushed alpha from 2 to 0.5 and left 11 % of the kept accuracy (98 % at alpha 2, which forgot
         all but one of them). With 0.01 (until 2026-12-05) the App's MNIST class 1 took alpha 1.41, 89.5 % kept
         held out, where alpha 2.83 keeps 93.5 % and leaves 2.7 % of the class held out; class 0 alpha 2.83, 93.0 %,
-        where 4 keeps 97.4 % and leaves 1.8 %.
+        where 4 keeps 97.4 % and leaves 1.8 %. The per-model check holds every other model to the same share of
+        the samples it checks (:meth:`check_budget`: 3 of the 128 four holders check; 0 until 2026-12-06).
     kept_tolerance : float (default: 0.01)
         Candidates that meet the target and keep within this share of the scored kept samples of the best
         (rounded up: 2 of 128) count as keeping as much; among them the one that keeps fewest forget samples,
@@ -145,6 +151,11 @@ class ClientCalibration:
         """Forget samples the choice may still predict, over ``holders`` clients scoring at most
         ``forget_samples`` each: what a client may keep before it stops walking (``score_alpha_grid``)."""
         return int(self.forget_tolerance * self.forget_samples * holders)
+
+    def check_budget(self, holders: int) -> int:
+        """Forget samples a checked model may still predict over ``holders`` clients checking at most
+        ``check_samples`` each: the choice's own tolerance (:func:`fl_unlearn.calibrate.first_within`)."""
+        return int(self.forget_tolerance * self.check_samples * holders)
 
     def kept_margin(self, retain_num: int) -> int:
         """Kept samples (of ``retain_num`` scored) within which two candidates count as keeping as much."""
@@ -254,9 +265,11 @@ def check_held_models(
     (derived models), on its own forget samples, with no round trip.
 
     Each model walks from the federation's choice (the ``fiun-alpha`` / ``fiun-lam`` of ``config``) towards
-    stronger candidates (:func:`fl_unlearn.calibrate.check_models` over ``alphas`` / ``lams``); one that no
-    candidate makes forget every sample of ``forget_set`` gets the forget-Fisher this client takes on the model
-    itself (``own_fisher(weights)``: it holds the data) and walks again, as the server does for its models.
+    stronger candidates (:func:`fl_unlearn.calibrate.check_models` over ``alphas`` / ``lams``) and takes the first
+    that keeps at most ``check-budget`` samples of ``forget_set`` (the server sends the choice's tolerance of one
+    holder's check samples: 0 of 32 by default); one that no candidate brings there gets the forget-Fisher this
+    client takes on the model itself (``own_fisher(weights)``: it holds the data) and walks again, as the server
+    does for its models.
 
     Returns
     -------
@@ -266,14 +279,18 @@ def check_held_models(
         forget-Fisher, still keeping a sample).
     """
     base, sequence = _chosen_sequence(config)
-    found = check_models(model, weights, list(retains), [forget_fisher] * len(weights), forget_set, sequence,
-                         base=base)
+    budget = int(config.get(R.CHECK_BUDGET, 0))
+    counts = check_models(model, weights, list(retains), [forget_fisher] * len(weights), forget_set, sequence,
+                          base=base, budget=budget)
+    found = [first_within([c], budget) for c in counts]
     forgets, status = [forget_fisher] * len(weights), ["met"] * len(weights)
     for j, index in enumerate(found):
         if index >= 0:
             continue
         forgets[j] = own_fisher(weights[j])
-        (found[j],) = check_models(model, [weights[j]], [retains[j]], [forgets[j]], forget_set, sequence, base=base)
+        (own,) = check_models(model, [weights[j]], [retains[j]], [forgets[j]], forget_set, sequence, base=base,
+                              budget=budget)
+        found[j] = first_within([own], budget)
         status[j] = "own-fisher" if found[j] >= 0 else "not-met"
         if found[j] < 0:
             found[j] = strongest_usable(sequence, weights[j], retains[j], forgets[j], base)
@@ -298,9 +315,10 @@ def _check_content(arrays: Any, config: Any) -> tuple[list[Tensors], list[Tensor
 
 
 def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
-    """``query.checkforget``: per sent model, the first candidate from the chosen one towards stronger ones
-    (:func:`fl_unlearn.calibrate.check_sequence`) that forgets every one of this client's (capped) forget samples
-    (``check-index``; -1 where none does)."""
+    """``query.checkforget``: per sent model, from the chosen candidate towards stronger ones
+    (:func:`fl_unlearn.calibrate.check_sequence`), how many of this client's (capped) forget samples each step
+    still predicts, up to the first that predicts none (``check-counts``, model by model, one entry per step:
+    :func:`fl_unlearn.calibrate.check_models`)."""
     from strategies.client import _seed, load_model, partition_id
 
     start = time.perf_counter()
@@ -313,9 +331,10 @@ def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
     metrics = MetricRecord({R.FORGET_NUM: 0 if forget_set is None else len(forget_set[1])})
     if forget_set is not None:
         base, sequence = _chosen_sequence(config)
-        metrics[R.CHECK_INDEX] = check_models(
-            load_model(spec, context, models[0]), models, R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]),
-            fishers, forget_set, sequence, base=base)
+        counts = check_models(load_model(spec, context, models[0]), models,
+                              R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]), fishers, forget_set, sequence,
+                              base=base, budget=int(config.get(R.CHECK_BUDGET, 0)))
+        metrics[R.CHECK_COUNTS] = [c for row in counts for c in row]  # model by model
     metrics[R.SECONDS] = time.perf_counter() - start
     log(INFO, "query.checkforget: partition %d checked %d models on %d forget samples in %.2f s",
         partition_id(context), len(models), metrics[R.FORGET_NUM], metrics[R.SECONDS])
@@ -470,33 +489,35 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
     content: dict[str, Any] = {R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
     check_cfg = _add_check_models(content, check)
     fiun = fiun_config(dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam))
+    budget = settings.check_budget(len(holders))
     msgs = [Message(RecordDict({**content, R.CONFIG_KEY: ConfigRecord({
         R.ALPHAS: list(settings.alphas), R.LAMS: list(settings.lams), R.CALIBRATION_CHECK: int(settings.check_samples),
-        **check_cfg, **fiun,
+        R.CHECK_BUDGET: budget, **check_cfg, **fiun,
         **request_configs[pid]})}), dst_node_id=nodes.node_of(pid), message_type=R.MSG_CHECK) for pid in holders]
     sequence = check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)
     reports = []
     for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.checkforget"):
         m = reply.content.metric_records[R.METRICS_KEY]
         if int(m[R.FORGET_NUM]) > 0:
-            values = [int(v) for v in m[R.CHECK_INDEX]]
-            if len(values) != len(check) or any(not -1 <= v < len(sequence) for v in values):
-                raise UnlearnError(f"query.checkforget: indices {values} for {len(check)} models and a sequence of "
-                                   f"{len(sequence)} candidates")
-            reports.append(values)
-    _set_per_model(choice, check, sequence, reports, retain_fisher, base)
+            values = [int(v) for v in m[R.CHECK_COUNTS]]
+            if len(values) != len(check) * len(sequence) or any(not NOT_WALKED <= v <= budget + 1 for v in values):
+                raise UnlearnError(f"query.checkforget: {len(values)} counts for {len(check)} models and a sequence "
+                                   f"of {len(sequence)} candidates, or one outside [{NOT_WALKED}, {budget + 1}]")
+            reports.append([values[i * len(sequence):(i + 1) * len(sequence)] for i in range(len(check))])
+    _set_per_model(choice, check, sequence, reports, retain_fisher, base, budget)
 
 
 def _set_per_model(choice: CalibrationChoice, check: Sequence[tuple[str, Tensors, Tensors]],
-                   sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[int]],
-                   retain_fisher: Tensors, base: FIUnConfig) -> None:
-    """Set ``choice.per_model`` / ``per_model_met`` from every holder's first forgetting index per model; a model
-    no candidate makes forget gets the strongest one that zeroes none of its weight tensors."""
+                   sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[Sequence[int]]],
+                   retain_fisher: Tensors, base: FIUnConfig, budget: int) -> None:
+    """Set ``choice.per_model`` / ``per_model_met`` from every holder's counts per model and step (the first step
+    where they add up to at most ``budget``); a model no candidate makes forget gets the strongest one that zeroes
+    no more than half of any of its weight tensors."""
     for i, (node_id, weights, forget) in enumerate(check):
-        found = [r[i] for r in reports]
-        fallback = strongest_usable(sequence, weights, retain_fisher, forget, base) if min(found, default=0) < 0 \
-            else -1
-        candidate, met = per_model_candidate(sequence, found, fallback)
+        counts = [r[i] for r in reports]
+        fallback = strongest_usable(sequence, weights, retain_fisher, forget, base) \
+            if first_within(counts, budget) < 0 else -1
+        candidate, met = per_model_candidate(sequence, counts, fallback, budget=budget)
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
     unmet = sorted(node_id for node_id, _, _ in check if not choice.per_model_met[node_id])
     if unmet:  # dampening with this forget-Fisher cannot reach these models' class; say so, do not hide it

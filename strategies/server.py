@@ -937,7 +937,8 @@ class UnlearningStrategy(DelegatingStrategy):
         if not outcome.scale_free or request.kind != "classes" or settings is None or settings.check_samples <= 0:
             return {}
         return {R.ALPHAS: [float(a) for a in settings.alphas], R.LAMS: [float(v) for v in settings.lams],
-                R.CALIBRATION_CHECK: int(settings.check_samples), R.OWN_FISHER_SAMPLES: self._own_fisher_samples()}
+                R.CALIBRATION_CHECK: int(settings.check_samples), R.CHECK_BUDGET: settings.check_budget(1),
+                R.OWN_FISHER_SAMPLES: self._own_fisher_samples()}
 
     def _check_unlearn_reply(self, reply: Message, by_client: dict[int, list[str]], request: UnlearningRequest) -> None:
         """Refuse a ``train.unlearn`` reply that names models other than those sent, or invalid digests."""

@@ -425,10 +425,13 @@ def test_repair_with_the_forget_guard_pushes_the_forget_label_down_and_validates
 # --- every affected model forgets: the per-model check of a class request -------------------------------------
 
 from fl_unlearn.calibrate import (  # noqa: E402
+    NOT_WALKED,
+    UNSCORED,
     check_models,
     check_sequence,
     count_correct,
     count_correct_split,
+    first_within,
     per_model_candidate,
     strongest_usable,
     unlearn_with_candidates,
@@ -467,14 +470,22 @@ def test_check_models_finds_the_first_candidate_that_forgets_and_reports_none_ho
     # the walk need lambda 0 with a larger margin
     forgettable["fc.weight"][0, 0] = 4.0  # 4/6 + 0 > 0.5 at lambda 1; zeroed: 0 < 0.5
     seq = check_sequence(16.0, 1.0, (1.0, 2.0, 4.0, 8.0, 16.0), (1.0, 0.0))
-    found = check_models(_Tiny(), [forgettable, stubborn], _RETAIN, [_FORGET, _FORGET], _FORGET_SET, seq)
+    counts = check_models(_Tiny(), [forgettable, stubborn], _RETAIN, [_FORGET, _FORGET], _FORGET_SET, seq)
+    found = [first_within([c]) for c in counts]
     assert seq[found[0]] == (4.0, 0.0) and found[1] == -1
-    # that candidate forgets, every milder one in the sequence does not
-    for i, (alpha, lam) in enumerate(seq[: found[0] + 1]):
+    # each walked step's count is the dampened model's (up to budget + 1: 1 here), the walk stops at the first 0,
+    # the rest is not walked
+    for i, (alpha, lam) in enumerate(seq):
         (w,), _ = unlearn_many([forgettable], [scale_free(_RETAIN)], scale_free(_FORGET), FIUnConfig(alpha=alpha, lam=lam))
-        assert (count_correct(_Tiny(), w, _FORGET_SET) == 0) == (i == found[0])
+        assert counts[0][i] == (min(count_correct(_Tiny(), w, _FORGET_SET), 1) if i <= found[0] else NOT_WALKED)
+    assert counts[0][found[0]] == 0 and all(c > 0 for c in counts[0][:found[0]])
+    assert counts[1] == [1] * len(seq)  # the stubborn model keeps a sample at every step, walked to the end
+    # with a budget the counts are exact up to budget + 1: the sum is over the budget whatever the rest
+    assert check_models(_Tiny(), [stubborn], _RETAIN, [_FORGET], _FORGET_SET, seq, budget=5) == [[3] * len(seq)]
+    assert check_models(_Tiny(), [stubborn], _RETAIN, [_FORGET], _FORGET_SET, seq, budget=1) == [[2] * len(seq)]
     # a model that forgets at the choice costs one step
-    assert check_models(_Tiny(), [forgettable], _RETAIN, [_FORGET], _FORGET_SET, [(4.0, 0.0), (2.0, 0.0)]) == [0]
+    assert check_models(_Tiny(), [forgettable], _RETAIN, [_FORGET], _FORGET_SET,
+                        [(4.0, 0.0), (2.0, 0.0)]) == [[0, NOT_WALKED]]
     with pytest.raises(ConfigError):
         check_models(_Tiny(), [forgettable], _RETAIN, [], _FORGET_SET, seq)
 
@@ -500,12 +511,23 @@ def test_a_holder_checks_the_models_it_holds_and_takes_their_own_fisher_where_no
     assert count_correct(_Tiny(), w, _FORGET_SET) == 0
 
 
-def test_per_model_candidate_is_the_strongest_holder_report_never_milder_than_the_choice():
+def test_per_model_candidate_is_the_first_step_the_holders_counts_keep_within_the_budget():
     seq = [(4.0, 1.0), (2.0, 1.0), (4.0, 0.0)]
-    assert per_model_candidate(seq, [0, 0]) == ((4.0, 1.0), True)
-    assert per_model_candidate(seq, [2, 1]) == ((4.0, 0.0), True)
-    assert per_model_candidate(seq, [1, -1]) == ((4.0, 0.0), False)
-    assert per_model_candidate(seq, [1, -1], fallback=1) == ((2.0, 1.0), False)  # strongest_usable's index
+    done = [0, NOT_WALKED, NOT_WALKED]
+    assert per_model_candidate(seq, [done, done]) == ((4.0, 1.0), True)
+    # budget 0: the strongest of the holders' first forgetting steps (a holder past its 0 counts 0)
+    assert per_model_candidate(seq, [[2, 1, 0], [1, 0, NOT_WALKED]]) == ((4.0, 0.0), True)
+    # a budget of 1 in all: one kept sample over the holders is within it, one at each is not
+    assert per_model_candidate(seq, [[1, 0, NOT_WALKED], done], budget=1) == ((4.0, 1.0), True)
+    assert per_model_candidate(seq, [[1, 0, NOT_WALKED], [1, 1, 0]], budget=1) == ((2.0, 1.0), True)
+    # none within: the fallback (strongest_usable's index), not met
+    assert per_model_candidate(seq, [[1, 0, NOT_WALKED], [3, 3, 3]]) == ((4.0, 0.0), False)
+    assert per_model_candidate(seq, [[1, 0, NOT_WALKED], [3, 3, 3]], fallback=1) == ((2.0, 1.0), False)
+    # a candidate a holder passed over (it zeroes more than half of a weight tensor) is never taken
+    assert first_within([[2, UNSCORED, 0], [0, NOT_WALKED, NOT_WALKED]], budget=2) == 0
+    assert first_within([[3, UNSCORED, 0], [0, NOT_WALKED, NOT_WALKED]], budget=2) == 2
+    with pytest.raises(ConfigError, match="different lengths"):
+        first_within([[0], [0, 0]])
 
 
 # Two layers; x = [1, 0] of class 0 gives logits [1, 0.1]. With the first layer's weights zeroed the logits are the
@@ -541,7 +563,7 @@ def test_a_sweep_knows_when_a_candidate_zeroes_a_whole_weight_tensor():
         assert sweep.breaks_a_weight(0.1) == (share > 0.5) and sweep.zeroes_a_weight(0.1) == (share == 1.0)
     three = scale_free({**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 5.0], [5.0, 0.0]])})
     seq = check_sequence(0.1, 0.0, (0.1,), (0.0,))  # one candidate, zeroing 3 of the layer's 4 weights
-    assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [three], _LAYERED_SET, seq) == [-1]
+    assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [three], _LAYERED_SET, seq) == [[UNSCORED]]
     # and it is what it says: dampened there, the layer is 0 and the model predicts class 1 for everything
     (w,), _ = unlearn_many([_LAYERED], [retain], forget, FIUnConfig(alpha=2.0, lam=0.0))
     assert not w["0.weight"].any() and count_correct(_layered(), w, _LAYERED_SET) == 0
@@ -552,7 +574,8 @@ def test_the_checks_never_forget_by_zeroing_a_whole_weight_tensor():
     alphas, lams = (1.0, 2.0, 4.0), (1.0, 0.0)
     # the check passes over alphas 2 and 1 at lambda 0 (where zeroing would "forget"); lambda 1 never forgets here
     seq = check_sequence(4.0, 0.0, alphas, lams)
-    assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [_LAYERED_FORGET], _LAYERED_SET, seq) == [-1]
+    counts = check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [_LAYERED_FORGET], _LAYERED_SET, seq)
+    assert counts == [[1, UNSCORED, UNSCORED]] and first_within(counts) == -1
     # a model no candidate makes forget gets the strongest one that zeroes nothing: the choice itself here
     assert strongest_usable(seq, _LAYERED, _LAYERED_RETAIN, _LAYERED_FORGET) == 0
     assert strongest_usable(check_sequence(4.0, 1.0, alphas, lams), _LAYERED, _LAYERED_RETAIN,
@@ -580,8 +603,10 @@ def test_the_server_gives_a_model_no_candidate_forgets_the_strongest_usable_one(
 
     seq = check_sequence(4.0, 0.0, (1.0, 2.0, 4.0), (1.0, 0.0))
     choice = CalibrationChoice(4.0, 0.0, 0.03, True, GridCounts(((4.0, 0.0),), [0], [3], 3, 3), 0.0, 0.0)
-    _set_per_model(choice, [("m", _LAYERED, _LAYERED_FORGET), ("n", _LAYERED, _LAYERED_FORGET)], seq, [[-1, 1]],
-                   _LAYERED_RETAIN, FIUnConfig())
+    # one holder: "m" keeps a sample at the choice and the rest zero half the layer; "n" forgets at (2, 0)
+    reports = [[[1, UNSCORED, UNSCORED], [1, 0, NOT_WALKED]]]
+    _set_per_model(choice, [("m", _LAYERED, _LAYERED_FORGET), ("n", _LAYERED, _LAYERED_FORGET)], seq, reports,
+                   _LAYERED_RETAIN, FIUnConfig(), 0)
     assert choice.per_model == {"m": (4.0, 0.0), "n": (2.0, 0.0)} and choice.per_model_met == {"m": False, "n": True}
 
 
@@ -619,7 +644,7 @@ def test_check_of_many_models_reports_as_one_model_at_a_time_and_as_unlearn_many
     seq = check_sequence(16.0, 1.0, alphas, (1.0, 0.0))
     together = check_models(_Tiny(), models, _RETAIN, [_FORGET] * 3, _FORGET_SET, seq)
     alone = [check_models(_Tiny(), [m], _RETAIN, [_FORGET], _FORGET_SET, seq)[0] for m in models]
-    assert together == alone and len(set(together)) > 1
+    assert together == alone and len({tuple(c) for c in together}) > 1
     # one retain-Fisher per model (distinct dicts, not one shared) checks the same
     copies = [{k: v.clone() for k, v in _RETAIN.items()} for _ in models]
     assert check_models(_Tiny(), models, copies, [_FORGET] * 3, _FORGET_SET, seq) == together
@@ -627,8 +652,9 @@ def test_check_of_many_models_reports_as_one_model_at_a_time_and_as_unlearn_many
         check_models(_Tiny(), models, copies[:2], [_FORGET] * 3, _FORGET_SET, seq)
     # every dampened model the check scores is unlearn_many's at that (alpha, lambda), bit for bit
     seen = []
-    real_forgets_all = C.forgets_all
-    monkeypatch.setattr(C, "forgets_all", lambda model, w, data: seen.append(w) or real_forgets_all(model, w, data))
+    real_count_kept = C.count_kept
+    monkeypatch.setattr(C, "count_kept", lambda model, w, data, budget: seen.append(w) or real_count_kept(model, w, data,
+                                                                                                           budget))
     torch.manual_seed(3)
     rich = [{k: v + 0.3 * torch.randn_like(v) for k, v in _tiny(0.0).items()} for _ in range(2)]
     forget = {k: torch.rand_like(v) * 6 for k, v in _FORGET.items()}
@@ -636,7 +662,7 @@ def test_check_of_many_models_reports_as_one_model_at_a_time_and_as_unlearn_many
     candidates = [unlearn_many([m], [scale_free(_RETAIN)], scale_free(forget), FIUnConfig(alpha=a, lam=v))[0][0]
                   for m in rich for v in (0.0, 1.0) for a in alphas]
     assert seen and all(any(all(torch.equal(w[k], c[k]) for k in c) for c in candidates) for w in seen)
-    monkeypatch.setattr(C, "forgets_all", real_forgets_all)
+    monkeypatch.setattr(C, "count_kept", real_count_kept)
     # a bad Fisher is still refused, before any step
     bad = {k: v.clone() for k, v in _FORGET.items()}
     bad["fc.bias"][0] = float("nan")
@@ -658,9 +684,9 @@ def test_predictions_in_channels_last_equal_the_plain_forward_pass():
         assert count_correct(model, weights, (x, plain.argmax(1))) == 40
 
 
-def test_forgets_all_answers_what_count_correct_says_and_stops_at_a_kept_sample(monkeypatch):
+def test_count_kept_answers_what_count_correct_says_and_stops_above_the_budget(monkeypatch):
     import fl_unlearn.calibrate as C
-    from fl_unlearn.calibrate import forgets_all
+    from fl_unlearn.calibrate import count_kept
 
     torch.manual_seed(1)
     model = torch.nn.Linear(5, 3)
@@ -671,14 +697,18 @@ def test_forgets_all_answers_what_count_correct_says_and_stops_at_a_kept_sample(
     real = C._predict
     monkeypatch.setattr(C, "_predict", lambda m, w, rows: calls.append(len(rows)) or real(m, w, rows))
     for y in (predicted, (predicted + 1) % 3, torch.cat([(predicted[:15] + 1) % 3, predicted[15:]])):
-        calls.clear()
-        assert forgets_all(model, weights, (x, y)) == (count_correct(model, weights, (x, y)) == 0)
+        correct = count_correct(model, weights, (x, y))
+        for budget in (0, 2, 5, 25):
+            assert count_kept(model, weights, (x, y), budget) == min(correct, budget + 1)
     calls.clear()
-    assert not forgets_all(model, weights, (x, predicted))
+    assert count_kept(model, weights, (x, predicted)) == 1
     assert calls == [C.FIRST_ROWS]  # a kept sample among the first rows: the rest is not scored
     calls.clear()
-    assert forgets_all(model, weights, (x, (predicted + 1) % 3)) and calls == [C.FIRST_ROWS, 20 - C.FIRST_ROWS]
-    assert forgets_all(model, weights, (x[:0], predicted[:0]))
+    assert count_kept(model, weights, (x, predicted), budget=C.FIRST_ROWS) == C.FIRST_ROWS + 1
+    assert calls == [C.FIRST_ROWS, 20 - C.FIRST_ROWS]  # within the budget there: the rest decides
+    calls.clear()
+    assert count_kept(model, weights, (x, (predicted + 1) % 3)) == 0 and calls == [C.FIRST_ROWS, 20 - C.FIRST_ROWS]
+    assert count_kept(model, weights, (x[:0], predicted[:0])) == 0
 
 
 def test_the_kept_loss_breaks_near_ties_before_the_change():

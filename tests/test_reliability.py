@@ -686,9 +686,12 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     store_dir = _copy(federation, tmp_path)
     grid = _grid()
 
+    settings = ClientCalibration(forget_samples=32, retain_samples=16, check_samples=16)
+    over = settings.check_budget(NUM_CLIENTS) + 1  # every client holds some of the class (asserted below)
+
     def nothing_forgets(reply):  # partition 0 says no candidate forgets any model with the shared forget-Fisher
         metrics = reply.content.metric_records[R.METRICS_KEY]
-        metrics[R.CHECK_INDEX] = [-1] * len(metrics[R.CHECK_INDEX])
+        metrics[R.CHECK_COUNTS] = [over] * len(metrics[R.CHECK_COUNTS])
         return reply
 
     grid.faults[(0, R.MSG_CHECK)] = [nothing_forgets]  # the first check; the re-check is honest
@@ -706,12 +709,13 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     strategy = UnlearningStrategy(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
         LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10, node_timeout=1.0,
-        client_calibration=ClientCalibration(forget_samples=32, retain_samples=16, check_samples=16))
+        client_calibration=settings)
     outcome = strategy.unlearn(grid, CLASS_REQUEST)
     cal = outcome.calibration
     assert outcome.state == "verified" and cal["target_met"]
     checked = sorted(cal["per_model"])
     holders = sorted(p for p, n in outcome.holders.items() if n > 0)
+    assert len(holders) == NUM_CLIENTS
     assert checked and cal["own_fisher"] == checked  # every checked model fell back to its own forget-Fisher
     # the first query.fisher goes to every client; then one per fallback model and holder; one calibration, the
     # first check and one re-check
