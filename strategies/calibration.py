@@ -34,11 +34,11 @@ server dampens each model at the mildest candidate at which the holders' counts 
 own tolerance of the samples checked (``forget_tolerance``: 3 of 128 by default), never milder than the choice
 (:func:`fl_unlearn.calibrate.per_model_candidate`). Until 2026-12-06 a model had to keep none of them, a bar the
 choice itself does not meet: on the App's MNIST class 9 a round-1 local model kept 1 of 128 at the choice and 25
-at the next stronger candidate, and took a forget-Fisher of its own, two more round trips. Until 2026-12-06 the holders walked those models inside
-``query.calibrate``, before the choice was known, from their feasible starts at every lambda; one round trip
-fewer, but the walks at the lambda not chosen (most of the walking) were wasted: on the App's MNIST class 0
-unlearning took 0.94 s with the second round trip against 1.04 s (class 1, whose choice is at lambda 1: 1.20 s
-against 1.18 s). Models that no candidate makes forget get their own
+at the next stronger candidate, and took a forget-Fisher of its own, two more round trips. Earlier still, the
+holders walked those models inside ``query.calibrate``, before the choice was known, from their feasible starts at
+every lambda; one round trip fewer, but the walks at the lambda not chosen (most of the walking) were wasted: on
+the App's MNIST class 0 unlearning took 0.94 s with the second round trip against 1.04 s (class 1, whose choice
+is at lambda 1: 1.20 s against 1.18 s). Models that no candidate brings within the budget get their own
 forget-Fisher and a second check (``query.checkforget`` again, with their own merged forget-Fishers), and, if
 still none does, the strongest candidate that zeroes no more than half of any weight tensor of theirs: no check
 ever counts a candidate that zeroes more (it forgets by breaking the model;
@@ -276,7 +276,7 @@ def check_held_models(
     tuple
         Per model: its ``(alpha, lambda)``, the forget-Fisher to dampen it with, and ``"met"``, ``"own-fisher"``
         or ``"not-met"`` (the strongest candidate that zeroes no more than half of any weight tensor, with its own
-        forget-Fisher, still keeping a sample).
+        forget-Fisher, still keeping more than ``check-budget`` samples).
     """
     base, sequence = _chosen_sequence(config)
     budget = int(config.get(R.CHECK_BUDGET, 0))
