@@ -84,11 +84,13 @@ from fl_unlearn.calibrate import (  # noqa: E402
     choose_candidate,
     dampening_change,
     count_correct_split,
+    first_within,
     grid_alphas,
     per_model_candidate,
     repair,
     scale_free,
     score_alpha_grid,
+    strongest_usable,
     unlearn_with_candidates,
 )
 from fl_unlearn.data import (  # noqa: E402
@@ -419,7 +421,12 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
                                     budget=check_budget)
                        for fset in forget_sets.values()]
             for j, i in enumerate(indices):
-                candidates[i], mets[i] = per_model_candidate(sequence, [r[j] for r in reports], budget=check_budget)
+                # a model none brings within the budget: the strongest candidate that zeroes no more than half of any
+                # weight tensor of it, as the App's server gives it (strategies.calibration._set_per_model)
+                counts = [r[j] for r in reports]
+                fallback = strongest_usable(sequence, ctx.weights[ctx.targets[i]], retain[i], forgets[i]) \
+                    if first_within(counts, check_budget) < 0 else -1
+                candidates[i], mets[i] = per_model_candidate(sequence, counts, fallback, budget=check_budget)
 
         check_at_holders(others)
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model
