@@ -381,9 +381,9 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     once the choice is known, every holder checks the other models from it towards stronger candidates
     (``check_models`` on 32 of its forget samples, the App's ``query.checkforget``) and each model gets the mildest
     candidate at which the holders keep at most the choice's tolerance of them in all (``per_model_candidate``,
-    3 of 128; none of them until 2026-12-06); a model none forgets gets its own forget-Fisher
-    (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its ``(alpha, lambda)`` and whether it met the target, the target, and
-    the models given their own forget-Fisher.
+    3 of 128; none of them until 2026-12-06); a model no candidate brings within it gets its own forget-Fisher
+    (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its
+    ``(alpha, lambda)`` and whether it met the target, the target, and the models given their own forget-Fisher.
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
