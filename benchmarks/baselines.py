@@ -378,9 +378,11 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     it forgets, 32 it keeps; ``score_alpha_grid``; for a class each lambda's alphas strongest first, up to the
     first that keeps more than the federation's budget); the summed counts choose one candidate (target: the
     calibration's forget tolerance for a class, the kept-sample accuracy before unlearning for a client). For a class,
-    once the choice is known, every holder checks the other models from it towards stronger candidates
-    (``check_models`` on 32 of its forget samples, the App's ``query.checkforget``) and each model gets the mildest
-    candidate at which the holders keep at most the choice's tolerance of them in all (``per_model_candidate``,
+    once the choice is known, the holders check the other models from it towards stronger candidates
+    (``check_models``, the App's ``query.checkforget``): a global model at every holder on 32 of its forget samples,
+    a model a holder trained itself (its local updates, its derived model) at that holder alone on as many as all
+    check a global model on (``ClientCalibration.owner_rows``; the App's ``check_plan``), and each model gets the
+    mildest candidate at which the holders keep at most the choice's tolerance of them in all (``per_model_candidate``,
     3 of 128; none of them until 2026-12-06); a model no candidate brings within it gets its own forget-Fisher
     (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its
     ``(alpha, lambda)`` and whether it met the target, the target, and the models given their own forget-Fisher.
@@ -392,7 +394,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
-    total, before_kept, forget_sets = None, 0, {}
+    total, before_kept, forget_sets, owner_sets = None, 0, {}, {}
     holders = sum(1 for k in range(s.clients) if len(ctx.forget.forgotten[k]))
     budget = settings.keep_budget(holders) if is_class else 0
     for k in range(s.clients):
@@ -405,6 +407,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         before_kept += count_correct_split(model, ctx.weights[newest], None, rset)[1]
         if fset is not None:
             forget_sets[k] = (fset[0][:s.check_samples], fset[1][:s.check_samples])
+            owner_sets[k] = _head(forgotten, settings.owner_rows(holders), s.seed + k)
     target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
@@ -415,15 +418,26 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         check_budget = settings.check_budget(len(forget_sets))
 
         def check_at_holders(indices: list[int]) -> None:  # the App's query.checkforget, from the choice on
-            # each model with its own retain-Fisher (the App shares one; the check is the same)
-            reports = [check_models(model, [ctx.weights[ctx.targets[i]] for i in indices],
-                                    [retain[i] for i in indices], [forgets[i] for i in indices], fset, sequence,
-                                    budget=check_budget)
-                       for fset in forget_sets.values()]
-            for j, i in enumerate(indices):
+            # each model with its own retain-Fisher (the App shares one; the check is the same). A model a holder
+            # trained itself (its local updates, its derived model) is checked there alone, on as many samples as
+            # all holders check a global model on (strategies.calibration.check_plan; train.unlearn for derived)
+            def check(group: list[int], fset: tuple) -> list[list[int]]:
+                return check_models(model, [ctx.weights[ctx.targets[i]] for i in group], [retain[i] for i in group],
+                                    [forgets[i] for i in group], fset, sequence, budget=check_budget)
+
+            owner = {i: ctx.net.client_of[ctx.targets[i]] for i in indices}
+            everywhere = [i for i in indices if owner[i] not in forget_sets]
+            reports: dict[int, list[list[int]]] = {i: [] for i in indices}  # per model: a row per holder checking it
+            for k, fset in forget_sets.items():
+                for i, row in zip(everywhere, check(everywhere, fset) if everywhere else []):
+                    reports[i].append(row)
+                mine = [i for i in indices if owner[i] == k]
+                for i, row in zip(mine, check(mine, owner_sets[k]) if mine else []):
+                    reports[i].append(row)
+            for i in indices:
+                counts = reports[i]
                 # a model none brings within the budget: the strongest candidate that zeroes no more than half of any
                 # weight tensor of it, as the App's server gives it (strategies.calibration._set_per_model)
-                counts = [r[j] for r in reports]
                 fallback = strongest_usable(sequence, ctx.weights[ctx.targets[i]], retain[i], forgets[i]) \
                     if first_within(counts, check_budget) < 0 else -1
                 candidates[i], mets[i] = per_model_candidate(sequence, counts, fallback, budget=check_budget)

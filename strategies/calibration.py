@@ -26,7 +26,10 @@ server-held and client-held (``scale-free`` in ``train.unlearn``).
 The choice is scored on the newest affected global model; an early model in the lineage can keep a class at the
 same alpha (measured on MNIST: a round-1 local model kept 11.7 % of class 3). So for a class request a second
 round trip (``query.checkforget``, :func:`check_at_clients`) sends the other affected server-held models to the
-clients holding data to forget: each holder walks, per model, from the federation's choice towards stronger
+clients holding data to forget, each to the holders that have already seen it (:func:`check_plan`): a global
+model to every holder, a client's local update to that client alone, on as many of its samples as all holders
+check a global model on together (until 2026-12-07 every holder was sent every other client's local update too).
+Each holder walks, per model, from the federation's choice towards stronger
 candidates (smaller alphas, then lambda 0: :func:`fl_unlearn.calibrate.check_sequence`, every grid alpha) until
 the model forgets every one of a few of its forget samples, counting at each step the samples it still predicts
 (:func:`fl_unlearn.calibrate.check_models`: one forward pass for a model that forgets at the choice), and the
@@ -52,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
@@ -157,13 +160,19 @@ class ClientCalibration:
         ``check_samples`` each: the choice's own tolerance (:func:`fl_unlearn.calibrate.first_within`)."""
         return int(self.forget_tolerance * self.check_samples * holders)
 
+    def owner_rows(self, holders: int) -> int:
+        """Forget samples a holder checks a model on that only it may see (its own local update, a model it
+        derived): as many as ``holders`` clients check a global model on together, so that every model is held to
+        the same :meth:`check_budget`."""
+        return self.check_samples * max(holders, 1)
+
     def kept_margin(self, retain_num: int) -> int:
         """Kept samples (of ``retain_num`` scored) within which two candidates count as keeping as much."""
         return math.ceil(self.kept_tolerance * retain_num - 1e-9)
 
 
-#: The per-model check sends every other affected server-held model to every client; above this many bytes of
-#: weights per message it is skipped (logged), and every model gets the one choice.
+#: The per-model check sends the other affected server-held models to the holders; above this many bytes of
+#: their weights in all it is skipped (logged), and every model gets the one choice.
 CHECK_MAX_BYTES = 256 * 2**20
 
 
@@ -266,8 +275,9 @@ def check_held_models(
 
     Each model walks from the federation's choice (the ``fiun-alpha`` / ``fiun-lam`` of ``config``) towards
     stronger candidates (:func:`fl_unlearn.calibrate.check_models` over ``alphas`` / ``lams``) and takes the first
-    that keeps at most ``check-budget`` samples of ``forget_set`` (the server sends the choice's tolerance of one
-    holder's check samples: 0 of 32 by default); one that no candidate brings there gets the forget-Fisher this
+    that keeps at most ``check-budget`` samples of ``forget_set`` (the server sends the budget every model is
+    held to, and as many samples as all holders check a global model on together: 3 of 128 with four holders;
+    :meth:`ClientCalibration.owner_rows`); one that no candidate brings there gets the forget-Fisher this
     client takes on the model itself (``own_fisher(weights)``: it holds the data) and walks again, as the server
     does for its models.
 
@@ -304,39 +314,49 @@ def _chosen_sequence(config: Any) -> tuple[FIUnConfig, list[tuple[float, float]]
                                 [float(v) for v in config[R.LAMS]])
 
 
-def _check_content(arrays: Any, config: Any) -> tuple[list[Tensors], list[Tensors]]:
-    """The check models a message carries and, per model, the forget-Fisher it is dampened with."""
+def _check_content(arrays: Any, config: Any) -> tuple[list[Tensors], list[Tensors], list[int]]:
+    """The check models a message carries and, per model, the forget-Fisher it is dampened with and the forget
+    samples to check it on."""
     keys = sorted((k for k in arrays if k.startswith(R.CHECK_MODEL_PREFIX)), key=lambda k: int(k.rsplit("-", 1)[1]))
     fisher_of = [int(i) for i in config[R.CHECK_FISHER_OF]]
-    if not keys or len(fisher_of) != len(keys):
-        raise UnlearnError(f"query.checkforget: {len(keys)} check models and {len(fisher_of)} check-fisher-of entries")
+    rows = [int(n) for n in config[R.CHECK_ROWS]]
+    if not keys or len(fisher_of) != len(keys) or len(rows) != len(keys) or min(rows) < 1:
+        raise UnlearnError(f"query.checkforget: {len(keys)} check models, {len(fisher_of)} check-fisher-of entries "
+                           f"and check-rows {rows[:8]} (one positive count per model)")
     fishers = {i: R.record_to_tensors(arrays[f"{R.CHECK_FISHER_PREFIX}{i}"]) for i in sorted(set(fisher_of))}
-    return [R.record_to_tensors(arrays[k]) for k in keys], [fishers[i] for i in fisher_of]
+    return [R.record_to_tensors(arrays[k]) for k in keys], [fishers[i] for i in fisher_of], rows
 
 
 def handle_check(spec: ClientSpec, msg: Message, context: Context) -> Message:
     """``query.checkforget``: per sent model, from the chosen candidate towards stronger ones
-    (:func:`fl_unlearn.calibrate.check_sequence`), how many of this client's (capped) forget samples each step
-    still predicts, up to the first that predicts none (``check-counts``, model by model, one entry per step:
-    :func:`fl_unlearn.calibrate.check_models`)."""
+    (:func:`fl_unlearn.calibrate.check_sequence`), how many of this client's forget samples (the first
+    ``check-rows`` of one seeded sample) each step still predicts, up to the first that predicts none
+    (``check-counts``, model by model, one entry per step: :func:`fl_unlearn.calibrate.check_models`)."""
     from strategies.client import _seed, load_model, partition_id
 
     start = time.perf_counter()
     config = R.first_config(msg)
     arrays = msg.content.array_records
-    models, fishers = _check_content(arrays, config)
+    models, fishers, rows = _check_content(arrays, config)
     data = spec.data_fn(context)
     forget_rows, _ = ForgetSpec.from_config(config).split_rows(data)
-    forget_set = _sample_tensors(data, forget_rows, int(config[R.CALIBRATION_CHECK]), _seed(context, -3))
+    forget_set = _sample_tensors(data, forget_rows, max(rows), _seed(context, -3))
     metrics = MetricRecord({R.FORGET_NUM: 0 if forget_set is None else len(forget_set[1])})
     if forget_set is not None:
         base, sequence = _chosen_sequence(config)
-        counts = check_models(load_model(spec, context, models[0]), models,
-                              R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY]), fishers, forget_set, sequence,
-                              base=base, budget=int(config.get(R.CHECK_BUDGET, 0)))
+        retain = R.record_to_tensors(arrays[R.RETAIN_FISHER_KEY])
+        model = load_model(spec, context, models[0])
+        counts: list[list[int]] = [[] for _ in models]
+        for n in sorted(set(rows)):  # one check_models per sample size (global models; this client's own)
+            group = [i for i, r in enumerate(rows) if r == n]
+            found = check_models(model, [models[i] for i in group], retain, [fishers[i] for i in group],
+                                 (forget_set[0][:n], forget_set[1][:n]), sequence, base=base,
+                                 budget=int(config.get(R.CHECK_BUDGET, 0)))
+            for i, row in zip(group, found):
+                counts[i] = row
         metrics[R.CHECK_COUNTS] = [c for row in counts for c in row]  # model by model
     metrics[R.SECONDS] = time.perf_counter() - start
-    log(INFO, "query.checkforget: partition %d checked %d models on %d forget samples in %.2f s",
+    log(INFO, "query.checkforget: partition %d checked %d models on up to %d forget samples in %.2f s",
         partition_id(context), len(models), metrics[R.FORGET_NUM], metrics[R.SECONDS])
     return Message(RecordDict({R.METRICS_KEY: metrics}), reply_to=msg)
 
@@ -365,6 +385,7 @@ def calibrate_at_clients(
     settings: ClientCalibration = ClientCalibration(),
     check: Sequence[tuple[str, Tensors, Tensors]] = (),
     holders: Sequence[int] | None = None,
+    owners: Mapping[str, int] | None = None,
 ) -> CalibrationChoice:
     """One ``query.calibrate`` to every client in ``pids``; sum their counts; choose alpha; then, for a class, check
     every model in ``check`` at the holders (``query.checkforget``, :func:`check_at_clients`).
@@ -392,6 +413,9 @@ def calibrate_at_clients(
     holders : sequence of int | None (default: None)
         The partitions holding data to forget (they set the keep budget); ``None``: all of ``pids``. The check goes
         to those that replied with forget samples.
+    owners : mapping | None (default: None)
+        Node id -> partition, for the local updates in ``check``: each is checked by its own client only
+        (:func:`check_plan`). ``None``: every holder checks every model.
 
     Returns
     -------
@@ -441,7 +465,8 @@ def calibrate_at_clients(
                                kept_margin=margin)
     if check and met:  # every other affected model, from the choice on, at the holders: a second round trip
         choice.holders = sorted(replied_holders)
-        check_at_clients(grid, nodes, choice.holders, request_configs, retain_fisher, check, choice, base, settings)
+        check_at_clients(grid, nodes, choice.holders, request_configs, retain_fisher, check, choice, base, settings,
+                         owners)
         choice.seconds = time.perf_counter() - start
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
@@ -477,69 +502,110 @@ def _checkable(check: Sequence[tuple[str, Tensors, Tensors]], request_kind: str,
     return list(check)
 
 
+def check_plan(check_ids: Sequence[str], owners: Mapping[str, int], holders: Sequence[int],
+               settings: ClientCalibration) -> dict[int, list[tuple[int, int]]]:
+    """Per holder: ``(index into check_ids, forget samples)`` of the models it checks.
+
+    A model is checked where it has already been seen. A client's local update goes to that client alone
+    (``owners``: node id -> partition), checked on :meth:`ClientCalibration.owner_rows` of its samples, as many
+    as all holders check a global model on together; every other model (a global model: every client received it)
+    goes to every holder, ``check_samples`` each. A local update whose client holds none of the data to forget
+    goes to every holder too: its owner cannot check it, and the per-model check would otherwise have no samples
+    for it (the one case in which a holder sees another client's update).
+
+    Examples
+    --------
+    >>> check_plan(["global-r1", "local-r1-p0", "local-r1-p2"], {"local-r1-p0": 0, "local-r1-p2": 2}, [0, 1],
+    ...            ClientCalibration(check_samples=32))
+    {0: [(0, 32), (1, 64), (2, 32)], 1: [(0, 32), (2, 32)]}
+    """
+    plan: dict[int, list[tuple[int, int]]] = {h: [] for h in holders}
+    for i, node_id in enumerate(check_ids):
+        owner = owners.get(node_id)
+        if owner in plan:
+            plan[owner].append((i, settings.owner_rows(len(holders))))
+        else:
+            for h in holders:
+                plan[h].append((i, settings.check_samples))
+    return plan
+
+
 def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
                      request_configs: dict[int, dict[str, Any]], retain_fisher: Tensors,
                      check: Sequence[tuple[str, Tensors, Tensors]], choice: CalibrationChoice, base: FIUnConfig,
-                     settings: ClientCalibration) -> None:
+                     settings: ClientCalibration, owners: Mapping[str, int] | None = None) -> None:
     """``query.checkforget`` to ``holders``: set ``choice.per_model`` / ``per_model_met`` of every model in
-    ``check`` (node id, weights, the forget-Fisher it is dampened with) from the chosen candidate on."""
+    ``check`` (node id, weights, the forget-Fisher it is dampened with) from the chosen candidate on. Each holder
+    gets the models :func:`check_plan` gives it (``owners``: node id -> partition of the local updates among
+    them; ``None``: every holder checks every model)."""
     from strategies.nodes import checked_replies, exchange
     from strategies.server import fiun_config
 
-    content: dict[str, Any] = {R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
-    check_cfg = _add_check_models(content, check)
+    plan = check_plan([node_id for node_id, _, _ in check], owners or {}, holders, settings)
+    own = sum(1 for node_id, _, _ in check if (owners or {}).get(node_id) in plan)
+    log(INFO, "unlearn: per-model check at %d holders: %d models at every holder, %d local updates at their own "
+        "client only", len(holders), len(check) - own, own)
+    retain = R.tensors_to_record(retain_fisher)
+    records = [R.tensors_to_record(weights) for _, weights, _ in check]  # built once, shared by the messages
     fiun = fiun_config(dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam))
     budget = settings.check_budget(len(holders))
-    msgs = [Message(RecordDict({**content, R.CONFIG_KEY: ConfigRecord({
-        R.ALPHAS: list(settings.alphas), R.LAMS: list(settings.lams), R.CALIBRATION_CHECK: int(settings.check_samples),
-        R.CHECK_BUDGET: budget, **check_cfg, **fiun,
-        **request_configs[pid]})}), dst_node_id=nodes.node_of(pid), message_type=R.MSG_CHECK) for pid in holders]
+    msgs = []
+    for pid in [h for h in holders if plan[h]]:  # a holder with nothing to check gets no message
+        content: dict[str, Any] = {R.RETAIN_FISHER_KEY: retain}
+        check_cfg = _add_check_models(content, [check[i] for i, _ in plan[pid]], [records[i] for i, _ in plan[pid]])
+        msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: ConfigRecord({
+            R.ALPHAS: list(settings.alphas), R.LAMS: list(settings.lams), R.CHECK_ROWS: [n for _, n in plan[pid]],
+            R.CHECK_BUDGET: budget, **check_cfg, **fiun, **request_configs[pid]})}), dst_node_id=nodes.node_of(pid),
+            message_type=R.MSG_CHECK))
     sequence = check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)
-    reports = []
+    counts: list[list[list[int]]] = [[] for _ in check]  # per model: one row of counts per holder that checked it
     for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.checkforget"):
         m = reply.content.metric_records[R.METRICS_KEY]
+        mine = plan.get(nodes.partition.get(reply.metadata.src_node_id, -1), [])
         if int(m[R.FORGET_NUM]) > 0:
             values = [int(v) for v in m[R.CHECK_COUNTS]]
-            if len(values) != len(check) * len(sequence) or any(not NOT_WALKED <= v <= budget + 1 for v in values):
-                raise UnlearnError(f"query.checkforget: {len(values)} counts for {len(check)} models and a sequence "
+            if len(values) != len(mine) * len(sequence) or any(not NOT_WALKED <= v <= budget + 1 for v in values):
+                raise UnlearnError(f"query.checkforget: {len(values)} counts for {len(mine)} models and a sequence "
                                    f"of {len(sequence)} candidates, or one outside [{NOT_WALKED}, {budget + 1}]")
-            reports.append([values[i * len(sequence):(i + 1) * len(sequence)] for i in range(len(check))])
-    _set_per_model(choice, check, sequence, reports, retain_fisher, base, budget)
+            for j, (i, _) in enumerate(mine):
+                counts[i].append(values[j * len(sequence):(j + 1) * len(sequence)])
+    _set_per_model(choice, check, sequence, counts, retain_fisher, base, budget)
 
 
 def _set_per_model(choice: CalibrationChoice, check: Sequence[tuple[str, Tensors, Tensors]],
-                   sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[Sequence[int]]],
+                   sequence: Sequence[tuple[float, float]], counts: Sequence[Sequence[Sequence[int]]],
                    retain_fisher: Tensors, base: FIUnConfig, budget: int) -> None:
-    """Set ``choice.per_model`` / ``per_model_met`` from every holder's counts per model and step (the first step
-    where they add up to at most ``budget``); a model no candidate makes forget gets the strongest one that zeroes
-    no more than half of any of its weight tensors."""
+    """Set ``choice.per_model`` / ``per_model_met`` from the counts per model (one row per holder that checked
+    it, one entry per step): the first step where they add up to at most ``budget``; a model no candidate makes
+    forget (or that no holder checked) gets the strongest one that zeroes no more than half of any of its weight
+    tensors."""
     for i, (node_id, weights, forget) in enumerate(check):
-        counts = [r[i] for r in reports]
         fallback = strongest_usable(sequence, weights, retain_fisher, forget, base) \
-            if first_within(counts, budget) < 0 else -1
-        candidate, met = per_model_candidate(sequence, counts, fallback, budget=budget)
+            if first_within(counts[i], budget) < 0 else -1
+        candidate, met = per_model_candidate(sequence, counts[i], fallback, budget=budget)
         choice.per_model[node_id], choice.per_model_met[node_id] = candidate, met
     unmet = sorted(node_id for node_id, _, _ in check if not choice.per_model_met[node_id])
     if unmet:  # dampening with this forget-Fisher cannot reach these models' class; say so, do not hide it
-        log(WARNING, "unlearn: per-model check: no candidate forgot the class on %s at every holder; they get the "
+        log(WARNING, "unlearn: per-model check: no candidate forgot the class on %s within the budget; they get the "
             "strongest one that zeroes no more than half of any weight tensor (%s) and per_model_met = false", unmet,
             ", ".join(f"{k}: alpha {choice.per_model[k][0]:g} lambda {choice.per_model[k][1]:g}" for k in unmet))
     stronger = {k: v for k, v in choice.per_model.items() if v != (choice.alpha, choice.lam)}
-    log(INFO, "unlearn: per-model check of %d models on %d holders: %d need a stronger dampening%s", len(check),
-        len(reports), len(stronger),
+    log(INFO, "unlearn: per-model check of %d models: %d need a stronger dampening%s", len(check), len(stronger),
         f" ({', '.join(f'{k}: alpha {a:g} lambda {v:g}' for k, (a, v) in stronger.items())})" if stronger else "")
 
 
-def _add_check_models(content: dict[str, Any], check: Sequence[tuple[str, Tensors, Tensors]]) -> dict[str, Any]:
-    """Put the check models and their distinct forget-Fishers into ``content``; return the config entries."""
+def _add_check_models(content: dict[str, Any], check: Sequence[tuple[str, Tensors, Tensors]],
+                      records: Sequence[Any]) -> dict[str, Any]:
+    """Put the check models (``records``: their weights as ArrayRecords) and their distinct forget-Fishers into
+    ``content``; return the config entries."""
     if not check:
         return {}
     index: dict[int, int] = {}
     fisher_of = []
-    for i, (_, weights, forget) in enumerate(check):
+    for i, ((_, _, forget), record) in enumerate(zip(check, records)):
         if id(forget) not in index:
             index[id(forget)] = len(index)
             content[f"{R.CHECK_FISHER_PREFIX}{index[id(forget)]}"] = R.tensors_to_record(forget)
         fisher_of.append(index[id(forget)])
-        content[f"{R.CHECK_MODEL_PREFIX}{i}"] = R.tensors_to_record(weights)
+        content[f"{R.CHECK_MODEL_PREFIX}{i}"] = record
     return {R.CHECK_FISHER_OF: fisher_of}

@@ -145,6 +145,7 @@ CALIBRATION_BUDGET = "calibration-keep-budget"  # ... that keeps more than this 
 CHECK_MODEL_PREFIX = "check-model-"  # query.checkforget: the other affected models, check-model-0, ...
 CHECK_FISHER_PREFIX = "check-fisher-"  # query.checkforget: their distinct forget-Fishers, check-fisher-0, ...
 CHECK_FISHER_OF = "check-fisher-of"  # query.checkforget: per check model, the index of its forget-Fisher
+CHECK_ROWS = "check-rows"  # query.checkforget: per check model, the forget samples this holder checks it on (cap)
 CHECK_COUNTS = "check-counts"  # query.checkforget reply: per model and step, forget samples kept (calibrate.check_models)
 CHECK_BUDGET = "check-budget"  # forget samples every holder of a checked model may keep in all (counts stop above)
 CHECK = "check"  # train.unlearn reply, per model: met | own-fisher | not-met (the holder's own per-model check)

@@ -932,12 +932,17 @@ class UnlearningStrategy(DelegatingStrategy):
         return {i: figures.get(i, {"forget_acc": None, "retain_acc": None}) for i in node_ids}
 
     def _client_check_config(self, request: UnlearningRequest, outcome: UnlearnOutcome) -> dict[str, Any]:
-        """alpha="auto" and a class: the grid and sample count with which holders check the models they hold."""
+        """alpha="auto" and a class: the grid and sample count with which holders check the models they hold.
+
+        A holder checks its own models on as many samples as all holders check a global model on together, and
+        they may keep as many (:meth:`ClientCalibration.owner_rows`, ``check_budget``): every model is held to
+        the same bar, wherever it is checked."""
         settings = self.client_calibration
         if not outcome.scale_free or request.kind != "classes" or settings is None or settings.check_samples <= 0:
             return {}
+        holders = max(1, sum(1 for n in outcome.holders.values() if n > 0))
         return {R.ALPHAS: [float(a) for a in settings.alphas], R.LAMS: [float(v) for v in settings.lams],
-                R.CALIBRATION_CHECK: int(settings.check_samples), R.CHECK_BUDGET: settings.check_budget(1),
+                R.CALIBRATION_CHECK: settings.owner_rows(holders), R.CHECK_BUDGET: settings.check_budget(holders),
                 R.OWN_FISHER_SAMPLES: self._own_fisher_samples()}
 
     def _check_unlearn_reply(self, reply: Message, by_client: dict[int, list[str]], request: UnlearningRequest) -> None:
@@ -975,7 +980,8 @@ class UnlearningStrategy(DelegatingStrategy):
         choice = calibrate_at_clients(
             grid, self.nodes, pids, {p: request_config(request, p) for p in pids}, self.store.get(node.weights),
             retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration,
-            check=check, holders=sorted(p for p, n in outcome.holders.items() if n > 0))
+            check=check, holders=sorted(p for p, n in outcome.holders.items() if n > 0),
+            owners=self._local_owners([a for a, _, _ in check]))
         unmet = [k for k, ok in choice.per_model_met.items() if not ok]
         if unmet:
             self._own_forget_fishers(grid, request, unmet, forget_of, retain, choice, base, outcome.roots)
@@ -1019,11 +1025,21 @@ class UnlearningStrategy(DelegatingStrategy):
         check = [(k, self.store.get(self.graph.node(k).weights), own[k]) for k in node_ids if k in own]
         pids = sorted(self.nodes.partition.values())
         check_at_clients(grid, self.nodes, choice.holders, {p: request_config(request, p) for p in pids}, retain,
-                         check, choice, base, self.client_calibration)
+                         check, choice, base, self.client_calibration, self._local_owners([k for k, _, _ in check]))
         forget_of.update(own)
         choice.own_fisher = sorted(own)
         log(INFO, "unlearn: own forget-Fishers for %s; forgotten now: %s", sorted(own),
             sorted(k for k in own if choice.per_model_met[k]))
+
+    def _local_owners(self, node_ids: Sequence[str]) -> dict[str, int]:
+        """Node id -> partition of the clients' local updates among ``node_ids`` (the per-model check sends each
+        to its own client only: the other clients never received it)."""
+        owners = {}
+        for node_id in node_ids:
+            node = self.graph.node(node_id)
+            if node.kind == "local" and node.data is not None and node.data.client is not None:
+                owners[node_id] = int(node.data.client)
+        return owners
 
     def _own_fisher_samples(self) -> int:
         """Rows per holder for a model's own forget-Fisher: the calibration's forget samples

@@ -604,8 +604,8 @@ def test_the_server_gives_a_model_no_candidate_forgets_the_strongest_usable_one(
     seq = check_sequence(4.0, 0.0, (1.0, 2.0, 4.0), (1.0, 0.0))
     choice = CalibrationChoice(4.0, 0.0, 0.03, True, GridCounts(((4.0, 0.0),), [0], [3], 3, 3), 0.0, 0.0)
     # one holder: "m" keeps a sample at the choice and the rest zero half the layer; "n" forgets at (2, 0)
-    reports = [[[1, UNSCORED, UNSCORED], [1, 0, NOT_WALKED]]]
-    _set_per_model(choice, [("m", _LAYERED, _LAYERED_FORGET), ("n", _LAYERED, _LAYERED_FORGET)], seq, reports,
+    counts = [[[1, UNSCORED, UNSCORED]], [[1, 0, NOT_WALKED]]]  # per model, one row per holder that checked it
+    _set_per_model(choice, [("m", _LAYERED, _LAYERED_FORGET), ("n", _LAYERED, _LAYERED_FORGET)], seq, counts,
                    _LAYERED_RETAIN, FIUnConfig(), 0)
     assert choice.per_model == {"m": (4.0, 0.0), "n": (2.0, 0.0)} and choice.per_model_met == {"m": False, "n": True}
 
@@ -751,3 +751,20 @@ def test_client_grid_reports_the_summed_cross_entropy_of_its_kept_samples():
     forget_only = score_alpha_grid(model, weights, retain, forget, forget_set, None, candidates=grid)
     assert forget_only.retain_loss == [0.0] * len(grid)
     assert (forget_only + counts).retain_loss == pytest.approx(counts.retain_loss)
+
+
+def test_the_check_sends_a_local_update_only_to_its_own_client_on_as_many_samples():
+    from strategies.calibration import ClientCalibration, check_plan
+
+    settings = ClientCalibration(check_samples=32)
+    ids = ["global-r1", "local-r1-p0", "local-r1-p2", "local-r2-p5"]
+    owners = {"local-r1-p0": 0, "local-r1-p2": 2, "local-r2-p5": 5}  # partition 5 holds no data to forget
+    plan = check_plan(ids, owners, [0, 1, 2], settings)
+    assert plan == {0: [(0, 32), (1, 96), (3, 32)], 1: [(0, 32), (3, 32)], 2: [(0, 32), (2, 96), (3, 32)]}
+    totals: dict[int, int] = {}
+    for items in plan.values():
+        for i, rows in items:
+            totals[i] = totals.get(i, 0) + rows
+    # every model is checked on as many samples in all, so the one budget holds for each
+    assert totals == {i: 3 * 32 for i in range(len(ids))} and settings.owner_rows(3) == 96
+    assert check_plan(ids, {}, [0, 1], settings) == {h: [(i, 32) for i in range(len(ids))] for h in (0, 1)}
