@@ -77,6 +77,28 @@ def scale_free(fisher: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v.double() / mean).to(v.dtype) for k, v in fisher.items()}
 
 
+def scale_free_each(fishers: Sequence[Mapping[str, Tensor]],
+                    done: dict[int, dict[str, Tensor]] | None = None) -> list[dict[str, Tensor]]:
+    """:func:`scale_free` of every Fisher in ``fishers``. One object listed several times (a merge that several
+    models share) is normalised once and stays one object, so :func:`~fl_unlearn.fiun.unlearn_many` validates and
+    broadcasts it once. ``done`` (id -> result) carries the sharing across calls.
+
+    Examples
+    --------
+    >>> f = {"w": torch.tensor([1.0, 3.0])}
+    >>> a, b = scale_free_each([f, f])
+    >>> a is b, a["w"].tolist()
+    (True, [0.5, 1.5])
+    """
+    done = {} if done is None else done
+    out = []
+    for fisher in fishers:
+        if id(fisher) not in done:
+            done[id(fisher)] = scale_free(fisher)
+        out.append(done[id(fisher)])
+    return out
+
+
 @dataclass
 class Candidate:
     """The best alpha found so far for one model."""
@@ -1014,8 +1036,7 @@ def _scale_free_per_model(what: str, n: int, retain_fisher: Mapping[str, Tensor]
         raise ConfigError(f"{what}: {n} models but {len(retains)} retain-Fishers and "
                           f"{len(forget_fishers)} forget-Fishers")
     normalised: dict[int, dict[str, Tensor]] = {}
-    return ([normalised.setdefault(id(f), scale_free(f)) for f in retains],
-            [normalised.setdefault(id(f), scale_free(f)) for f in forget_fishers])
+    return scale_free_each(retains, normalised), scale_free_each(forget_fishers, normalised)
 
 
 def per_model_candidate(sequence: Sequence[tuple[float, float]], reports: Sequence[Sequence[int]],

@@ -44,7 +44,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from torch import nn
 
-from fl_unlearn.calibrate import scale_free, unlearn_with_candidates
+from fl_unlearn.calibrate import scale_free, scale_free_each, unlearn_with_candidates
 from fl_unlearn.data import (
     class_histogram,
     class_labels,
@@ -518,8 +518,9 @@ def handle_unlearn(spec: ClientSpec, msg: Message, context: Context) -> Message:
             _sample_tensors(data, forget_rows, check_n, _seed(context, -3)), config,
             own_fisher=lambda w: fisher_of(load_model(spec, context, w), data, forget_rows, context, config,
                                            seed=_seed(context, -2), cap_key=R.OWN_FISHER_SAMPLES))
-        new_weights, stats = unlearn_with_candidates(weights, [scale_free(f) for f in retain],
-                                                     [scale_free(f) for f in forgets], cfg, candidates)
+        shared: dict[int, Any] = {}  # a Fisher several models share is normalised once
+        new_weights, stats = unlearn_with_candidates(weights, scale_free_each(retain, shared),
+                                                     scale_free_each(forgets, shared), cfg, candidates)
         stats = [{**_as_plain(st), "alpha": a, "lam": v} for st, (a, v) in zip(stats, candidates)]
     else:
         if config.get(R.SCALE_FREE):  # alpha="auto" chose alpha on mean-normalised Fishers (strategies.calibration)

@@ -38,7 +38,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fl_unlearn.calibrate import scale_free
+from fl_unlearn.calibrate import scale_free_each
 from fl_unlearn.erasure import PREPARED_RETAIN_REF
 from fl_unlearn.errors import ConfigError, FisherError, RecordError, RequestError, UnlearnError
 from fl_unlearn.fisher import check_fisher
@@ -813,18 +813,19 @@ class UnlearningStrategy(DelegatingStrategy):
         forgets = [forget_of[n.id] for n in nodes]
         cfg = outcome.fiun or self.fiun or FIUnConfig()
         if outcome.scale_free:
-            retain, forgets = [scale_free(f) for f in retain], [scale_free(f) for f in forgets]
+            shared: dict[int, Tensors] = {}  # a Fisher several models share is normalised (and validated) once
+            retain, forgets = scale_free_each(retain, shared), scale_free_each(forgets, shared)
         if self.calibration is None:
             new_weights, stats = _unlearn_per_candidate(
                 weights, retain, forgets, cfg, [outcome.model_candidates.get(i, (cfg.alpha, cfg.lam)) for i in ids])
         else:
             new_weights, stats = self._calibrated(weights, retain, forgets, cfg, outcome)
         outcome.server_models = ids
-        versions = {}
-        for node, w, s in zip(nodes, new_weights, stats):
-            versions[node.id] = self.store.put(w, {"kind": node.kind, "unlearned-from": node.id, "request": request.id})
+        digests = self.store.put_many([(w, {"kind": node.kind, "unlearned-from": node.id, "request": request.id})
+                                       for node, w in zip(nodes, new_weights)])
+        for node, s in zip(nodes, stats):
             outcome.stats[node.id] = _as_dict(s)
-        return versions
+        return {node.id: digest for node, digest in zip(nodes, digests)}
 
     def _calibrated(self, weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
                     outcome: UnlearnOutcome) -> tuple[list[Tensors], list[Any]]:

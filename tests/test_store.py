@@ -295,3 +295,19 @@ def test_documents_can_be_listed(tmp_path):
         store.put_json(name, {"name": name})
     assert store.docs() == ["erasures/req-1", "erasures/req-2", "run"]
     assert store.docs("erasures/") == ["erasures/req-1", "erasures/req-2"] and store.docs("x") == []
+
+
+def test_put_many_stores_each_item_as_put_would_and_bad_input_writes_nothing(tmp_path):
+    items = [({"w": torch.full((3, 2), float(i))}, {"i": i}) for i in range(6)]
+    items.append(items[1])  # the same object twice: one file, the same digest
+    many = Store(tmp_path / "many")
+    digests = many.put_many(items)
+    one = Store(tmp_path / "one")
+    assert digests == [one.put(t, m) for t, m in items]  # in order, the digests put gives
+    for (tensors, meta), digest in zip(items, digests):
+        assert torch.equal(many.get(digest)["w"], tensors["w"]) and many.meta(digest) == meta
+    assert len(_files(many.root / "objects")) == 6 and not _tmp_files(many.root)
+    fresh = Store(tmp_path / "fresh")
+    with pytest.raises(StoreError):  # the last item is refused before any is written
+        fresh.put_many([({"w": torch.ones(2)}, None), ({"w": torch.ones(2)}, {"bad": float("nan")})])
+    assert not _files(fresh.root)
