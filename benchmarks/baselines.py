@@ -71,7 +71,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_unlearn.baselines import AscentConfig, FinetuneConfig, finetune, gradient_ascent  # noqa: E402
-from strategies.calibration import ClientCalibration  # noqa: E402
+from strategies.calibration import ClientCalibration, check_plan  # noqa: E402
 from strategies.config import DEFAULTS  # noqa: E402
 from strategies.repair import RepairSettings, rule_figures  # noqa: E402
 from fl_unlearn.calibrate import (  # noqa: E402
@@ -380,8 +380,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     calibration's forget tolerance for a class, the kept-sample accuracy before unlearning for a client). For a class,
     once the choice is known, the holders check the other models from it towards stronger candidates
     (``check_models``, the App's ``query.checkforget``): a global model at every holder on 32 of its forget samples,
-    a model a holder trained itself (its local updates, its derived model) at that holder alone on as many as all
-    check a global model on (``ClientCalibration.owner_rows``; the App's ``check_plan``), and each model gets the
+    a local update at one holder that did not train it on as many as all check a global model on (the App's
+    ``check_plan``), a derived model at its own client on 32 (the App's ``train.unlearn``), and each model gets the
     mildest candidate at which the holders keep at most the choice's tolerance of them in all (``per_model_candidate``,
     3 of 128; none of them until 2026-12-06); a model no candidate brings within it gets its own forget-Fisher
     (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its
@@ -394,7 +394,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
-    total, before_kept, forget_sets, owner_sets = None, 0, {}, {}
+    total, before_kept, forget_sets, single_sets = None, 0, {}, {}
     holders = sum(1 for k in range(s.clients) if len(ctx.forget.forgotten[k]))
     budget = settings.keep_budget(holders) if is_class else 0
     for k in range(s.clients):
@@ -407,7 +407,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         before_kept += count_correct_split(model, ctx.weights[newest], None, rset)[1]
         if fset is not None:
             forget_sets[k] = (fset[0][:s.check_samples], fset[1][:s.check_samples])
-            owner_sets[k] = _head(forgotten, settings.owner_rows(holders), s.seed + k)
+            single_sets[k] = _head(forgotten, settings.single_check_rows(holders), s.seed + k)
     target = settings.forget_tolerance if is_class else before_kept / max(total.retain_num, 1)
     alpha, lam, met = choose_candidate(total, target, kept_margin=settings.kept_margin(total.retain_num),
                                        change=dampening_change(ctx.weights[newest], retain[i_new], forgets[i_new]))
@@ -418,29 +418,40 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
         check_budget = settings.check_budget(len(forget_sets))
 
         def check_at_holders(indices: list[int]) -> None:  # the App's query.checkforget, from the choice on
-            # each model with its own retain-Fisher (the App shares one; the check is the same). A model a holder
-            # trained itself (its local updates, its derived model) is checked there alone, on as many samples as
-            # all holders check a global model on (strategies.calibration.check_plan; train.unlearn for derived)
-            def check(group: list[int], fset: tuple) -> list[list[int]]:
+            # each model with its own retain-Fisher (the App shares one; the check is the same). A local update is
+            # checked at one holder that did not train it, on as many samples as all holders check a global model on
+            # (strategies.calibration.check_plan); a derived model at its own client, as the App's train.unlearn
+            # does (check_samples rows, one holder's budget); every other model at every holder
+            def check(group: list[int], fset: tuple, budget: int) -> list[list[int]]:
                 return check_models(model, [ctx.weights[ctx.targets[i]] for i in group], [retain[i] for i in group],
-                                    [forgets[i] for i in group], fset, sequence, budget=check_budget)
+                                    [forgets[i] for i in group], fset, sequence, budget=budget)
 
-            owner = {i: ctx.net.client_of[ctx.targets[i]] for i in indices}
-            everywhere = [i for i in indices if owner[i] not in forget_sets]
+            names = [ctx.targets[i] for i in indices]
+            kind = {n: ctx.net.graph.node(n).kind for n in names}
+            plan = check_plan(names, {n: ctx.net.client_of[n] for n in names if kind[n] == "local"}, list(forget_sets),
+                              settings)
+            derived = {i: ctx.net.client_of[n] for i, n in zip(indices, names) if kind[n] == "derived"}
             reports: dict[int, list[list[int]]] = {i: [] for i in indices}  # per model: a row per holder checking it
+            budgets = {i: settings.check_budget(1) if i in derived else check_budget for i in indices}
             for k, fset in forget_sets.items():
-                for i, row in zip(everywhere, check(everywhere, fset) if everywhere else []):
-                    reports[i].append(row)
-                mine = [i for i in indices if owner[i] == k]
-                for i, row in zip(mine, check(mine, owner_sets[k]) if mine else []):
-                    reports[i].append(row)
+                groups: dict[tuple[int, int], list[int]] = {}  # (rows, budget) -> models
+                for j, rows in plan[k]:
+                    if indices[j] not in derived:
+                        groups.setdefault((rows, check_budget), []).append(indices[j])
+                for i, owner in derived.items():
+                    if owner == k:
+                        groups.setdefault((s.check_samples, budgets[i]), []).append(i)
+                for (rows, budget), group in groups.items():
+                    sample = single_sets[k] if rows > s.check_samples else fset
+                    for i, row in zip(group, check(group, (sample[0][:rows], sample[1][:rows]), budget)):
+                        reports[i].append(row)
             for i in indices:
-                counts = reports[i]
+                counts, check_budget_i = reports[i], budgets[i]
                 # a model none brings within the budget: the strongest candidate that zeroes no more than half of any
                 # weight tensor of it, as the App's server gives it (strategies.calibration._set_per_model)
                 fallback = strongest_usable(sequence, ctx.weights[ctx.targets[i]], retain[i], forgets[i]) \
-                    if first_within(counts, check_budget) < 0 else -1
-                candidates[i], mets[i] = per_model_candidate(sequence, counts, fallback, budget=check_budget)
+                    if first_within(counts, check_budget_i) < 0 else -1
+                candidates[i], mets[i] = per_model_candidate(sequence, counts, fallback, budget=check_budget_i)
 
         check_at_holders(others)
         # models no candidate forgets with the newest global's forget-Fisher: their holders' Fishers on the model

@@ -933,17 +933,12 @@ class UnlearningStrategy(DelegatingStrategy):
         return {i: figures.get(i, {"forget_acc": None, "retain_acc": None}) for i in node_ids}
 
     def _client_check_config(self, request: UnlearningRequest, outcome: UnlearnOutcome) -> dict[str, Any]:
-        """alpha="auto" and a class: the grid and sample count with which holders check the models they hold.
-
-        A holder checks its own models on as many samples as all holders check a global model on together, and
-        they may keep as many (:meth:`ClientCalibration.owner_rows`, ``check_budget``): every model is held to
-        the same bar, wherever it is checked."""
+        """alpha="auto" and a class: the grid and sample count with which holders check the models they hold."""
         settings = self.client_calibration
         if not outcome.scale_free or request.kind != "classes" or settings is None or settings.check_samples <= 0:
             return {}
-        holders = max(1, sum(1 for n in outcome.holders.values() if n > 0))
         return {R.ALPHAS: [float(a) for a in settings.alphas], R.LAMS: [float(v) for v in settings.lams],
-                R.CALIBRATION_CHECK: settings.owner_rows(holders), R.CHECK_BUDGET: settings.check_budget(holders),
+                R.CALIBRATION_CHECK: int(settings.check_samples), R.CHECK_BUDGET: settings.check_budget(1),
                 R.OWN_FISHER_SAMPLES: self._own_fisher_samples()}
 
     def _check_unlearn_reply(self, reply: Message, by_client: dict[int, list[str]], request: UnlearningRequest) -> None:
@@ -1034,7 +1029,7 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _local_owners(self, node_ids: Sequence[str]) -> dict[str, int]:
         """Node id -> partition of the clients' local updates among ``node_ids`` (the per-model check sends each
-        to its own client only: the other clients never received it)."""
+        to one holder that did not train it: :func:`strategies.calibration.check_plan`)."""
         owners = {}
         for node_id in node_ids:
             node = self.graph.node(node_id)

@@ -753,18 +753,20 @@ def test_client_grid_reports_the_summed_cross_entropy_of_its_kept_samples():
     assert (forget_only + counts).retain_loss == pytest.approx(counts.retain_loss)
 
 
-def test_the_check_sends_a_local_update_only_to_its_own_client_on_as_many_samples():
+def test_the_check_sends_a_local_update_to_one_holder_that_did_not_train_it_on_as_many_samples():
     from strategies.calibration import ClientCalibration, check_plan
 
     settings = ClientCalibration(check_samples=32)
-    ids = ["global-r1", "local-r1-p0", "local-r1-p2", "local-r2-p5"]
-    owners = {"local-r1-p0": 0, "local-r1-p2": 2, "local-r2-p5": 5}  # partition 5 holds no data to forget
+    ids = ["global-r1", "local-r1-p0", "local-r1-p1", "local-r1-p2", "local-r2-p5"]
+    owners = {"local-r1-p0": 0, "local-r1-p1": 1, "local-r1-p2": 2, "local-r2-p5": 5}  # 5 holds no data to forget
     plan = check_plan(ids, owners, [0, 1, 2], settings)
-    assert plan == {0: [(0, 32), (1, 96), (3, 32)], 1: [(0, 32), (3, 32)], 2: [(0, 32), (2, 96), (3, 32)]}
+    assert plan == {0: [(0, 32), (2, 96), (3, 96)], 1: [(0, 32), (1, 96)], 2: [(0, 32), (4, 96)]}
     totals: dict[int, int] = {}
-    for items in plan.values():
+    for holder, items in plan.items():
         for i, rows in items:
             totals[i] = totals.get(i, 0) + rows
+            assert owners.get(ids[i]) != holder  # never at the client that trained it
     # every model is checked on as many samples in all, so the one budget holds for each
-    assert totals == {i: 3 * 32 for i in range(len(ids))} and settings.owner_rows(3) == 96
+    assert totals == {i: 3 * 32 for i in range(len(ids))} and settings.single_check_rows(3) == 96
     assert check_plan(ids, {}, [0, 1], settings) == {h: [(i, 32) for i in range(len(ids))] for h in (0, 1)}
+    assert check_plan(["local-r1-p0"], {"local-r1-p0": 0}, [0], settings) == {0: [(0, 32)]}  # the only holder

@@ -670,7 +670,7 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     import strategies.server as server
     from fl_unlearn.calibrate import scale_free
     from strategies import records as R
-    from strategies.calibration import ClientCalibration
+    from strategies.calibration import ClientCalibration, check_plan
     from strategies.server import UnlearningStrategy
 
     merges, dampened = [], {}  # every MFIM merge the server makes; the forget-Fisher each model is dampened with
@@ -716,18 +716,20 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     checked = sorted(cal["per_model"])
     holders = sorted(p for p, n in outcome.holders.items() if n > 0)
     assert len(holders) == NUM_CLIENTS
-    # partition 0 checked the global models and its own local update (no other client's), and every model it
-    # checked fell back to its own forget-Fisher
-    at_0 = sorted(k for k in checked if strategy.graph.node(k).kind != "local"
-                  or strategy.graph.node(k).data.client == 0)
+    # every model partition 0 checked (the global models, and the local updates check_plan gave it: never its
+    # own) fell back to its own forget-Fisher, and only those
+    owners = strategy._local_owners(checked)
+    plan = check_plan(checked, owners, holders, settings)
+    at_0 = sorted(checked[i] for i, _ in plan[0])
     assert at_0 and cal["own_fisher"] == at_0 and set(at_0) < set(checked)
+    assert all(owners.get(k) != 0 for k in at_0)
     # the first query.fisher goes to every client; then one per fallback model and holder; one calibration, the
-    # first check at every holder, and the re-check at the holders that see those models
+    # first check at every holder, and the re-check at the holders check_plan gives those models
     assert sent.count(R.MSG_FISHER) == NUM_CLIENTS + len(at_0) * len(holders)
     # a model's own forget-Fisher is taken on the calibration's forget samples, not on fisher-samples rows
     assert caps[:NUM_CLIENTS] == [strategy.fisher_samples] * NUM_CLIENTS and strategy.fisher_samples > 32
     assert caps[NUM_CLIENTS:] == [32] * (len(at_0) * len(holders))
-    rechecked = holders if any(strategy.graph.node(k).kind != "local" for k in at_0) else [0]
+    rechecked = [h for h, items in check_plan(at_0, owners, holders, settings).items() if items]
     assert sent.count(R.MSG_CALIBRATE) == NUM_CLIENTS and sent.count(R.MSG_CHECK) == len(holders) + len(rechecked)
     own = dict(zip(at_0, merges[-len(at_0):]))  # the fallback merges, one per model, in order
     for i, node_id in enumerate(outcome.server_models):
@@ -782,17 +784,20 @@ def test_the_per_model_check_is_a_second_round_trip_from_the_choice(federation, 
         assert len(config[R.CHECK_ROWS]) == len(keys)
         sent_weights[strategy.nodes.partition[m.metadata.dst_node_id]] = [
             R.record_to_tensors(m.content.array_records[k]) for k in keys]
-    # a holder is sent the global models (every client received them) and its own local updates, never another
-    # client's: an owner checks its update alone, on as many rows as all holders check a global model on together
+    # a holder is sent the global models (every client received them) and local updates check_plan gives it: each
+    # update goes to one holder that did not train it, checked on as many rows as all holders check a global on
     for node_id in checked:
         node = strategy.graph.node(node_id)
         weights = strategy.store.get(node.weights)
         got = sorted(p for p, ws in sent_weights.items() if any(all(torch.equal(w[k], weights[k]) for k in w)
                                                              for w in ws))
-        assert got == ([node.data.client] if node.kind == "local" else holders), node_id
+        if node.kind == "local":
+            assert len(got) == 1 and got[0] != node.data.client, node_id
+        else:
+            assert got == holders, node_id
     for m in check:
         rows = R.first_config(m)[R.CHECK_ROWS]
-        assert set(rows) <= {settings.check_samples, settings.owner_rows(len(holders))}
+        assert set(rows) <= {settings.check_samples, settings.single_check_rows(len(holders))}
     sequence = check_sequence(cal["alpha"], cal["lam"], settings.alphas, settings.lams)
     for node_id in checked:  # every model at the choice or a stronger candidate from it, never a milder one
         given = (cal["per_model"][node_id]["alpha"], cal["per_model"][node_id]["lam"])
