@@ -657,7 +657,10 @@ def score_alpha_grid(
     passes (MNIST class 3: 16 of 42 candidates per client). Clients without forget samples score everything.
 
     Candidates that zero a whole weight tensor (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`) are
-    :data:`UNSCORED`: they forget by breaking the model, and are never chosen.
+    :data:`UNSCORED`: they forget by breaking the model, and are never chosen. A candidate that changes the same
+    weights as the one scored before it at its lambda (:meth:`~fl_unlearn.fiun.AlphaSweep.effective_alpha`: at
+    lambda 1 every alpha below 1 also selects weights with ``F_f <= F_D``, whose factor is 1) gets its scores
+    without a forward pass: the dampened weights are bit-identical.
     """
     grid = tuple(candidates) if candidates is not None else candidate_grid()
     retain, forget = scale_free(retain_fisher), scale_free(forget_fisher)
@@ -665,6 +668,7 @@ def score_alpha_grid(
     f_correct, r_correct, r_loss = [], [], []
     stopped: set[float] = set()  # lambdas whose walk has stopped
     sweeps: dict[float, AlphaSweep] = {}  # per lambda: the factors once, a selection per alpha
+    last: dict[float, tuple[float, tuple[int, int, float]]] = {}  # per lambda: the last effective alpha, its scores
     model = model.eval()
     for alpha, lam in grid:
         if lam in stopped:
@@ -679,7 +683,12 @@ def score_alpha_grid(
             r_correct.append(UNSCORED)
             r_loss.append(UNSCORED_LOSS)
             continue
-        f, r, loss = score_split(model, sweeps[lam].at(alpha), forget_set, retain_set)
+        effective = sweeps[lam].effective_alpha(alpha)
+        if lam in last and last[lam][0] == effective:
+            f, r, loss = last[lam][1]  # the same weights change (lambda 1, alphas up to 1): the same scores
+        else:
+            f, r, loss = score_split(model, sweeps[lam].at(alpha), forget_set, retain_set)
+        last[lam] = (effective, (f, r, loss))
         f_correct.append(f)
         r_correct.append(r)
         r_loss.append(loss)

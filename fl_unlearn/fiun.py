@@ -384,7 +384,7 @@ class AlphaSweep:
     def __init__(self, weights: Mapping[str, Tensor], retain_fisher: Mapping[str, Tensor],
                  forget_fisher: Mapping[str, Tensor], cfg: FIUnConfig) -> None:
         _check_model_fishers(weights, retain_fisher, forget_fisher, label="")
-        self._weights = weights
+        self._weights, self._cfg = weights, cfg
         self._fishers = FisherSweep(retain_fisher, forget_fisher, cfg, like=weights)
         self._damped = self._fishers.damped(weights)
 
@@ -396,6 +396,15 @@ class AlphaSweep:
     def zeroes_a_weight(self, alpha: float) -> bool:
         """:meth:`FisherSweep.zeroes_a_weight` of these Fishers."""
         return self._fishers.zeroes_a_weight(alpha, keep=False)
+
+    def effective_alpha(self, alpha: float) -> float:
+        """The alpha that changes exactly the weights ``alpha`` changes: ``max(alpha, lam)`` when factors are
+        capped at 1 (``lower_bound`` 1, a positive ``exponent``), else ``alpha``. A selected weight keeps factor
+        ``min((lam F_D / F_f) ** exponent, 1) = 1`` wherever ``F_f <= lam F_D``, so below ``lam`` a smaller alpha
+        selects more weights but changes no more: two alphas with the same effective alpha give bit-identical
+        weights (at lambda 1, every alpha up to 1)."""
+        cfg = self._cfg
+        return max(alpha, cfg.lam) if cfg.lower_bound == 1.0 and cfg.exponent > 0 else alpha
 
 
 # --------------------------------------------------------------------------------------------

@@ -770,3 +770,30 @@ def test_the_check_sends_a_local_update_to_one_holder_that_did_not_train_it_on_a
     assert totals == {i: 3 * 32 for i in range(len(ids))} and settings.single_check_rows(3) == 96
     assert check_plan(ids, {}, [0, 1], settings) == {h: [(i, 32) for i in range(len(ids))] for h in (0, 1)}
     assert check_plan(["local-r1-p0"], {"local-r1-p0": 0}, [0], settings) == {0: [(0, 32)]}  # the only holder
+
+
+def test_alphas_that_change_the_same_weights_share_one_forward_pass(monkeypatch):
+    # at lambda 1 an alpha below 1 also selects weights with F_f <= F_D, whose factor min(F_D / F_f, 1) is 1: the
+    # dampened weights equal alpha 1's bit for bit, and the grid scores them once
+    import fl_unlearn.calibrate as cal
+
+    model, weights, retain, forget = _linear_with_fishers()
+    forget_set, retain_set = _data(30, 6), _data(40, 7)
+    grid = candidate_grid((0.25, 0.5, 1.0, 2.0, 4.0), (1.0, 0.0))
+    calls: list[int] = []
+    real = cal.score_split
+    monkeypatch.setattr(cal, "score_split", lambda *a: calls.append(1) or real(*a))
+    shared = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
+    passes, calls[:] = len(calls), []
+    monkeypatch.setattr(cal.AlphaSweep, "effective_alpha", lambda self, alpha: alpha)  # score every candidate
+    every = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
+    assert (shared.forget_correct, shared.retain_correct, shared.retain_loss) == \
+        (every.forget_correct, every.retain_correct, every.retain_loss)
+    assert passes == len(calls) - 2  # alphas 0.5 and 1 at lambda 1 took alpha 0.25's scores
+    monkeypatch.undo()
+    sweep = cal.AlphaSweep(weights, scale_free(retain), scale_free(forget), FIUnConfig(lam=1.0))
+    assert sweep.effective_alpha(0.5) == sweep.effective_alpha(1.0) == 1.0 and sweep.effective_alpha(2.0) == 2.0
+    assert all(torch.equal(sweep.at(a)[k], sweep.at(1.0)[k]) for a in (0.25, 0.5) for k in weights)
+    assert not all(torch.equal(sweep.at(2.0)[k], sweep.at(1.0)[k]) for k in weights)
+    at_zero = cal.AlphaSweep(weights, scale_free(retain), scale_free(forget), FIUnConfig(lam=0.0))
+    assert at_zero.effective_alpha(0.5) == 0.5  # lambda 0 zeroes every selected weight: no two alphas alike
