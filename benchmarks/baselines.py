@@ -390,7 +390,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
     settings = ClientCalibration(forget_samples=s.calibration_forget, alphas=grid_alphas(s.alphas_per_octave),
-                                 lams=tuple(s.lams))
+                                 lams=tuple(s.lams), check_samples=s.check_samples)
     grid = candidate_grid(settings.alphas, settings.lams)
     is_class = ctx.forget.request.kind == "classes"
     others = [i for i in range(len(ctx.targets)) if i != i_new]
