@@ -19,6 +19,12 @@ cannot separate them by accuracy, and the loss still can):
   scores on data it did not memorise is not known to the server; the kept-data accuracy of the model
   before unlearning is the clients' best estimate of it).
 
+The round trips overlap the server's own work: ``query.calibrate`` is pushed as soon as the merged forget-Fisher
+exists (:func:`begin_calibration`; the server then journals and stores the Fishers and loads the models to check
+while the clients calibrate), and while the holders check, the server dampens its models at the choice
+(``while_checking``). On the App's MNIST class 1 the gap from the Fishers' arrival to the calibration's push went from
+69 to 30 ms.
+
 Alpha applies to mean-normalised Fishers (:func:`fl_unlearn.calibrate.scale_free`), so the choice does not
 depend on which model the Fishers were computed on; the chosen pair then dampens every affected model,
 server-held and client-held (``scale-free`` in ``train.unlearn``).
@@ -89,6 +95,7 @@ from fl_unlearn.errors import ConfigError, UnlearnError
 from fl_unlearn.fiun import FIUnConfig
 from strategies import records as R
 from strategies.forget import ForgetSpec
+from strategies.nodes import Exchange, checked_replies
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -369,6 +376,75 @@ def _candidates(config: Any) -> list[tuple[float, float]]:
 # --- server side -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class CalibrationRound:
+    """A ``query.calibrate`` round trip begun (:func:`begin_calibration`): the pushed messages and what they carry.
+
+    :func:`calibrate_at_clients` finishes it. Begun as soon as the merged forget-Fisher exists, the round runs at
+    the clients while the server journals and stores the Fishers (``fl_unlearn.recovery``).
+    """
+
+    exchange: Exchange
+    candidates: list[tuple[float, float]]
+    pids: list[int]
+    request_kind: str
+    budget: int
+    sent: tuple[Tensors, Tensors, Tensors]  # the weights, retain-Fisher and forget-Fisher in the messages
+    started: float  # time.perf_counter() at the push
+
+    def carries(self, pids: Sequence[int], weights: Tensors, retain_fisher: Tensors, forget_fisher: Tensors,
+                request_kind: str, budget: int) -> bool:
+        """Whether the round was sent to ``pids`` with these tensors (equal values), kind and keep budget."""
+        return (self.pids == list(pids) and self.request_kind == request_kind and self.budget == budget
+                and all(_same_tensors(x, y) for x, y in zip(self.sent, (weights, retain_fisher, forget_fisher))))
+
+
+def _same_tensors(a: Tensors, b: Tensors) -> bool:
+    return a is b or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
+
+
+def _keep_budget(settings: ClientCalibration, request_kind: str, pids: Sequence[int],
+                 holders: Sequence[int] | None) -> int:
+    return settings.keep_budget(len(pids if holders is None else holders)) if request_kind == "classes" else 0
+
+
+def begin_calibration(
+    grid: Grid,
+    nodes: NodeDirectory,
+    pids: Sequence[int],
+    request_configs: dict[int, dict[str, Any]],
+    weights: Tensors,
+    retain_fisher: Tensors,
+    forget_fisher: Tensors,
+    *,
+    request_kind: str,
+    base: FIUnConfig,
+    settings: ClientCalibration = ClientCalibration(),
+    holders: Sequence[int] | None = None,
+) -> CalibrationRound:
+    """Push ``query.calibrate`` to every client in ``pids`` and return at once; the arguments are
+    :func:`calibrate_at_clients`'s."""
+    from strategies.server import fiun_config
+
+    start = time.perf_counter()
+    candidates = candidate_grid(settings.alphas, settings.lams)
+    content = {R.ARRAYS_KEY: R.tensors_to_record(weights), R.FORGET_FISHER_KEY: R.tensors_to_record(forget_fisher),
+               R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
+    fiun = {k: v for k, v in fiun_config(base).items() if k != R.FIUN_ALPHA}
+    budget = _keep_budget(settings, request_kind, pids, holders)
+    msgs = []
+    for pid in pids:
+        cfg = ConfigRecord({R.ALPHAS: [a for a, _ in candidates], R.LAMS: [v for _, v in candidates],
+                            R.CALIBRATION_FORGET: int(settings.forget_samples),
+                            R.CALIBRATION_RETAIN: int(settings.retain_samples),
+                            R.CALIBRATION_STOP: request_kind == "classes", R.CALIBRATION_BUDGET: budget,
+                            **fiun, **request_configs[pid]})
+        msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
+                            message_type=R.MSG_CALIBRATE))
+    return CalibrationRound(Exchange(grid, msgs, timeout=nodes.timeout), candidates, list(pids), request_kind, budget,
+                            (weights, retain_fisher, forget_fisher), start)
+
+
 def calibrate_at_clients(
     grid: Grid,
     nodes: NodeDirectory,
@@ -381,9 +457,11 @@ def calibrate_at_clients(
     request_kind: str,
     base: FIUnConfig,
     settings: ClientCalibration = ClientCalibration(),
-    check: Sequence[tuple[str, Tensors, Tensors]] = (),
+    check: Sequence[tuple[str, Tensors, Tensors]] | Callable[[], Sequence[tuple[str, Tensors, Tensors]]] = (),
     holders: Sequence[int] | None = None,
     owners: Mapping[str, int] | None = None,
+    begun: CalibrationRound | None = None,
+    while_checking: Callable[[float, float], None] | None = None,
 ) -> CalibrationChoice:
     """One ``query.calibrate`` to every client in ``pids``; sum their counts; choose alpha; then, for a class, check
     every model in ``check`` at the holders (``query.checkforget``, :func:`check_at_clients`).
@@ -405,42 +483,40 @@ def calibrate_at_clients(
     base : FIUnConfig
         The other dampening settings (``lam``, ``exponent``, ...); its alpha is ignored.
     settings : ClientCalibration
-    check : sequence of (node id, weights, forget-Fisher)
+    check : sequence of (node id, weights, forget-Fisher), or a callable returning one
         The other affected models to check per model (class requests; dampened with ``retain_fisher``), once the
-        choice meets the target. The choice's ``per_model`` gives each its alpha.
+        choice meets the target. The choice's ``per_model`` gives each its alpha. A callable is called while the
+        clients calibrate (loading the models costs the request no time then).
     holders : sequence of int | None (default: None)
         The partitions holding data to forget (they set the keep budget); ``None``: all of ``pids``. The check goes
         to those that replied with forget samples.
     owners : mapping | None (default: None)
         Node id -> partition, for the local updates in ``check``: each is checked by one holder that did not
         train it (:func:`check_plan`). ``None``: every holder checks every model.
+    begun : CalibrationRound | None (default: None)
+        The round :func:`begin_calibration` already pushed with these arguments; it is finished instead of sending
+        another (one sent with other tensors is left unanswered, and a new one sent: logged).
+    while_checking : callable | None (default: None)
+        Called with the chosen ``(alpha, lambda)`` once the check messages are pushed: work the server can do
+        while the holders check (the App's server dampens its models at the choice there).
 
     Returns
     -------
     CalibrationChoice
     """
-    from strategies.nodes import checked_replies, exchange
-    from strategies.server import fiun_config
-
-    start = time.perf_counter()
-    candidates = candidate_grid(settings.alphas, settings.lams)
-    content = {R.ARRAYS_KEY: R.tensors_to_record(weights), R.FORGET_FISHER_KEY: R.tensors_to_record(forget_fisher),
-               R.RETAIN_FISHER_KEY: R.tensors_to_record(retain_fisher)}
-    fiun = {k: v for k, v in fiun_config(base).items() if k != R.FIUN_ALPHA}
-    check = _checkable(check, request_kind, settings)
-    budget = settings.keep_budget(len(pids if holders is None else holders)) if request_kind == "classes" else 0
-    msgs = []
-    for pid in pids:
-        cfg = ConfigRecord({R.ALPHAS: [a for a, _ in candidates], R.LAMS: [v for _, v in candidates],
-                            R.CALIBRATION_FORGET: int(settings.forget_samples),
-                            R.CALIBRATION_RETAIN: int(settings.retain_samples),
-                            R.CALIBRATION_STOP: request_kind == "classes", R.CALIBRATION_BUDGET: budget,
-                            **fiun, **request_configs[pid]})
-        msgs.append(Message(RecordDict({**content, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
-                            message_type=R.MSG_CALIBRATE))
+    budget = _keep_budget(settings, request_kind, pids, holders)
+    if begun is not None and not begun.carries(pids, weights, retain_fisher, forget_fisher, request_kind, budget):
+        log(WARNING, "unlearn: the calibration begun early was sent other weights or Fishers than the request "
+            "calibrates on; it is sent again")
+        begun = None
+    if begun is None:
+        begun = begin_calibration(grid, nodes, pids, request_configs, weights, retain_fisher, forget_fisher,
+                                  request_kind=request_kind, base=base, settings=settings, holders=holders)
+    start, candidates = begun.started, begun.candidates
+    check = _checkable(check() if callable(check) else check, request_kind, settings)
     total = GridCounts(candidates, [0] * len(candidates), [0] * len(candidates))
     before_retain, client_seconds, replied_holders = 0, [], []
-    for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.calibrate"):
+    for reply in checked_replies(begun.exchange.replies(), "query.calibrate"):
         m = reply.content.metric_records[R.METRICS_KEY]
         forget_correct = [int(v) for v in m[R.FORGET_CORRECT]]
         total = total + GridCounts(candidates, forget_correct, [int(v) for v in m[R.RETAIN_CORRECT]],
@@ -463,8 +539,9 @@ def calibrate_at_clients(
                                kept_margin=margin)
     if check and met:  # every other affected model, from the choice on, at the holders: a second round trip
         choice.holders = sorted(replied_holders)
+        meanwhile = (lambda: while_checking(alpha, lam)) if while_checking is not None else None
         check_at_clients(grid, nodes, choice.holders, request_configs, retain_fisher, check, choice, base, settings,
-                         owners)
+                         owners, meanwhile=meanwhile)
         choice.seconds = time.perf_counter() - start
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
@@ -536,12 +613,13 @@ def check_plan(check_ids: Sequence[str], owners: Mapping[str, int], holders: Seq
 def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
                      request_configs: dict[int, dict[str, Any]], retain_fisher: Tensors,
                      check: Sequence[tuple[str, Tensors, Tensors]], choice: CalibrationChoice, base: FIUnConfig,
-                     settings: ClientCalibration, owners: Mapping[str, int] | None = None) -> None:
+                     settings: ClientCalibration, owners: Mapping[str, int] | None = None, *,
+                     meanwhile: Callable[[], None] | None = None) -> None:
     """``query.checkforget`` to ``holders``: set ``choice.per_model`` / ``per_model_met`` of every model in
     ``check`` (node id, weights, the forget-Fisher it is dampened with) from the chosen candidate on. Each holder
     gets the models :func:`check_plan` gives it (``owners``: node id -> partition of the local updates among
-    them; ``None``: every holder checks every model)."""
-    from strategies.nodes import checked_replies, exchange
+    them; ``None``: every holder checks every model). ``meanwhile`` is called once the messages are pushed, before
+    the replies are collected."""
     from strategies.server import fiun_config
 
     plan = check_plan([node_id for node_id, _, _ in check], owners or {}, holders, settings)
@@ -562,7 +640,10 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
             message_type=R.MSG_CHECK))
     sequence = check_sequence(choice.alpha, choice.lam, settings.alphas, settings.lams)
     counts: list[list[list[int]]] = [[] for _ in check]  # per model: one row of counts per holder that checked it
-    for reply in checked_replies(exchange(grid, msgs, timeout=nodes.timeout), "query.checkforget"):
+    round_trip = Exchange(grid, msgs, timeout=nodes.timeout)
+    if meanwhile is not None:
+        meanwhile()
+    for reply in checked_replies(round_trip.replies(), "query.checkforget"):
         m = reply.content.metric_records[R.METRICS_KEY]
         mine = plan.get(nodes.partition.get(reply.metadata.src_node_id, -1), [])
         if int(m[R.FORGET_NUM]) > 0:

@@ -24,6 +24,7 @@ from fl_unlearn.recovery import ClientsDone, Dampened, Fishers, Plan, Progress, 
 from fl_unlearn.requests import UnlearningRequest
 
 if TYPE_CHECKING:
+    from strategies.calibration import CalibrationRound
     from strategies.server import UnlearningStrategy, UnlearnOutcome
 
 
@@ -35,6 +36,7 @@ class ServerSteps:
     def __init__(self, strategy: UnlearningStrategy, grid: Grid, request: UnlearningRequest,
                  outcome: UnlearnOutcome) -> None:
         self.strategy, self.grid, self.request, self.outcome = strategy, grid, request, outcome
+        self._calibration: CalibrationRound | None = None  # begun by gather, finished by dampen
 
     def _sync(self, plan: Plan) -> None:
         self.outcome.roots, self.outcome.affected = list(plan.roots), list(plan.affected)
@@ -64,14 +66,25 @@ class ServerSteps:
                                    mode="weighted_mean")
             shared = s._kept_retain(self.request, shared, retains, self.outcome)
         self.outcome.timing.update({"forget_fisher_s": t1 - start, "merge_s": time.perf_counter() - t1})
+        # alpha="auto": the clients calibrate while serve_request journals and stores these Fishers. Only an
+        # optimisation: what fails here fails again, and is reported, where the calibration is finished (dampen)
+        try:
+            self._calibration = s.begin_auto_alpha(self.grid, self.request, forget_of, shared, self.outcome)
+        except Exception as err:  # noqa: BLE001
+            log(INFO, "unlearn: calibration not begun early (%s: %s)", type(err).__name__, err)
         return Fishers(forget_of, shared, dict(self.outcome.holders))
 
     def dampen(self, plan: Plan, todo: list[str], fishers: Fishers) -> Dampened:
         s, start = self.strategy, time.perf_counter()
         self._sync(plan)
-        s._auto_alpha(self.grid, self.request, fishers.forget, fishers.retain, self.outcome)
-        digests = s._dampen_server_models(self.request, todo, fishers.forget, fishers.retain, self.outcome) if todo \
-            else {}
+        from strategies.server import PresumedDampening  # (server imports this module)
+
+        presumed = PresumedDampening()
+        s._auto_alpha(self.grid, self.request, fishers.forget, fishers.retain, self.outcome, begun=self._calibration,
+                      presumed=presumed, todo=todo)
+        self._calibration = None
+        digests = s._dampen_server_models(self.request, todo, fishers.forget, fishers.retain, self.outcome,
+                                          presumed) if todo else {}
         self.outcome.timing["dampen_s"] = time.perf_counter() - start
         return Dampened(digests, {k: self.outcome.stats[k] for k in digests if k in self.outcome.stats},
                         list(self.outcome.alphas), self._settings())

@@ -49,14 +49,63 @@ def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float = 120.0, *, exclud
 POLL_FIRST, POLL_MAX, POLL_SHARE = 0.005, 0.1, 0.05
 
 
-def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-    """``grid.send_and_receive`` with a short, growing pull interval.
+class Exchange:
+    """One round trip, begun: the messages are pushed when it is made, and :meth:`replies` waits for the answers.
 
-    Flower's own loop sleeps a fixed interval between pulls (0.1 s in simulation, 3 s on a SuperLink's
-    ``GrpcGrid``), so a round trip whose clients answer in a fraction of a second still costs that interval.
-    Unlearning is a few such round trips, so this pulls after 5 ms, then waits 5 % of the time elapsed (at most
-    0.1 s): a 0.4 s round trip loses ~10 ms to the pull interval, not ~50 ms.
-    A grid that only offers ``send_and_receive`` (a test double) is used as it is.
+    In between, the server can do its own work while the clients do theirs: a simulation engine picks pushed
+    messages up only every 0.1 s, and the clients then take a while, so journaling and loading done after the push
+    cost no time of the request's (:func:`exchange` is ``Exchange(...).replies()``). A grid that only offers
+    ``send_and_receive`` (a test double) gets the messages when :meth:`replies` is called.
+
+    Parameters
+    ----------
+    grid : Grid
+    messages : Iterable[Message]
+    timeout : float | None (default: None)
+        Seconds, from the push, to wait for the replies; ``None`` waits for all of them, as in Flower.
+    """
+
+    def __init__(self, grid: Grid, messages: Iterable[Message], *, timeout: float | None = None) -> None:
+        self._grid, self._timeout = grid, timeout
+        self._push, self._pull = getattr(grid, "push_messages", None), getattr(grid, "pull_messages", None)
+        self._start = time.monotonic()
+        if callable(self._push) and callable(self._pull):
+            self._messages: list[Message] = []
+            self._pending: set[str] = set(self._push(messages))
+        else:
+            self._messages, self._pending = list(messages), set()
+        self._done = False
+
+    def replies(self) -> list[Message]:
+        """The replies that arrive before the timeout, in arrival order (once: a second call is an error).
+
+        Pulls after 5 ms, then waits 5 % of the time elapsed since the push (at most 0.1 s) between pulls.
+        Flower's own loop sleeps a fixed interval (0.1 s in simulation, 3 s on a SuperLink's ``GrpcGrid``), so a
+        round trip whose clients answer in a fraction of a second would still cost that interval: a 0.4 s round
+        trip loses ~10 ms to the pull interval, not ~50 ms.
+        """
+        if self._done:
+            raise UnlearnError("Exchange.replies: the replies of this round trip were already collected")
+        self._done = True
+        if not (callable(self._push) and callable(self._pull)):
+            return list(self._grid.send_and_receive(self._messages, timeout=self._timeout))
+        pending = self._pending
+        deadline = None if self._timeout is None else self._start + self._timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self._pull(pending))
+            replies.extend(arrived)
+            pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            now = time.monotonic()
+            wait = min(max(POLL_SHARE * (now - self._start), POLL_FIRST), POLL_MAX)
+            time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - now)))
+        return replies
+
+
+def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    """``grid.send_and_receive`` with a short, growing pull interval (:meth:`Exchange.replies`).
 
     Parameters
     ----------
@@ -70,23 +119,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None =
     list[Message]
         The replies that arrived, in arrival order.
     """
-    push, pull = getattr(grid, "push_messages", None), getattr(grid, "pull_messages", None)
-    if not (callable(push) and callable(pull)):
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(push(messages))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    start = time.monotonic()
-    while pending:
-        arrived = list(pull(pending))
-        replies.extend(arrived)
-        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
-        if not pending or (deadline is not None and time.monotonic() >= deadline):
-            break
-        now = time.monotonic()
-        wait = min(max(POLL_SHARE * (now - start), POLL_FIRST), POLL_MAX)
-        time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - now)))
-    return replies
+    return Exchange(grid, messages, timeout=timeout).replies()
 
 
 def error_reason(reply: Message) -> str:

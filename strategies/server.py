@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -52,7 +52,7 @@ from fl_unlearn.recovery import version_id as version_id  # re-exported: the lin
 from fl_unlearn.store import Store
 from strategies import records as R
 from strategies.base import DelegatingStrategy
-from strategies.calibration import ClientCalibration, calibrate_at_clients
+from strategies.calibration import ClientCalibration, CalibrationRound, begin_calibration, calibrate_at_clients
 from strategies.forget import forget_count, keeps_nothing, request_config, retain_from_whole
 from strategies.baseline import BaselineSettings, BaselineSteps
 from strategies.journaled import ServerSteps, fill_outcome
@@ -795,11 +795,42 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _dampen_server_models(
         self, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
-        shared_retain: Tensors | None, outcome: UnlearnOutcome,
+        shared_retain: Tensors | None, outcome: UnlearnOutcome, presumed: PresumedDampening | None = None,
     ) -> dict[str, str]:
-        """One ``unlearn_many`` over every affected model whose weights the server holds."""
+        """One ``unlearn_many`` over every affected model whose weights the server holds (per candidate).
+
+        ``presumed`` holds models already dampened at the federation's choice while the holders checked them
+        (:meth:`_presume`); those whose check kept the choice and whose forget-Fisher did not change are taken from it
+        as they are (the same computation, bit for bit), the rest are dampened here.
+        """
         ids = [a for a in affected if self.graph.node(a).weights is not None]
         nodes = [self.graph.node(a) for a in ids]
+        cfg = outcome.fiun or self.fiun or FIUnConfig()
+        if self.calibration is None:
+            candidates = [outcome.model_candidates.get(i, (cfg.alpha, cfg.lam)) for i in ids]
+            done = presumed.take(ids, candidates, forget_of) if presumed is not None else {}
+            rest = [i for i in range(len(ids)) if i not in done]
+            weights, retain, forgets = self._dampening_inputs(request, [nodes[i] for i in rest], forget_of,
+                                                              shared_retain, outcome.scale_free)
+            fresh = _unlearn_per_candidate(weights, retain, forgets, cfg, [candidates[i] for i in rest]) if rest \
+                else ([], [])
+            done.update({i: (w, st) for i, w, st in zip(rest, *fresh)})
+            new_weights, stats = [done[i][0] for i in range(len(ids))], [done[i][1] for i in range(len(ids))]
+        else:
+            weights, retain, forgets = self._dampening_inputs(request, nodes, forget_of, shared_retain,
+                                                              outcome.scale_free)
+            new_weights, stats = self._calibrated(weights, retain, forgets, cfg, outcome)
+        outcome.server_models = ids
+        digests = self.store.put_many([(w, {"kind": node.kind, "unlearned-from": node.id, "request": request.id})
+                                       for node, w in zip(nodes, new_weights)])
+        for node, s in zip(nodes, stats):
+            outcome.stats[node.id] = _as_dict(s)
+        return {node.id: digest for node, digest in zip(nodes, digests)}
+
+    def _dampening_inputs(self, request: UnlearningRequest, nodes: list[ModelNode], forget_of: dict[str, Tensors],
+                          shared_retain: Tensors | None, scale_free: bool,
+                          ) -> tuple[list[Tensors], list[Tensors], list[Tensors]]:
+        """Per server-held model: its weights, retain-Fisher and forget-Fisher (mean-normalised with ``scale_free``)."""
         if shared_retain is not None:
             retain = [shared_retain] * len(nodes)
         else:
@@ -811,21 +842,30 @@ class UnlearningStrategy(DelegatingStrategy):
                                         self._forget_fraction(n, request)) for n in nodes]
         weights = [self.store.get(n.weights) for n in nodes]
         forgets = [forget_of[n.id] for n in nodes]
-        cfg = outcome.fiun or self.fiun or FIUnConfig()
-        if outcome.scale_free:
+        if scale_free:
             shared: dict[int, Tensors] = {}  # a Fisher several models share is normalised (and validated) once
             retain, forgets = scale_free_each(retain, shared), scale_free_each(forgets, shared)
-        if self.calibration is None:
-            new_weights, stats = _unlearn_per_candidate(
-                weights, retain, forgets, cfg, [outcome.model_candidates.get(i, (cfg.alpha, cfg.lam)) for i in ids])
-        else:
-            new_weights, stats = self._calibrated(weights, retain, forgets, cfg, outcome)
-        outcome.server_models = ids
-        digests = self.store.put_many([(w, {"kind": node.kind, "unlearned-from": node.id, "request": request.id})
-                                       for node, w in zip(nodes, new_weights)])
-        for node, s in zip(nodes, stats):
-            outcome.stats[node.id] = _as_dict(s)
-        return {node.id: digest for node, digest in zip(nodes, digests)}
+        return weights, retain, forgets
+
+    def _presume(self, request: UnlearningRequest, affected: list[str], forget_of: dict[str, Tensors],
+                 shared_retain: Tensors | None, base: FIUnConfig, presumed: PresumedDampening,
+                 ) -> Callable[[float, float], None]:
+        """What the server does while the holders check its models (``while_checking`` of
+        :func:`~strategies.calibration.calibrate_at_clients`): dampen every server-held model in ``affected`` at the
+        chosen ``(alpha, lambda)`` into ``presumed``. Most models keep the choice (on the App's MNIST classes all
+        but one or two of 15), and :meth:`_dampen_server_models` then only stores them. A failure here is logged
+        and changes nothing: the dampening step computes everything again and reports it."""
+        def dampen_at(alpha: float, lam: float) -> None:
+            try:
+                nodes = [self.graph.node(a) for a in affected if self.graph.node(a).weights is not None]
+                weights, retain, forgets = self._dampening_inputs(request, nodes, forget_of, shared_retain, True)
+                candidate = (float(alpha), float(lam))
+                new_weights, stats = _unlearn_per_candidate(weights, retain, forgets, base, [candidate] * len(nodes))
+                presumed.put(candidate, {n.id: forget_of[n.id] for n in nodes}, new_weights, stats)
+            except Exception as err:  # noqa: BLE001 - an optimisation; the dampening step reports real errors
+                log(WARNING, "unlearn: dampening at the choice during the check failed (%s: %s); done after it",
+                    type(err).__name__, err)
+        return dampen_at
 
     def _calibrated(self, weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,
                     outcome: UnlearnOutcome) -> tuple[list[Tensors], list[Any]]:
@@ -956,28 +996,56 @@ class UnlearningStrategy(DelegatingStrategy):
         if set(got) != sent:
             raise RecordError(f"train.unlearn reply of partition {pid} covers {sorted(got)}, not {sorted(sent)}")
 
-    def _auto_alpha(self, grid: Grid, request: UnlearningRequest, forget_of: dict[str, Tensors],
-                    shared_retain: Tensors | None, outcome: UnlearnOutcome) -> None:
-        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model, then (class
-        requests) one ``query.checkforget`` of every other affected server-held model at the holders."""
-        if self.client_calibration is None or self.calibration is not None:
-            return
+    def _calibration_inputs(self, request: UnlearningRequest, forget_of: dict[str, Tensors],
+                            shared_retain: Tensors | None, outcome: UnlearnOutcome,
+                            ) -> tuple[ModelNode, Tensors, list[int], list[int]]:
+        """The model ``alpha="auto"`` is calibrated on (the newest affected global), its retain-Fisher, the
+        clients asked, and the holders of data to forget."""
         node = self._newest_affected_global(outcome.affected)
         retain = shared_retain
         if retain is None:
             retain = retain_from_whole(self.store.get(node.retain_fisher), forget_of[node.id],
                                        self._forget_fraction(node, request))
-        pids = sorted(self.nodes.partition.values())
+        holders = sorted(p for p, n in outcome.holders.items() if n > 0)
+        return node, retain, sorted(self.nodes.partition.values()), holders
+
+    def begin_auto_alpha(self, grid: Grid, request: UnlearningRequest, forget_of: dict[str, Tensors],
+                         shared_retain: Tensors | None, outcome: UnlearnOutcome) -> CalibrationRound | None:
+        """Push ``alpha="auto"``'s ``query.calibrate`` now (``None`` without client calibration): called as soon
+        as the forget-Fishers are merged, so the clients calibrate while the server journals and stores them;
+        :meth:`_auto_alpha` finishes it."""
+        if self.client_calibration is None or self.calibration is not None:
+            return None
+        node, retain, pids, holders = self._calibration_inputs(request, forget_of, shared_retain, outcome)
+        return begin_calibration(grid, self.nodes, pids, {p: request_config(request, p) for p in pids},
+                                 self.store.get(node.weights), retain, forget_of[node.id], request_kind=request.kind,
+                                 base=self.fiun or FIUnConfig(), settings=self.client_calibration, holders=holders)
+
+    def _auto_alpha(self, grid: Grid, request: UnlearningRequest, forget_of: dict[str, Tensors],
+                    shared_retain: Tensors | None, outcome: UnlearnOutcome, *, begun: CalibrationRound | None = None,
+                    presumed: PresumedDampening | None = None, todo: list[str] | None = None) -> None:
+        """``alpha="auto"`` at the clients: one ``query.calibrate`` on the newest affected global model (``begun``
+        by :meth:`begin_auto_alpha`, or sent now), then (class requests) one ``query.checkforget`` of every other
+        affected server-held model at the holders, while the server dampens ``todo`` at the choice into
+        ``presumed`` (:meth:`_presume`)."""
+        if self.client_calibration is None or self.calibration is not None:
+            return
+        node, retain, pids, holders = self._calibration_inputs(request, forget_of, shared_retain, outcome)
         base = self.fiun or FIUnConfig()
-        # The other server-held affected models, checked per model once the choice is known (class requests; they
-        # must share the retain-Fisher the check dampens with)
-        check = [(a, self.store.get(self.graph.node(a).weights), forget_of[a]) for a in outcome.affected
-                 if a != node.id and self.graph.node(a).weights is not None] if shared_retain is not None else []
+
+        def check() -> list[tuple[str, Tensors, Tensors]]:
+            # The other server-held affected models, checked per model once the choice is known (class requests;
+            # they must share the retain-Fisher the check dampens with); loaded while the clients calibrate
+            return [(a, self.store.get(self.graph.node(a).weights), forget_of[a]) for a in outcome.affected
+                    if a != node.id and self.graph.node(a).weights is not None] if shared_retain is not None else []
+
+        while_checking = self._presume(request, todo, forget_of, shared_retain, base, presumed) \
+            if presumed is not None and todo else None
         choice = calibrate_at_clients(
             grid, self.nodes, pids, {p: request_config(request, p) for p in pids}, self.store.get(node.weights),
             retain, forget_of[node.id], request_kind=request.kind, base=base, settings=self.client_calibration,
-            check=check, holders=sorted(p for p, n in outcome.holders.items() if n > 0),
-            owners=self._local_owners([a for a, _, _ in check]))
+            check=check, holders=holders, owners=self._local_owners(self._check_ids(node.id, outcome)),
+            begun=begun, while_checking=while_checking)
         unmet = [k for k, ok in choice.per_model_met.items() if not ok]
         if unmet:
             self._own_forget_fishers(grid, request, unmet, forget_of, retain, choice, base, outcome.roots)
@@ -987,6 +1055,10 @@ class UnlearningStrategy(DelegatingStrategy):
         outcome.calibration = choice.to_dict()
         outcome.alphas = [choice.alpha]
         outcome.timing["calibrate_s"] = choice.seconds
+
+    def _check_ids(self, calibrated: str, outcome: UnlearnOutcome) -> list[str]:
+        """The server-held affected models other than ``calibrated``: those the per-model check covers."""
+        return [a for a in outcome.affected if a != calibrated and self.graph.node(a).weights is not None]
 
     def _own_forget_fishers(self, grid: Grid, request: UnlearningRequest, node_ids: list[str],
                             forget_of: dict[str, Tensors], retain: Tensors, choice: Any, base: FIUnConfig,
@@ -1055,6 +1127,29 @@ class UnlearningStrategy(DelegatingStrategy):
         newest = self._newest_affected_global(outcome.affected).id
         alpha = outcome.stats.get(newest, {}).get("alpha", outcome.alphas[-1])
         return dataclasses.replace(cfg, alpha=float(alpha))
+
+
+@dataclass
+class PresumedDampening:
+    """Server-held models dampened at the federation's choice while the holders checked them
+    (:meth:`UnlearningStrategy._presume`), for :meth:`UnlearningStrategy._dampen_server_models` to take."""
+
+    candidate: tuple[float, float] | None = None
+    forgets: dict[str, Tensors] = field(default_factory=dict)  # model id -> the forget-Fisher it was dampened with
+    results: dict[str, tuple[Tensors, Any]] = field(default_factory=dict)  # model id -> (weights, stats)
+
+    def put(self, candidate: tuple[float, float], forgets: Mapping[str, Tensors], weights: Sequence[Tensors],
+            stats: Sequence[Any]) -> None:
+        """Record the models of ``forgets`` (in order) dampened at ``candidate``."""
+        self.candidate, self.forgets = candidate, dict(forgets)
+        self.results = {m: (w, st) for m, w, st in zip(forgets, weights, stats)}
+
+    def take(self, ids: Sequence[str], candidates: Sequence[tuple[float, float]],
+             forget_of: Mapping[str, Tensors]) -> dict[int, tuple[Tensors, Any]]:
+        """Position in ``ids`` -> ``(weights, stats)`` of every model dampened here at its final candidate with
+        its final forget-Fisher (the same object: a model given its own forget-Fisher is dampened again)."""
+        return {i: self.results[m] for i, (m, c) in enumerate(zip(ids, candidates))
+                if m in self.results and tuple(c) == self.candidate and self.forgets[m] is forget_of.get(m)}
 
 
 def _unlearn_per_candidate(weights: list[Tensors], retain: list[Tensors], forgets: list[Tensors], cfg: FIUnConfig,

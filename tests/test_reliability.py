@@ -677,8 +677,8 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     real_merge, real_unlearn = server.merge_fishers, server._unlearn_per_candidate
     monkeypatch.setattr(server, "merge_fishers", lambda *a, **k: merges.append(real_merge(*a, **k)) or merges[-1])
 
-    def unlearn(weights, retain, forgets, cfg, candidates):
-        dampened["forgets"] = forgets
+    def unlearn(weights, retain, forgets, cfg, candidates):  # the last call is the dampening after the check
+        dampened["forgets"], dampened["candidates"] = list(forgets), list(candidates)
         return real_unlearn(weights, retain, forgets, cfg, candidates)
 
     monkeypatch.setattr(server, "_unlearn_per_candidate", unlearn)
@@ -732,12 +732,14 @@ def test_models_the_check_cannot_forget_get_their_own_forget_fisher(federation, 
     rechecked = [h for h, items in check_plan(at_0, owners, holders, settings).items() if items]
     assert sent.count(R.MSG_CALIBRATE) == NUM_CLIENTS and sent.count(R.MSG_CHECK) == len(holders) + len(rechecked)
     own = dict(zip(at_0, merges[-len(at_0):]))  # the fallback merges, one per model, in order
-    for i, node_id in enumerate(outcome.server_models):
-        if node_id in own:  # dampened with its own (scale-free) forget-Fisher, at what the re-check gave it
-            used = dampened["forgets"][i]
-            assert all(torch.equal(used[k], v) for k, v in scale_free(own[node_id]).items())
-            given = cal["per_model"][node_id]
-            assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
+    # dampened after the check (not taken from what the server dampened at the choice while the holders checked):
+    # each with its own (scale-free) forget-Fisher, at what the re-check gave it
+    assert len(dampened["forgets"]) >= len(own)
+    for node_id, merge in own.items():
+        given = cal["per_model"][node_id]
+        assert any(all(torch.equal(used[k], v) for k, v in scale_free(merge).items()) and c == (given["alpha"], given["lam"])
+                   for used, c in zip(dampened["forgets"], dampened["candidates"]))
+        assert (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == (given["alpha"], given["lam"])
 
 
 def test_the_per_model_check_is_a_second_round_trip_from_the_choice(federation, tmp_path, task_identity):
@@ -802,6 +804,87 @@ def test_the_per_model_check_is_a_second_round_trip_from_the_choice(federation, 
     for node_id in checked:  # every model at the choice or a stronger candidate from it, never a milder one
         given = (cal["per_model"][node_id]["alpha"], cal["per_model"][node_id]["lam"])
         assert given in sequence and (outcome.stats[node_id]["alpha"], outcome.stats[node_id]["lam"]) == given
+
+
+class _PushPullFakeGrid(FakeGrid):
+    """:class:`FakeGrid` with Flower's push / pull API: the clients answer at the first pull after the push, and
+    ``on_push`` sees every message as it is pushed."""
+
+    def __init__(self, app, num_nodes: int, on_push) -> None:
+        super().__init__(app, num_nodes)
+        self.on_push, self.pushed, self.answered = on_push, {}, {}
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.pushed)}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.pushed[mid] = m
+            self.on_push(m)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        todo = [self.pushed[i] for i in message_ids if i not in self.answered]
+        for reply in self.send_and_receive(todo):
+            self.answered[reply.metadata.reply_to_message_id] = reply
+        return [self.answered.pop(i) for i in list(message_ids) if i in self.answered]
+
+
+def test_the_server_works_while_the_clients_calibrate_and_check_and_the_result_is_the_same(
+        federation, tmp_path, task_identity, monkeypatch):
+    # query.calibrate is pushed as soon as the forget-Fishers are merged, before they are journaled; while the
+    # holders check the other models the server dampens them at the choice. Neither changes a single weight.
+    from flwr.serverapp.strategy import FedAvg
+
+    import strategies.server as server
+    from strategies import records as R
+    from strategies.calibration import ClientCalibration
+    from strategies.server import UnlearningStrategy
+
+    settings = ClientCalibration(forget_samples=32, retain_samples=16, check_samples=16)
+
+    def serve(store_dir, grid):
+        strategy = UnlearningStrategy(
+            FedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1), Store(store_dir),
+            LineageGraph.open(store_dir / "lineage"), num_nodes=NUM_CLIENTS, seed=7, num_classes=10,
+            node_timeout=1.0, fisher_estimator="batch", client_calibration=settings)
+        outcome = strategy.unlearn(grid, CLASS_REQUEST)
+        assert outcome.state == "verified" and outcome.calibration["target_met"]
+        return outcome, {old: strategy.graph.node(new).weights for old, new in outcome.versions.items()}
+
+    overlapped_dir = _copy(federation, tmp_path / "overlapped")
+    states = []  # the request's journal state when each query.calibrate was pushed
+
+    def on_push(m):
+        if m.metadata.message_type == R.MSG_CALIBRATE:
+            states.append(RequestJournal.for_store(Store(overlapped_dir)).state(CLASS_REQUEST.id))
+
+    taken = []
+    real_take = server.PresumedDampening.take
+    monkeypatch.setattr(server.PresumedDampening, "take", lambda self, *a: taken.append(real_take(self, *a)) or taken[-1])
+    outcome, overlapped = serve(overlapped_dir, _PushPullFakeGrid(_grid().app, NUM_CLIENTS, on_push))
+    assert states == ["received"] * NUM_CLIENTS  # pushed before "fisher-collected" was journaled
+    kept_choice = [k for k in outcome.server_models
+                   if (outcome.stats[k]["alpha"], outcome.stats[k]["lam"]) == (outcome.calibration["alpha"],
+                                                                              outcome.calibration["lam"])]
+    assert len(taken) == 1 and kept_choice and sorted(taken[0]) == sorted(
+        outcome.server_models.index(k) for k in kept_choice)  # every model that kept the choice, and only those
+
+    monkeypatch.setattr(UnlearningStrategy, "_presume", lambda self, *a: (lambda alpha, lam: None))
+    _, plain = serve(_copy(federation, tmp_path / "plain"), _grid())
+    assert overlapped == plain  # the same digest for every unlearned model
+
+
+def test_presumed_dampening_is_taken_only_at_the_final_candidate_with_the_same_forget_fisher():
+    from strategies.server import PresumedDampening
+
+    shared, own = {"w": torch.ones(2)}, {"w": torch.ones(2)}
+    presumed = PresumedDampening()
+    presumed.put((2.0, 1.0), {"a": shared, "b": shared, "c": shared}, [{"w": torch.zeros(2)}] * 3, [{}] * 3)
+    taken = presumed.take(["a", "b", "c", "d"], [(2.0, 1.0), (1.0, 1.0), (2.0, 1.0), (2.0, 1.0)],
+                          {"a": shared, "b": shared, "c": own, "d": shared})
+    assert sorted(taken) == [0]  # b moved to a stronger candidate, c got its own forget-Fisher, d was not dampened
 
 
 def test_a_models_own_forget_fisher_is_capped_at_the_calibrations_forget_samples_at_the_holders_too(tmp_path):

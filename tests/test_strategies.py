@@ -1112,6 +1112,19 @@ def test_exchange_pulls_soon_after_the_replies_arrive_and_honours_the_timeout(ta
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and 0.3 <= time.monotonic() - start < 1.0
 
 
+def test_an_exchange_pushes_when_begun_and_collects_the_replies_once(task_identity):
+    from fl_unlearn.errors import UnlearnError
+    from strategies.nodes import Exchange
+
+    grid = _PushPullGrid(delay=0.0)
+    round_trip = Exchange(grid, [Message(RecordDict(), dst_node_id=n, message_type="query.info") for n in (1, 2)],
+                          timeout=5.0)
+    assert len(grid.pushed) == 2 and grid.pulls == 0  # pushed at once; the server's own work goes here
+    assert sorted(r.metadata.reply_to_message_id for r in round_trip.replies()) == sorted(grid.pushed)
+    with pytest.raises(UnlearnError, match="already collected"):
+        round_trip.replies()
+
+
 def test_exchange_uses_send_and_receive_of_a_grid_without_push_and_pull(task_identity):
     from strategies.nodes import exchange
 
