@@ -288,6 +288,7 @@ class FisherSweep:
         _check_config(cfg)
         self._parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._selections: dict[float, dict[str, Tensor]] = {}
+        self._last: tuple[float, dict[str, Tensor]] | None = None  # the latest selection, kept or not
         self._zeroes: dict[float, float] = {}  # zeroed_share per alpha, with its selection (the models share it)
         for name in retain_fisher:
             device = like[name].device
@@ -299,12 +300,16 @@ class FisherSweep:
 
     def selection(self, alpha: float, *, keep: bool = True) -> dict[str, Tensor]:
         """Per tensor, the weights selected at ``alpha``; with ``keep``, computed once per alpha and kept (one
-        mask per alpha: a grid of many alphas on a large model passes ``keep=False``)."""
+        mask per alpha: a grid of many alphas on a large model passes ``keep=False``). The latest one is remembered
+        either way: a grid asks :meth:`zeroed_share` and then :meth:`at` of the same alpha."""
         if alpha in self._selections:
             return self._selections[alpha]
+        if self._last is not None and self._last[0] == alpha:
+            return self._last[1]
         selected = {name: (ff > alpha * fd) & eligible for name, (fd, ff, eligible, _) in self._parts.items()}
         if keep:
             self._selections[alpha] = selected
+        self._last = (alpha, selected)
         return selected
 
     def zeroed_share(self, alpha: float, *, keep: bool = True) -> float:

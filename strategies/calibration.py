@@ -514,6 +514,7 @@ def calibrate_at_clients(
                                   request_kind=request_kind, base=base, settings=settings, holders=holders)
     start, candidates = begun.started, begun.candidates
     check = _checkable(check() if callable(check) else check, request_kind, settings)
+    records = [R.tensors_to_record(weights) for _, weights, _ in check]  # the check's messages, built meanwhile
     total = GridCounts(candidates, [0] * len(candidates), [0] * len(candidates))
     before_retain, client_seconds, replied_holders = 0, [], []
     for reply in checked_replies(begun.exchange.replies(), "query.calibrate"):
@@ -541,7 +542,7 @@ def calibrate_at_clients(
         choice.holders = sorted(replied_holders)
         meanwhile = (lambda: while_checking(alpha, lam)) if while_checking is not None else None
         check_at_clients(grid, nodes, choice.holders, request_configs, retain_fisher, check, choice, base, settings,
-                         owners, meanwhile=meanwhile)
+                         owners, meanwhile=meanwhile, records=records)
         choice.seconds = time.perf_counter() - start
     log(INFO, "unlearn: alpha=auto chose alpha %.4g, lambda %.3g on %d forget / %d kept client samples (target %.3f "
         "%s)", alpha, lam, total.forget_num, total.retain_num, target, "met" if met else "NOT met: forgets most")
@@ -614,12 +615,12 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
                      request_configs: dict[int, dict[str, Any]], retain_fisher: Tensors,
                      check: Sequence[tuple[str, Tensors, Tensors]], choice: CalibrationChoice, base: FIUnConfig,
                      settings: ClientCalibration, owners: Mapping[str, int] | None = None, *,
-                     meanwhile: Callable[[], None] | None = None) -> None:
+                     meanwhile: Callable[[], None] | None = None, records: Sequence[Any] | None = None) -> None:
     """``query.checkforget`` to ``holders``: set ``choice.per_model`` / ``per_model_met`` of every model in
     ``check`` (node id, weights, the forget-Fisher it is dampened with) from the chosen candidate on. Each holder
     gets the models :func:`check_plan` gives it (``owners``: node id -> partition of the local updates among
     them; ``None``: every holder checks every model). ``meanwhile`` is called once the messages are pushed, before
-    the replies are collected."""
+    the replies are collected; ``records`` are the models' weights as ArrayRecords, if built already."""
     from strategies.server import fiun_config
 
     plan = check_plan([node_id for node_id, _, _ in check], owners or {}, holders, settings)
@@ -627,7 +628,8 @@ def check_at_clients(grid: Grid, nodes: NodeDirectory, holders: Sequence[int],
     log(INFO, "unlearn: per-model check at %d holders: %d models at every holder, %d local updates each at one "
         "holder that did not train it", len(holders), len(check) - own, own)
     retain = R.tensors_to_record(retain_fisher)
-    records = [R.tensors_to_record(weights) for _, weights, _ in check]  # built once, shared by the messages
+    if records is None:  # built once, shared by the messages
+        records = [R.tensors_to_record(weights) for _, weights, _ in check]
     fiun = fiun_config(dataclasses.replace(base, alpha=choice.alpha, lam=choice.lam))
     budget = settings.check_budget(len(holders))
     msgs = []

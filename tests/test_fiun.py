@@ -271,8 +271,12 @@ def test_an_alpha_sweep_equals_dampening_at_each_alpha_bitwise(seed: int, cfg: F
     weights, retain, forget = make_weights(seed), make_fisher(seed + 1), make_fisher(seed + 2)
     before = [snapshot(d) for d in (weights, retain, forget)]
     sweep = AlphaSweep(weights, retain, forget, cfg)
-    for alpha in (0.0, 0.5, 1.0, 3.0, 10.0, 1e9):
+    # in a grid's order (each alpha's zero check, then the weights) and back again: the remembered selection is
+    # always the asked alpha's
+    for alpha in (0.0, 0.5, 1.0, 3.0, 10.0, 1e9, 3.0, 0.5):
         expected, _ = dampen(weights, retain, forget, dataclasses.replace(cfg, alpha=alpha))
+        sweep.zeroes_a_weight(alpha)
+        assert_same(sweep.at(alpha), expected)
         assert_same(sweep.at(alpha), expected)
     for now, then in zip((weights, retain, forget), before):
         assert_same(now, then)
