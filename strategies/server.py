@@ -803,7 +803,7 @@ class UnlearningStrategy(DelegatingStrategy):
         (:meth:`_presume`); those whose check kept the choice and whose forget-Fisher did not change are taken from it
         as they are (the same computation, bit for bit), the rest are dampened here.
         """
-        ids = [a for a in affected if self.graph.node(a).weights is not None]
+        ids = self._server_held(affected)
         nodes = [self.graph.node(a) for a in ids]
         cfg = outcome.fiun or self.fiun or FIUnConfig()
         if self.calibration is None:
@@ -857,7 +857,7 @@ class UnlearningStrategy(DelegatingStrategy):
         and changes nothing: the dampening step computes everything again and reports it."""
         def dampen_at(alpha: float, lam: float) -> None:
             try:
-                nodes = [self.graph.node(a) for a in affected if self.graph.node(a).weights is not None]
+                nodes = [self.graph.node(a) for a in self._server_held(affected)]
                 weights, retain, forgets = self._dampening_inputs(request, nodes, forget_of, shared_retain, True)
                 candidate = (float(alpha), float(lam))
                 new_weights, stats = _unlearn_per_candidate(weights, retain, forgets, base, [candidate] * len(nodes))
@@ -1036,8 +1036,8 @@ class UnlearningStrategy(DelegatingStrategy):
         def check() -> list[tuple[str, Tensors, Tensors]]:
             # The other server-held affected models, checked per model once the choice is known (class requests;
             # they must share the retain-Fisher the check dampens with); loaded while the clients calibrate
-            return [(a, self.store.get(self.graph.node(a).weights), forget_of[a]) for a in outcome.affected
-                    if a != node.id and self.graph.node(a).weights is not None] if shared_retain is not None else []
+            return [(a, self.store.get(self.graph.node(a).weights), forget_of[a])
+                    for a in self._check_ids(node.id, outcome)] if shared_retain is not None else []
 
         while_checking = self._presume(request, todo, forget_of, shared_retain, base, presumed) \
             if presumed is not None and todo else None
@@ -1058,7 +1058,11 @@ class UnlearningStrategy(DelegatingStrategy):
 
     def _check_ids(self, calibrated: str, outcome: UnlearnOutcome) -> list[str]:
         """The server-held affected models other than ``calibrated``: those the per-model check covers."""
-        return [a for a in outcome.affected if a != calibrated and self.graph.node(a).weights is not None]
+        return [a for a in self._server_held(outcome.affected) if a != calibrated]
+
+    def _server_held(self, node_ids: Iterable[str]) -> list[str]:
+        """The models of ``node_ids`` whose weights the server holds (the others are held by clients)."""
+        return [a for a in node_ids if self.graph.node(a).weights is not None]
 
     def _own_forget_fishers(self, grid: Grid, request: UnlearningRequest, node_ids: list[str],
                             forget_of: dict[str, Tensors], retain: Tensors, choice: Any, base: FIUnConfig,
