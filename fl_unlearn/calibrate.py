@@ -656,8 +656,11 @@ def score_alpha_grid(
     and cannot meet the target: the federation's choice is the one the full grid gives, for fewer forward
     passes (MNIST class 3: 16 of 42 candidates per client). Clients without forget samples score everything.
 
-    Candidates that zero a whole weight tensor (:meth:`~fl_unlearn.fiun.FisherSweep.zeroes_a_weight`) are
-    :data:`UNSCORED`: they forget by breaking the model, and are never chosen. A candidate that changes the same
+    Candidates that zero more than half of a weight tensor (:meth:`~fl_unlearn.fiun.FisherSweep.breaks_a_weight`,
+    the per-model checks' guard) are :data:`UNSCORED`: they forget by breaking the model, and are never chosen. Until
+    2026-12-07 the grid left out only those that zero a whole tensor and scored the rest, where they lost on kept
+    samples: the App's ten MNIST classes and ``benchmarks/robustness.py`` (MNIST and digits) chose the same either
+    way, and each client of the App scores 1-3 fewer of its 7-21 candidates. A candidate that changes the same
     weights as the one scored before it at its lambda (:meth:`~fl_unlearn.fiun.AlphaSweep.effective_alpha`: at
     lambda 1 every alpha below 1 also selects weights with ``F_f <= F_D``, whose factor is 1) gets its scores
     without a forward pass: the dampened weights are bit-identical.
@@ -678,7 +681,7 @@ def score_alpha_grid(
             continue
         if lam not in sweeps:
             sweeps[lam] = AlphaSweep(weights, retain, forget, replace(base, lam=lam))
-        if sweeps[lam].zeroes_a_weight(alpha):  # never used (it forgets by breaking the model): not scored
+        if sweeps[lam].breaks_a_weight(alpha):  # never used (it forgets by breaking the model): not scored
             f_correct.append(UNSCORED)
             r_correct.append(UNSCORED)
             r_loss.append(UNSCORED_LOSS)

@@ -51,7 +51,7 @@ is at lambda 1: 1.20 s against 1.18 s). Models that no candidate brings within t
 forget-Fisher and a second check (``query.checkforget`` again, with their own merged forget-Fishers), and, if
 still none does, the strongest candidate that zeroes no more than half of any weight tensor of theirs: no check
 ever counts a candidate that zeroes more (it forgets by breaking the model;
-:meth:`fl_unlearn.fiun.FisherSweep.breaks_a_weight`), and the grid leaves unscored any that zeroes a whole one.
+:meth:`fl_unlearn.fiun.FisherSweep.breaks_a_weight`), and the grid leaves them unscored as well.
 Client and sample requests have a target relative to each model's own generalisation, which the clients cannot
 score per model in one pass: they keep the one choice.
 """

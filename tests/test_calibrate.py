@@ -137,6 +137,30 @@ def _linear_with_fishers():
     return model, weights, retain[0], forget
 
 
+def _class_to_forget():
+    """A linear model that reads features 0-3 as classes 0-3 (class 1 has a bias), Fishers whose forget-Fisher sits
+    on class 0's row, 30 rows of class 0 to forget and 60 kept rows: zeroing one weight (``fc.weight[0, 0]``, 1 of
+    24) forgets the class, so the walks below meet candidates that forget without breaking the model."""
+    model = _Linear()
+    weight = torch.zeros(4, 6)
+    weight[range(4), range(4)] = 5.0
+    weights = {"fc.weight": weight, "fc.bias": torch.tensor([0.0, 0.5, 0.0, 0.0])}
+    retain = {k: torch.ones_like(v) for k, v in weights.items()}
+    row = torch.ones(4, 6)
+    row[0, 0], row[0, 1:] = 40.0, 6.0
+    forget = {"fc.weight": row, "fc.bias": torch.ones(4)}
+    g = torch.Generator().manual_seed(4)
+
+    def rows(cls: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = 0.4 * torch.randn(n, 6, generator=g)
+        x[:, cls] += 1.0
+        return x, torch.full((n,), cls)
+
+    kept = [rows(c, 20) for c in (1, 2, 3)]
+    kept_set = torch.cat([x for x, _ in kept]), torch.cat([y for _, y in kept])
+    return model, weights, retain, forget, rows(0, 30), kept_set
+
+
 def test_choose_candidate_keeps_most_among_candidates_that_forget_enough():
     counts = GridCounts(_pairs(1, 2, 4, 8), forget_correct=[0, 0, 1, 9], retain_correct=[50, 70, 90, 99],
                         forget_num=10, retain_num=100)
@@ -238,7 +262,7 @@ def test_client_grid_counts_do_not_change_when_either_fisher_is_rescaled(c_forge
 def test_client_grid_counts_match_dampening_each_alpha_by_hand():
     model, weights, retain, forget = _linear_with_fishers()
     x, y = _data(50, 3)
-    grid = ((0.5, 0.0), (2.0, 1.0), (8.0, 1.0))
+    grid = ((2.0, 0.0), (2.0, 1.0), (8.0, 1.0))
     counts = score_alpha_grid(model, weights, retain, forget, (x, y), None, candidates=grid)
     assert counts.forget_num == 50 and counts.retain_num == 0 and counts.retain_correct == [0, 0, 0]
     for (alpha, lam), got in zip(grid, counts.forget_correct):
@@ -248,15 +272,15 @@ def test_client_grid_counts_match_dampening_each_alpha_by_hand():
 
 
 def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_the_full_grid():
-    model, weights, retain, forget = _linear_with_fishers()
-    forget_set, retain_set = _data(30, 4), _data(40, 5)
+    model, weights, retain, forget, forget_set, retain_set = _class_to_forget()
     grid = candidate_grid((0.0, 0.25, 1.0, 4.0, 16.0, 1e9), (1.0, 0.0))
     full = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
     walked = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid,
                               stop_when_kept=True)
     assert walked.scored() != full.scored()  # alpha 1e9 dampens nothing, so every walk stops before the end
-    # alpha 0 at lambda 0 zeroes the whole weight: never scored (test_the_checks_never_forget_by_zeroing_...)
-    assert [pair for pair, ok in zip(grid, full.scored()) if not ok] == [(0.0, 0.0)]
+    # alphas 0 and 0.25 at lambda 0 zero more than half of the weight: never scored (test_a_sweep_knows_...)
+    assert [pair for pair, ok in zip(grid, full.scored()) if not ok] == [(0.0, 0.0), (0.25, 0.0)]
+    assert full.forget_correct[2:4] == [0, 0]  # zeroing class 0's weight forgets it: the lambda-0 walk goes on
     for lam in (0.0, 1.0):
         idx = [i for i, (_, v) in enumerate(grid) if v == lam and full.scored()[i]]
         scored = [i for i in idx if walked.scored()[i]]
@@ -267,14 +291,13 @@ def test_walk_stops_each_lambda_at_the_first_kept_sample_and_scores_the_rest_as_
         assert all(full.forget_correct[i] == 0 for i in scored[:-1]) and full.forget_correct[scored[-1]] > 0
     # the choice is the full grid's whenever the milder alphas past a miss miss too (monotone here)
     assert choose_candidate(walked, 0.0) == choose_candidate(full, 0.0)
-    # a client without forget samples cannot walk: it scores everything (but the candidate that zeroes the weight)
+    # a client without forget samples cannot walk: it scores everything (but the candidates that break the model)
     assert score_alpha_grid(model, weights, retain, forget, None, retain_set, candidates=grid,
                             stop_when_kept=True).scored() == full.scored()
 
 
 def test_walk_with_a_keep_budget_stops_past_the_budget_only():
-    model, weights, retain, forget = _linear_with_fishers()
-    forget_set, retain_set = _data(30, 4), _data(40, 5)
+    model, weights, retain, forget, forget_set, retain_set = _class_to_forget()
     grid = candidate_grid((0.0, 0.25, 1.0, 4.0, 16.0, 1e9), (1.0, 0.0))
     full = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
     kept = sorted({f for f in full.forget_correct if f > 0})
@@ -564,6 +587,12 @@ def test_a_sweep_knows_when_a_candidate_zeroes_a_whole_weight_tensor():
     three = scale_free({**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 5.0], [5.0, 0.0]])})
     seq = check_sequence(0.1, 0.0, (0.1,), (0.0,))  # one candidate, zeroing 3 of the layer's 4 weights
     assert check_models(_layered(), [_LAYERED], _LAYERED_RETAIN, [three], _LAYERED_SET, seq) == [[UNSCORED]]
+    # the grid leaves it unscored too (it would forget by breaking the model), and scores one zeroing half
+    two = scale_free({**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 5.0], [0.0, 0.0]])})
+    for forget_fisher, scored in ((three, False), (two, True)):
+        counts = score_alpha_grid(_layered(), _LAYERED, _LAYERED_RETAIN, forget_fisher, _LAYERED_SET, _LAYERED_SET,
+                                  candidates=seq)
+        assert counts.scored() == [scored]
     # and it is what it says: dampened there, the layer is 0 and the model predicts class 1 for everything
     (w,), _ = unlearn_many([_LAYERED], [retain], forget, FIUnConfig(alpha=2.0, lam=0.0))
     assert not w["0.weight"].any() and count_correct(_layered(), w, _LAYERED_SET) == 0
@@ -740,7 +769,7 @@ def test_the_kept_loss_breaks_near_ties_before_the_change():
 def test_client_grid_reports_the_summed_cross_entropy_of_its_kept_samples():
     model, weights, retain, forget = _linear_with_fishers()
     forget_set, retain_set = _data(40, 1), _data(60, 2)
-    grid = ((0.5, 0.0), (2.0, 1.0), (8.0, 1.0))
+    grid = ((2.0, 0.0), (2.0, 1.0), (8.0, 1.0))
     counts = score_alpha_grid(model, weights, retain, forget, forget_set, retain_set, candidates=grid)
     for (alpha, lam), loss in zip(grid, counts.retain_loss):
         (dampened,), _ = unlearn_many([weights], [scale_free(retain)], scale_free(forget), FIUnConfig(alpha=alpha, lam=lam))

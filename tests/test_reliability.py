@@ -910,11 +910,14 @@ def _kept_loss_of_first_candidate(value):
     def hostile(reply):
         from flwr.app import MetricRecord
 
+        from fl_unlearn.calibrate import UNSCORED
+
         from strategies import records as R
 
         metrics = dict(reply.content.metric_records[R.METRICS_KEY])
         losses = list(metrics[R.RETAIN_LOSS])
-        losses[0] = value  # the strongest candidate, which every client scores
+        scored = [i for i, v in enumerate(metrics[R.FORGET_CORRECT]) if v != UNSCORED]
+        losses[scored[0]] = value  # the strongest candidate the client scored
         reply.content[R.METRICS_KEY] = MetricRecord({**metrics, R.RETAIN_LOSS: losses})
         return reply
 
