@@ -654,7 +654,8 @@ def score_alpha_grid(
     budget: a client over it puts the sum over it); the milder alphas after it are :data:`UNSCORED`. A milder
     alpha selects a subset of the weights, so (as the per-model check also assumes) it keeps those samples too
     and cannot meet the target: the federation's choice is the one the full grid gives, for fewer forward
-    passes (MNIST class 3: 16 of 42 candidates per client). Clients without forget samples score everything.
+    passes (the App's MNIST class 3: 13 of 42 candidates per client). Clients without forget samples score
+    everything.
 
     Candidates that zero more than half of a weight tensor (:meth:`~fl_unlearn.fiun.FisherSweep.breaks_a_weight`,
     the per-model checks' guard) are :data:`UNSCORED`: they forget by breaking the model, and are never chosen. Until
