@@ -297,10 +297,15 @@ class FisherSweep:
             ff = forget_fisher[name].to(device=device, dtype=work)
             eligible = ff > cfg.tau  # selected at any alpha only where F_f > tau (so F_f > 0)
             self._parts[name] = (fd, ff, eligible, _factors(fd, ff, eligible, cfg))
-        # Where each weight tensor has factors of 0 (at lambda 0, or where F_D = 0), for the tensors that have any:
-        # zeroed_share is asked of every candidate, and at lambda 1 there is usually none to look at.
-        self._zero_masks = {name: factors == 0 for name, (_, _, _, factors) in self._parts.items()
-                            if name.endswith("weight") and factors.numel() > 1 and bool((factors == 0).any())}
+        # Where a selection would zero a weight (factor 0: at lambda 0, or where F_D = 0), for the weight tensors that
+        # have any such entry: zeroed_share is asked of every candidate, and at lambda 1 there is usually none. The
+        # factors are 0 outside `eligible` too, but no alpha selects those entries.
+        self._zero_masks: dict[str, Tensor] = {}
+        for name, (_, _, eligible, factors) in self._parts.items():
+            if name.endswith("weight") and factors.numel() > 1:
+                zero = (factors == 0) & eligible
+                if bool(zero.any()):
+                    self._zero_masks[name] = zero
 
     def selection(self, alpha: float, *, keep: bool = True) -> dict[str, Tensor]:
         """Per tensor, the weights selected at ``alpha``; with ``keep``, computed once per alpha and kept (one

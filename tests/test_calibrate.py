@@ -574,6 +574,8 @@ def test_a_sweep_knows_when_a_candidate_zeroes_a_whole_weight_tensor():
     at_zero = FisherSweep(retain, forget, FIUnConfig(lam=0.0), like=_LAYERED)
     assert at_zero.zeroes_a_weight(2.0) and at_zero.zeroes_a_weight(0.5) and not at_zero.zeroes_a_weight(4.0)
     assert not FisherSweep(retain, forget, FIUnConfig(lam=1.0), like=_LAYERED).zeroes_a_weight(2.0)  # scaled by 1/3
+    dead = scale_free({**_LAYERED_RETAIN, "0.weight": torch.zeros(2, 2)})  # F_D = 0: lambda 1 zeroes what it selects
+    assert FisherSweep(dead, forget, FIUnConfig(lam=1.0), like=_LAYERED).zeroed_share(2.0) == 1.0
     assert AlphaSweep(_LAYERED, retain, forget, FIUnConfig(lam=0.0)).zeroes_a_weight(2.0)
     one_entry = {**_LAYERED_FORGET, "0.weight": torch.tensor([[5.0, 0.0], [0.0, 0.0]])}
     assert not FisherSweep(retain, scale_free(one_entry), FIUnConfig(lam=0.0), like=_LAYERED).zeroes_a_weight(0.1)
