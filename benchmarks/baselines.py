@@ -17,6 +17,8 @@ Requests and methods:
   rule picks (``repair_wanted``), each on the kept data of the clients it trained on, with the forget guard on
   their forget rows for a class request; its time includes the repair and the checks. (The App repairs the served
   global model and the client-held ones; this, any affected model.)
+  ``fiun+head``: ``fiun``, then the repair with ``part="head"`` (the head alone, on features computed once; the
+  forget guard on) on every model the per-model check took past the clients' choice; its time includes it.
 - **client request** (forget the poisoned client): ``fiun`` (``alpha="auto"``; forget target, as in the Flower
   layer: the newest global model's accuracy on kept calibration samples before unlearning), ``fiun a=1``,
   ``fiun a=10`` (SSD's threshold), ``finetune``, ``gradient_ascent``, ``retrain``, with the backdoor's attack
@@ -123,7 +125,7 @@ Weights = dict[str, Tensor]
 #: The parameters every Fisher covers (and FIUn dampens): the App's default (``fisher-layers``).
 FISHER_LAYERS = str(DEFAULTS["fisher-layers"])
 
-CLASS_METHODS = ("fiun", "fiun+repair", "fiun a=1", "finetune", "gradient_ascent", "retrain")
+CLASS_METHODS = ("fiun", "fiun+repair", "fiun+head", "fiun a=1", "finetune", "gradient_ascent", "retrain")
 CLIENT_METHODS = ("fiun", "fiun+repair", "fiun a=1", "fiun a=10", "finetune", "gradient_ascent", "retrain")
 
 
@@ -155,6 +157,8 @@ class Setup:
     alphas_per_octave: int = 2
     lams: tuple[float, ...] = DEFAULT_LAMS
     repair_stop: str = str(DEFAULTS["repair-stop"])  # fiun+repair: the App's repair-stop
+    head_rows: int = 256  # fiun+head: kept rows per client
+    head_forget_rows: int = 64  # fiun+head: forget rows per client, for the guard
     finetune_steps: int = 50
     finetune_lr: float = 0.05
     ascent_steps: int = 30
@@ -346,10 +350,10 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
         merged_by[hs] = _merged([per_holder[k] for k in hs])
     forgets = [merged_by[ctx.holders[n]] for n in ctx.targets]
     models = [ctx.weights[n] for n in ctx.targets]
-    target, lam, own_fisher = None, None, []
+    target, lam, own_fisher, choice = None, None, [], None
     if alpha == "auto":
         forgets = list(forgets)
-        candidates, met, target, own_fisher = _auto_alpha(ctx, model, retain, forgets, newest)
+        candidates, met, target, own_fisher, choice = _auto_alpha(ctx, model, retain, forgets, newest)
         # the candidates were scored on mean-normalised Fishers (as the App's train.unlearn / server step dampen)
         new, _ = unlearn_with_candidates(models, [scale_free(r) for r in retain], [scale_free(f) for f in forgets],
                                          FIUnConfig(), candidates)
@@ -360,7 +364,7 @@ def run_fiun(ctx: Context, alpha: float | str) -> tuple[dict[str, Weights], floa
     t3 = time.perf_counter()
     details = {"cache_s": t1 - t0, "forget_fisher_s": t2 - t1, "merge_dampen_s": t3 - t2,
                "alphas": dict(zip(ctx.targets, alphas)),
-               "lam": lam, "own_fisher": own_fisher, "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
+               "lam": lam, "own_fisher": own_fisher, "choice": choice, "forget_target": target, "target_met": dict(zip(ctx.targets, met)) if met else None}
     return dict(zip(ctx.targets, new)), t3 - t1, details
 
 
@@ -371,7 +375,7 @@ def _fisher(net: Network, weights: Weights, ds: Dataset, params: list[str], cap:
 
 
 def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
-                newest: str) -> tuple[list[tuple[float, float]], list[bool], float, list[str]]:
+                newest: str) -> tuple[list[tuple[float, float]], list[bool], float, list[str], tuple[float, float]]:
     """``alpha="auto"`` as the Flower App runs it, each client in turn (``strategies.calibration``).
 
     Every client scores the (alpha, lambda) grid on the newest global model with its own samples (64 of the data
@@ -385,7 +389,8 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
     mildest candidate at which the holders keep at most the choice's tolerance of them in all (``per_model_candidate``,
     3 of 128; none of them until 2026-12-06); a model no candidate brings within it gets its own forget-Fisher
     (``forgets`` is updated in place) and is checked again (``check_models``). Returns per target its
-    ``(alpha, lambda)`` and whether it met the target, the target, and the models given their own forget-Fisher.
+    ``(alpha, lambda)`` and whether it met the target, the target, the models given their own forget-Fisher, and
+    the clients' choice.
     """
     net, s = ctx.net, ctx.net.setup
     i_new = ctx.targets.index(newest)
@@ -468,7 +473,7 @@ def _auto_alpha(ctx: Context, model: nn.Module, retain: list, forgets: list,
             forgets[i] = _merged(parts)
         if own:
             check_at_holders(own)
-    return candidates, mets, target, [ctx.targets[i] for i in own]
+    return candidates, mets, target, [ctx.targets[i] for i in own], (alpha, lam)
 
 
 def run_finetune(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
@@ -525,6 +530,37 @@ def run_fiun_repair(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     return new, seconds + repair_s, {**info, "repair_s": repair_s, "repair_rounds": rounds, "not_repaired": skipped}
 
 
+def run_fiun_head(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
+    """``fiun``, then the App's repair with ``part="head"`` (:class:`~fl_unlearn.calibrate.RepairConfig`: the head
+    alone, on features computed once) on every model the per-model check took past the clients' choice (a stronger
+    candidate, or its own forget-Fisher), over the clients it trained on, each on ``head_rows`` of its kept rows and,
+    for a class request, the forget guard on ``head_forget_rows`` of its forget rows. The models the check left at
+    the choice were dampened no further than the calibration scored on kept samples; the others were not scored so.
+    The seconds include drawing the rows."""
+    new, seconds, info = run_fiun(ctx, "auto")
+    net, s, forget = ctx.net, ctx.net.setup, ctx.forget
+    guard = forget.request.kind == "classes"
+    cfg = RepairConfig(max_rounds=REPAIR_ROUNDS, local_steps=REPAIR_STEPS, lr=REPAIR_LR, batch_size=s.batch_size,
+                       seed=s.seed, forget_weight=REPAIR_FORGET_WEIGHT if guard else 0.0, part="head")
+    choice = info["choice"]
+    lam = dict(zip(ctx.targets, info["lam"] or [None] * len(ctx.targets)))
+    moved = [n for n in ctx.targets if choice is not None
+             and ((info["alphas"][n], lam[n]) != tuple(choice) or n in info["own_fisher"])]
+    t0 = time.perf_counter()
+    clients = sorted({k for n in moved for k in net.clients_behind(n) if len(forget.kept[k])})
+    kept_of = {k: _head(forget.kept[k], s.head_rows, s.seed + 200 + k) for k in clients}
+    guard_of = {k: _head(forget.forgotten[k], s.head_forget_rows, s.seed + 300 + k)
+                for k in clients if guard and len(forget.forgotten[k])}
+    rounds = {}
+    for n in moved:
+        behind = [k for k in net.clients_behind(n) if k in kept_of]
+        new[n], rep = repair(net.new_model(), new[n], [kept_of[k] for k in behind], cfg=cfg,
+                             forget_sets=[guard_of.get(k) for k in behind])
+        rounds[n] = rep["repair_rounds"]
+    head_s = time.perf_counter() - t0
+    return new, seconds + head_s, {**info, "head_s": head_s, "head_rounds": rounds}
+
+
 def repair_wanted(net: Network, original: Weights, unlearned: Weights, kept: Sequence[tuple[Tensor, Tensor]],
                   forgotten: Sequence[tuple[Tensor, Tensor] | None], cfg: RepairConfig, request_kind: str) -> bool:
     """The App's ``repair=auto`` rule (``strategies.repair.RepairSettings.wanted``) for one model, scored on the rows
@@ -545,6 +581,8 @@ def run_retrain(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
 def method_runner(method: str) -> Callable[[Context], tuple[dict[str, Weights], float, dict]]:
     if method == "fiun+repair":
         return run_fiun_repair
+    if method == "fiun+head":
+        return run_fiun_head
     if method.startswith("fiun"):
         alpha: float | str = "auto" if method == "fiun" else float(method.split("=")[1])
         return lambda ctx: run_fiun(ctx, alpha)

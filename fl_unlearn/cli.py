@@ -205,6 +205,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, Convert]] = {
     "unlearning.repair": ("repair", _on_off),
     "unlearning.repair_scope": ("repair-scope", _text),
     "unlearning.repair_stop": ("repair-stop", _text),
+    "unlearning.repair_part": ("repair-part", _text),
     "unlearning.repair_budget": ("repair-budget", _float),
     "unlearning.repair_rounds": ("repair-rounds", _int),
     "unlearning.repair_steps": ("repair-steps", _int),

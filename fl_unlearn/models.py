@@ -149,3 +149,39 @@ def last_layer_names(model: nn.Module) -> list[str]:
     prefix = f"{linear[-1]}." if linear[-1] else ""
     names = {name for name, _ in model.named_parameters()}
     return [f"{prefix}{p}" for p in ("weight", "bias") if f"{prefix}{p}" in names]
+
+
+def split_head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    """``(body, head)`` with ``head(body(x)) == model(x)``: the layers a head repair trains, and what feeds them.
+
+    ``head`` shares its parameters with ``model`` (training it changes ``model``); ``body`` is the rest of the
+    forward pass, run once per sample under ``torch.no_grad`` by :func:`fl_unlearn.calibrate.repair_head`.
+
+    - ``SmallCNN``: ``body`` = ``features`` (the convolutions, pooled and flattened), ``head`` = ``hidden`` + ``fc``.
+    - torchvision ``ResNet``: ``body`` = every block up to the global average pool, ``head`` = ``fc``.
+
+    Raises
+    ------
+    ConfigError
+        For any other architecture (its forward pass cannot be split without knowing it).
+
+    Examples
+    --------
+    >>> model = build_model("cnn", 10, in_channels=1, image_size=8).eval()
+    >>> body, head = split_head(model)
+    >>> x = torch.zeros(2, 1, 8, 8)
+    >>> bool(torch.equal(head(body(x)), model(x)))
+    True
+    """
+    if isinstance(model, SmallCNN):
+        return model.features, nn.Sequential(model.hidden, model.fc)
+    resnet_parts = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+    if all(hasattr(model, part) for part in resnet_parts):
+        def body(x: torch.Tensor) -> torch.Tensor:
+            for part in resnet_parts[:-1]:
+                x = getattr(model, part)(x)
+            return torch.flatten(x, 1)
+
+        return body, model.fc
+    raise ConfigError(f"split_head knows SmallCNN and torchvision's ResNet, not {type(model).__name__}: "
+                      "its forward pass cannot be split into a body and a head without knowing it.")

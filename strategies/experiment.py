@@ -28,7 +28,7 @@ from fl_unlearn.evaluate import forget_retain_accuracy, mia_auc_from_losses, tri
 from fl_unlearn.fisher import select_parameters
 from fl_unlearn.fiun import FIUnConfig
 from fl_unlearn.lineage import LineageGraph
-from fl_unlearn.models import build_model
+from fl_unlearn.models import build_model, split_head
 from fl_unlearn.requests import UnlearningRequest, parse_samples_file, validate_request
 from fl_unlearn.store import Store
 from fl_unlearn.train import seed_everything
@@ -218,6 +218,8 @@ def run_experiment(grid: Grid, cfg: AppConfig) -> dict[str, Any]:
         check_request_early(request, data, cfg)
     model_name, new_model = _model_factory(cfg, data)
     select_parameters(new_model(), cfg.fisher_layers)  # a pattern that matches nothing fails before training
+    if cfg.repair_part == "head":
+        split_head(new_model())  # so does a head repair of a model whose head it cannot name
     store = Store(store_dir)
     graph = LineageGraph.open(store_dir / "lineage")
     if cfg.uses_sisa:  # SISA shards / slices and the hybrid exact path (DESIGN.md section 4)
@@ -398,7 +400,7 @@ def repair_settings(cfg: AppConfig, request_kind: str = "classes") -> RepairSett
     return RepairSettings(mode=cfg.repair, samples=cfg.repair_samples,
                           steps=RepairConfig(max_rounds=cfg.repair_rounds, local_steps=cfg.repair_steps,
                                              lr=cfg.repair_lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                                             forget_weight=guard, stop=cfg.repair_stop))
+                                             forget_weight=guard, stop=cfg.repair_stop, part=cfg.repair_part))
 
 
 def _repair(grid: Grid, strategy: UnlearningStrategy, request: UnlearningRequest, settings: RepairSettings,

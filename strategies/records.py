@@ -114,6 +114,7 @@ FORGET_VAL_NUM = "forget-val-num-examples"
 VAL_CORRECT = "val-correct"  # train.repair reply: held-back kept rows the received weights get right
 FORGET_VAL_CORRECT = "forget-val-correct"  # train.repair reply: held-back forget rows still predicted
 REPAIR_STOP = "repair-stop"  # train.repairheld / train.repairsent: stall | restore (fl_unlearn.calibrate.RepairConfig)
+REPAIR_PART = "repair-part"  # train.repair / repairheld / repairsent: all | head (fl_unlearn.calibrate.RepairConfig)
 REPAIR_MODE = "repair-mode"  # train.repairsent: auto (the rule decides per model) or on
 REPAIR_TOLERANCE = "repair-tolerance"  # train.repairsent: kept-accuracy loss the rule accepts without repair
 REPAIR_WANTED = "repair-wanted"  # train.repairsent reply: 1 when the model was repaired

@@ -193,7 +193,8 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
     model = load_model(spec, context, weights[0])
     cfg = RepairConfig(local_steps=max(max(steps), 1), lr=float(config[R.REPAIR_LR]),
                        momentum=float(config[R.REPAIR_MOMENTUM]), batch_size=int(config[R.REPAIR_BATCH]),
-                       forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)))
+                       forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)),
+                       part=str(config.get(R.REPAIR_PART, "all")))
     out: dict[str, Any] = {}
     for n, (w, local_steps) in enumerate(zip(weights, steps)):
         out[f"{R.METRICS_KEY}-{n}"] = MetricRecord({
@@ -328,7 +329,7 @@ def _local_repair_fields(settings: RepairSettings) -> dict[str, Any]:
     return {R.REPAIR_SAMPLES: settings.samples, R.REPAIR_ROUNDS: steps.max_rounds, R.REPAIR_STEPS: steps.local_steps,
             R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
             R.REPAIR_VAL_FRACTION: steps.validation_fraction, R.REPAIR_FORGET_WEIGHT: steps.forget_weight,
-            R.REPAIR_STOP: steps.stop}
+            R.REPAIR_STOP: steps.stop, R.REPAIR_PART: steps.part}
 
 
 def _local_repair_config(config: Any, seed: int) -> RepairConfig:
@@ -338,7 +339,7 @@ def _local_repair_config(config: Any, seed: int) -> RepairConfig:
                         batch_size=int(config[R.REPAIR_BATCH]),
                         validation_fraction=float(config[R.REPAIR_VAL_FRACTION]), seed=seed,
                         forget_weight=float(config.get(R.REPAIR_FORGET_WEIGHT, 0.0)),
-                        stop=str(config.get(R.REPAIR_STOP, "stall")))
+                        stop=str(config.get(R.REPAIR_STOP, "stall")), part=str(config.get(R.REPAIR_PART, "all")))
 
 
 # --- server side -----------------------------------------------------------------------------------------
@@ -475,7 +476,7 @@ def _repair_message(nodes: NodeDirectory, pid: int, models: Sequence[Tensors], r
     cfg = ConfigRecord({R.REPAIR_SAMPLES: settings.samples, R.REPAIR_STEPS: [int(k) for k in local_steps],
                         R.REPAIR_LR: steps.lr, R.REPAIR_MOMENTUM: steps.momentum, R.REPAIR_BATCH: steps.batch_size,
                         R.REPAIR_ROUND: rnd, R.REPAIR_VAL_FRACTION: steps.validation_fraction,
-                        R.REPAIR_FORGET_WEIGHT: steps.forget_weight, **request_config})
+                        R.REPAIR_FORGET_WEIGHT: steps.forget_weight, R.REPAIR_PART: steps.part, **request_config})
     arrays = {f"{R.MODEL_KEY_PREFIX}{n}": R.tensors_to_record(w) for n, w in enumerate(models)}
     return Message(RecordDict({**arrays, R.CONFIG_KEY: cfg}), dst_node_id=nodes.node_of(pid),
                    message_type=R.MSG_REPAIR)

@@ -219,6 +219,15 @@ def test_benchmark_table_has_every_method_and_consistent_figures() -> None:
         assert repaired["repair_s"] > 0 and all(0 <= r <= 16 for r in repaired["repair_rounds"].values())
         for name in repaired["not_repaired"]:
             assert rows["fiun+repair"]["worst"]["per_model"][name] == rows["fiun"]["worst"]["per_model"][name]
+    # fiun+head: the head repair on exactly the models the check took past the clients' choice (the newest global's
+    # candidate) or gave their own forget-Fisher; every other model is fiun's
+    rows = {r["method"]: r for r in result["class"]["rows"]}
+    head = rows["fiun+head"]["extra"]
+    assert tuple(fiun["choice"]) == chosen
+    moved = {n for (n, alpha), lam in zip(fiun["alphas"].items(), fiun["lam"]) if (alpha, lam) != chosen}
+    assert set(head["head_rounds"]) == moved | set(fiun["own_fisher"]) and head["head_s"] >= 0
+    for name in set(fiun["alphas"]) - set(head["head_rounds"]):
+        assert rows["fiun+head"]["worst"]["per_model"][name] == rows["fiun"]["worst"]["per_model"][name]
     # a model retrained without the class never predicts it
     assert {r["method"]: r for r in result["class"]["rows"]}["retrain"]["final"]["forget_acc"] == 0.0
     scaling = result["scaling"]["rows"]

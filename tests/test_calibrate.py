@@ -106,6 +106,7 @@ from fl_unlearn.calibrate import (  # noqa: E402
     choose_candidate,
     dampening_change,
     repair,
+    repair_steps,
     score_alpha_grid,
 )
 
@@ -443,6 +444,100 @@ def test_repair_with_the_forget_guard_pushes_the_forget_label_down_and_validates
         assert all(torch.equal(same[k], alone[k]) for k in alone)
     with pytest.raises(ConfigError, match="forget samples for"):
         repair(model, weights, kept, cfg=cfg, forget_sets=forget[:1])
+
+
+def _quadrant_cnn() -> tuple[torch.nn.Module, dict, dict, list, list]:
+    """A small CNN trained on 8x8 images whose label is the bright quadrant; the same with 80 % of its hidden
+    layer's weights zeroed (what a strong dampening leaves); per client, kept rows (classes 0-2) and forget rows
+    (class 3, the forgotten one)."""
+    from fl_unlearn.models import build_model
+
+    def rows(n: int, seed: int, classes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
+        x = torch.rand(n, 1, 8, 8, generator=g) * 0.5
+        for i, label in enumerate(y.tolist()):
+            r, c = divmod(label, 2)
+            x[i, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 0.5
+        return x, y
+
+    torch.manual_seed(0)
+    model = build_model("cnn", 4, in_channels=1, image_size=8)
+    x, y = rows(512, 1, (0, 1, 2, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(100):
+        i = slice(32 * (step % 16), 32 * (step % 16) + 32)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mask = torch.rand(trained["hidden.0.weight"].shape, generator=torch.Generator().manual_seed(5)) > 0.8
+    damaged = {k: v * mask if k == "hidden.0.weight" else v.clone() for k, v in trained.items()}
+    return model, trained, damaged, [rows(128, 10 + k, (0, 1, 2)) for k in range(2)], \
+        [rows(64, 20 + k, (3,)) for k in range(2)]
+
+
+def _head_changed_only(new: dict, old: dict) -> bool:
+    """Whether ``new`` differs from ``old`` in the head's weights (``hidden``, ``fc``) and nowhere else."""
+    return all(torch.equal(new[k], old[k]) == (not k.startswith(("hidden", "fc"))) for k in old)
+
+
+def test_repair_of_the_head_trains_only_the_head_and_brings_kept_accuracy_back():
+    from fl_unlearn.calibrate import _acc
+
+    model, _, damaged, kept, forget = _quadrant_cnn()
+    original = {k: v.clone() for k, v in damaged.items()}
+    x, y = torch.cat([x for x, _ in kept]), torch.cat([y for _, y in kept])
+    before = _acc(model, damaged, x, y)
+    cfg = RepairConfig(max_rounds=6, local_steps=8, lr=0.05, part="head")
+    repaired, info = repair(model, damaged, kept, cfg=cfg, forget_sets=forget)
+    assert all(torch.equal(damaged[k], original[k]) for k in damaged)  # the input is not modified
+    assert _head_changed_only(repaired, damaged)  # the body comes back as it came
+    assert info["val_loss"][-1] < 0.5 * info["val_loss"][0] and info["repair_rounds"] >= 1
+    assert before < 0.8 and _acc(model, repaired, x, y) > before + 0.15
+    # one round of steps on the head: the same body, and what the rounds start from
+    stepped = repair_steps(model, damaged, kept[0], cfg, seed=(0,), forget=forget[0])
+    assert _head_changed_only(stepped, damaged)
+
+
+def test_repair_of_the_head_keeps_the_best_validation_loss_and_the_restore_stop():
+    from fl_unlearn.calibrate import _val_loss, split_validation
+
+    model, trained, damaged, kept, _ = _quadrant_cnn()
+    splits = [split_validation(x, y, 0.25) for x, y in kept]
+    cfg = RepairConfig(max_rounds=6, local_steps=8, lr=0.05, part="head")
+    repaired, info = repair(model, damaged, kept, cfg=cfg)
+    # the losses are the whole model's, on the held-back rows; the returned weights have the lowest
+    assert info["val_loss"][0] == pytest.approx(_val_loss(model, damaged, splits), rel=1e-5)
+    assert _val_loss(model, repaired, splits) == pytest.approx(min(info["val_loss"]), rel=1e-5)
+    # restore: the target is the original's loss, on its own body
+    _, restored = repair(model, damaged, kept, cfg=replace(cfg, stop="restore"), original=trained)
+    assert restored["restore_loss"] == pytest.approx(_val_loss(model, trained, splits), rel=1e-5)
+
+
+def test_repair_of_the_head_guard_holds_the_forgotten_class_down():
+    model, trained, _, kept, forget = _quadrant_cnn()
+    cfg = RepairConfig(max_rounds=1, local_steps=10, lr=0.05, part="head")
+    fx = torch.cat([x for x, _ in forget])
+
+    def p_forgotten(w) -> float:  # the forgotten class's mean probability on its rows
+        return float(torch.softmax(torch.func.functional_call(model, w, (fx,)), 1)[:, 3].mean())
+
+    # kept data alone leaves a class the model still predicts where it was; the guard takes it down
+    guarded = repair_steps(model, trained, kept[0], cfg, seed=(0,), forget=forget[0])
+    plain = repair_steps(model, trained, kept[0], replace(cfg, forget_weight=0.0), seed=(0,), forget=forget[0])
+    assert p_forgotten(guarded) < 0.01 < 0.1 < p_forgotten(plain)
+    # no forget rows, or a weight of 0: the same steps on kept data alone
+    alone = repair_steps(model, trained, kept[0], cfg, seed=(0,))
+    assert all(torch.equal(alone[k], plain[k]) for k in alone)
+
+
+def test_repair_part_is_checked_and_needs_a_model_split_head_knows():
+    model, _, damaged, kept, _ = _quadrant_cnn()
+    with pytest.raises(ConfigError, match="part must be one of all, head"):
+        RepairConfig(part="body")
+    with pytest.raises(ConfigError, match="split_head knows"):
+        repair(_Linear(), dict(_Linear().state_dict()), [_data(8, 1)], cfg=RepairConfig(part="head"))
 
 
 # --- every affected model forgets: the per-model check of a class request -------------------------------------

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fl_unlearn.errors import ConfigError
-from fl_unlearn.models import MODELS, build_model, last_layer_names
+from fl_unlearn.models import MODELS, build_model, last_layer_names, split_head
 
 
 def test_resnet18_cifar_output_shape() -> None:
@@ -77,3 +77,20 @@ def test_same_seed_same_weights() -> None:
     torch.manual_seed(0)
     b = build_model("cnn", 10, in_channels=1, image_size=8)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize(("name", "head_names"), [("cnn", ["hidden.0.weight", "hidden.0.bias", "fc.weight", "fc.bias"]),
+                                                  ("resnet18", ["fc.weight", "fc.bias"])])
+def test_split_head_composes_to_the_model_and_shares_its_parameters(name: str, head_names: list[str]) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, 10, in_channels=1, image_size=28).eval()
+    body, head = split_head(model)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(head(body(x)), model(x), atol=1e-6)
+    ids = {id(p) for p in head.parameters()}
+    assert [n for n, p in model.named_parameters() if id(p) in ids] == head_names
+
+
+def test_split_head_of_an_unknown_architecture_raises() -> None:
+    with pytest.raises(ConfigError, match="split_head knows"):
+        split_head(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))

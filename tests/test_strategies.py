@@ -1335,18 +1335,24 @@ def test_a_spent_repair_budget_ends_the_rounds_with_a_validation_round(task_iden
         RepairBudget.of(-1.0, 10.0)
 
 
-def test_server_held_models_are_repaired_at_their_client_where_the_rule_asks(task_identity):
-    from fl_unlearn.calibrate import RepairConfig
+def _two_clients_and_an_untrained_model() -> tuple[dict, dict, object, dict]:
+    """(run config, the App's untrained model's weights, a two-client NodeDirectory, class-3 request configs)."""
     from strategies.nodes import NodeDirectory
-    from strategies.repair import RepairSettings, repair_sent_at_clients
 
     run_config = {**DEFAULTS, **BASE}
     torch.manual_seed(0)
     model = app_model(Context(0, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), run_config))
-    fresh = {k: v.detach().clone() for k, v in model.state_dict().items()}
     nodes = NodeDirectory(2)
     nodes.partition = {1: 0, 2: 1}
-    configs = {0: {R.FORGET_CLASSES: [3]}, 1: {R.FORGET_CLASSES: [3]}}
+    return (run_config, {k: v.detach().clone() for k, v in model.state_dict().items()}, nodes,
+            {0: {R.FORGET_CLASSES: [3]}, 1: {R.FORGET_CLASSES: [3]}})
+
+
+def test_server_held_models_are_repaired_at_their_client_where_the_rule_asks(task_identity):
+    from fl_unlearn.calibrate import RepairConfig
+    from strategies.repair import RepairSettings, repair_sent_at_clients
+
+    run_config, fresh, nodes, configs = _two_clients_and_an_untrained_model()
     steps = RepairConfig(max_rounds=2, local_steps=4, lr=0.1, batch_size=16, forget_weight=0.0)
     grid = _HandlerGrid(run_config)
     sent = {0: [("a", fresh, fresh)], 1: [("b", fresh, fresh)]}
@@ -1362,3 +1368,25 @@ def test_server_held_models_are_repaired_at_their_client_where_the_rule_asks(tas
         assert rep["repaired"] and 1 <= rep["rounds"] <= 2 and min(rep["val_loss"]) <= rep["val_loss"][0]
         assert set(rep["weights"]) == set(fresh)
     assert not all(torch.equal(done["a"]["weights"][k], done["b"]["weights"][k]) for k in fresh)  # own data each
+
+
+def test_repair_part_head_reaches_the_clients_and_trains_only_the_head(task_identity):
+    """``repair-part=head`` travels in train.repair and train.repairsent: the clients train the head alone (the small
+    CNN's ``hidden`` and ``fc``), every other weight comes back as it was sent."""
+    from fl_unlearn.calibrate import RepairConfig
+    from strategies.repair import RepairSettings, repair_at_clients, repair_sent_at_clients
+
+    run_config, fresh, nodes, configs = _two_clients_and_an_untrained_model()
+    settings = RepairSettings(mode="on", samples=128, steps=RepairConfig(max_rounds=2, local_steps=4, lr=0.1,
+                                                                         batch_size=16, part="head"))
+    grid = _HandlerGrid(run_config)
+
+    def head_only(new: dict) -> bool:
+        return all(torch.equal(new[k], fresh[k]) == (not k.startswith(("hidden", "fc"))) for k in fresh)
+
+    served, info = repair_at_clients(grid, nodes, [0, 1], configs, fresh, settings)
+    assert info["rounds"] >= 1 and info["chosen"] >= 1 and head_only(served)
+    done = repair_sent_at_clients(grid, nodes, {0: [("a", fresh, fresh)]}, configs, settings)
+    assert done["a"]["repaired"] and head_only(done["a"]["weights"])
+    with pytest.raises(ConfigError, match="repair-part"):
+        AppConfig.from_run_config({**run_config, "repair-part": "body"})
