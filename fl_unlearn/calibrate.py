@@ -15,6 +15,7 @@ which model the Fishers came from: multiplying either Fisher by a positive const
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -488,9 +489,13 @@ class _Head:
         self.weights = {name: weights[full].clone() for name, full in self.names.items()}
 
     @torch.no_grad()
+    def body_of(self, x: Tensor) -> Tensor:
+        """The body's features of ``x``."""
+        return self.body(x)
+
     def features(self, rows: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
         """``(body(x), y)`` for rows ``(x, y)``."""
-        return None if rows is None else (self.body(rows[0]), rows[1])
+        return None if rows is None else (self.body_of(rows[0]), rows[1])
 
     @torch.no_grad()
     def rows_features(self, x: Tensor, used: Tensor) -> Tensor:
@@ -500,6 +505,12 @@ class _Head:
         out = feats.new_zeros((len(x),) + tuple(feats.shape[1:]))
         out[used] = feats
         return out
+
+    def body_digest(self) -> str:
+        """A digest of every tensor of the input weights outside the head (what the body computes with)."""
+        head = set(self.names.values())
+        return hashlib.blake2b("".join(f"{name}:{_tensor_digest(t)}" for name, t in sorted(self.base.items())
+                                       if name not in head).encode(), digest_size=16).hexdigest()
 
     def merged(self, head_weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The input weights with the head's parameters replaced (the body's are copies of the input's)."""
@@ -533,12 +544,13 @@ def forget_guard_loss(logits: Tensor, y: Tensor, reduction: str = "mean") -> Ten
 
 def repair_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor],
                  cfg: RepairConfig, seed: tuple[int, ...],
-                 forget: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+                 forget: tuple[Tensor, Tensor] | None = None, cache: FeatureCache | None = None) -> dict[str, Tensor]:
     """``cfg.local_steps`` SGD steps from ``weights`` on batches drawn (seeded by ``seed``) from ``data``; with
     ``forget`` rows and ``cfg.forget_weight > 0``, each step adds the forget guard on a batch of them. With
-    ``cfg.part="head"`` the steps train the head alone, on the body's features of the rows they draw."""
+    ``cfg.part="head"`` the steps train the head alone, on the body's features of the rows they draw (kept in
+    ``cache``, a :class:`FeatureCache`, for later calls with the same body and rows)."""
     if cfg.part == "head":
-        return _head_steps(model, weights, data, cfg, seed, forget)
+        return _head_steps(model, weights, data, cfg, seed, forget, cache)
     model.load_state_dict(weights)
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
@@ -560,9 +572,11 @@ def repair_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, T
 
 
 def _head_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor], cfg: RepairConfig,
-                seed: tuple[int, ...], forget: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+                seed: tuple[int, ...], forget: tuple[Tensor, Tensor] | None,
+                cache: FeatureCache | None = None) -> dict[str, Tensor]:
     """:func:`repair_steps` for ``cfg.part="head"``: the batches are drawn first (as the steps would draw them), the
-    body runs once over the rows they use, and the steps train the head on those features."""
+    body runs once over the rows they use (over all rows, kept in ``cache``, when one is given), and the steps train
+    the head on those features."""
     x, y = data
     guard = forget if cfg.forget_weight > 0 and forget is not None and len(forget[1]) else None
     gen = torch.Generator().manual_seed(hash(seed) & 0x7FFFFFFF)
@@ -573,8 +587,12 @@ def _head_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Te
             if guard is not None else None
         draws.append((rows, frows))
     head = _Head(model, weights)
-    kept_feats = head.rows_features(x, torch.cat([r for r, _ in draws]))
-    guard_feats = head.rows_features(guard[0], torch.cat([f for _, f in draws])) if guard is not None else None
+    if cache is not None:
+        kept_feats = cache.features(head, x)
+        guard_feats = cache.features(head, guard[0]) if guard is not None else None
+    else:
+        kept_feats = head.rows_features(x, torch.cat([r for r, _ in draws]))
+        guard_feats = head.rows_features(guard[0], torch.cat([f for _, f in draws])) if guard is not None else None
     module = head.module
     module.load_state_dict(head.weights)
     module.train()
@@ -588,6 +606,40 @@ def _head_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Te
         opt.step()
     module.eval()
     return head.merged({k: v.detach().clone() for k, v in module.named_parameters()})
+
+
+class FeatureCache:
+    """The body's features of rows, by the body's weights and the rows, for head repairs that meet both again.
+
+    The App's round-trip repair (``train.repair``) sends a model to every client each round and only its head
+    changes between rounds, so a client that keeps one of these runs the body over its rows in the first round
+    only. Keys are digests of the body's tensors and of the rows, so a changed body or other rows never hit; at
+    most ``size`` entries are kept, the least recently used dropped first.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: dict[tuple[str, str], Tensor] = {}
+        self.hits = self.misses = 0
+
+    def features(self, head: _Head, x: Tensor) -> Tensor:
+        key = (head.body_digest(), _tensor_digest(x))
+        feats = self._entries.pop(key, None)
+        if feats is None:
+            self.misses += 1
+            feats = head.body_of(x)
+        else:
+            self.hits += 1
+        self._entries[key] = feats  # most recently used last
+        while len(self._entries) > self.size:
+            self._entries.pop(next(iter(self._entries)))
+        return feats
+
+
+def _tensor_digest(t: Tensor) -> str:
+    data = t.detach().contiguous().cpu()
+    return hashlib.blake2b(data.numpy().tobytes() + repr((tuple(data.shape), str(data.dtype))).encode(),
+                           digest_size=16).hexdigest()
 
 
 def weighted_average(updates: Sequence[Mapping[str, Tensor]], sizes: Sequence[int]) -> dict[str, Tensor]:

@@ -37,7 +37,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fl_unlearn.calibrate import (RepairConfig, count_correct, guard_sum, loss_sum, repair_steps,
+from fl_unlearn.calibrate import (FeatureCache, RepairConfig, count_correct, guard_sum, loss_sum, repair_steps,
                                   split_validation, weighted_average)
 from fl_unlearn.errors import ConfigError, UnlearnError
 from strategies import records as R
@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 Tensors = dict[str, torch.Tensor]
 REPAIR_MODES = ("auto", "on", "off")
+#: This process's body features for ``repair-part=head`` (``train.repair`` sends the model every round and only its
+#: head changes, so a client that handles the next round of the same repair reuses them)
+HEAD_FEATURES = FeatureCache()
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,8 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
             R.FORGET_VAL_CORRECT: count_correct(model, w, forget_val)})
         if local_steps > 0:
             new = repair_steps(model, w, train, replace(cfg, local_steps=local_steps),
-                               seed=(partition_id(context), int(config[R.REPAIR_ROUND])), forget=forget_train)
+                               seed=(partition_id(context), int(config[R.REPAIR_ROUND])), forget=forget_train,
+                               cache=HEAD_FEATURES)
             out[f"{R.MODEL_KEY_PREFIX}{n}"] = R.tensors_to_record(new)
     return Message(RecordDict(out), reply_to=msg)
 

@@ -532,6 +532,32 @@ def test_repair_of_the_head_guard_holds_the_forgotten_class_down():
     assert all(torch.equal(alone[k], plain[k]) for k in alone)
 
 
+def test_a_feature_cache_serves_the_same_body_and_rows_again_and_nothing_else():
+    from fl_unlearn.calibrate import FeatureCache
+
+    model, trained, damaged, kept, forget = _quadrant_cnn()
+    cfg = RepairConfig(local_steps=6, lr=0.05, part="head")
+    cache = FeatureCache(size=3)
+    plain = repair_steps(model, damaged, kept[0], cfg, seed=(1,), forget=forget[0])
+    first = repair_steps(model, damaged, kept[0], cfg, seed=(1,), forget=forget[0], cache=cache)
+    assert (cache.hits, cache.misses) == (0, 2)  # the kept rows and the forget rows
+    assert all(torch.allclose(first[k], plain[k], atol=1e-6) for k in plain)
+    # the next round: a new head on the same body and rows is served from the cache, with the same result
+    again = repair_steps(model, first, kept[0], cfg, seed=(2,), forget=forget[0], cache=cache)
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert all(torch.allclose(again[k], repair_steps(model, first, kept[0], cfg, seed=(2,), forget=forget[0])[k],
+                              atol=1e-6) for k in again)
+    # the same body under another head (damaged only changed the head): served; another body, or other rows:
+    # computed afresh; and no more than `size` entries are kept
+    repair_steps(model, trained, kept[0], cfg, seed=(1,), forget=forget[0], cache=cache)
+    assert (cache.hits, cache.misses) == (4, 2)
+    other_body = {k: v * 1.5 if k.startswith("features") else v for k, v in trained.items()}
+    repair_steps(model, other_body, kept[0], cfg, seed=(1,), forget=forget[0], cache=cache)
+    assert (cache.hits, cache.misses) == (4, 4)
+    repair_steps(model, damaged, kept[1], cfg, seed=(1,), cache=cache)
+    assert cache.misses == 5 and len(cache._entries) == 3
+
+
 def test_repair_part_is_checked_and_needs_a_model_split_head_knows():
     model, _, damaged, kept, _ = _quadrant_cnn()
     with pytest.raises(ConfigError, match="part must be one of all, head"):
