@@ -37,8 +37,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from fl_unlearn.calibrate import (FeatureCache, RepairConfig, count_correct, guard_sum, loss_sum, repair_steps,
-                                  split_validation, weighted_average)
+from fl_unlearn.calibrate import (FeatureCache, RepairConfig, count_correct, guard_sum, head_scores, loss_sum,
+                                  repair_steps, split_validation, weighted_average)
 from fl_unlearn.errors import ConfigError, UnlearnError
 from strategies import records as R
 from strategies.config import check_repair_budget
@@ -54,7 +54,7 @@ Tensors = dict[str, torch.Tensor]
 REPAIR_MODES = ("auto", "on", "off")
 #: This process's body features for ``repair-part=head`` (``train.repair`` sends the model every round and only its
 #: head changes, so a client that handles the next round of the same repair reuses them)
-HEAD_FEATURES = FeatureCache()
+HEAD_FEATURES = FeatureCache(size=16)
 
 
 @dataclass(frozen=True)
@@ -200,18 +200,31 @@ def handle_repair(spec: ClientSpec, msg: Message, context: Context) -> Message:
                        part=str(config.get(R.REPAIR_PART, "all")))
     out: dict[str, Any] = {}
     for n, (w, local_steps) in enumerate(zip(weights, steps)):
-        out[f"{R.METRICS_KEY}-{n}"] = MetricRecord({
-            R.NUM_EXAMPLES: len(train[1]), R.VAL_LOSS: loss_sum(model, w, *val), R.VAL_NUM: len(val[1]),
-            R.VAL_CORRECT: count_correct(model, w, val),
-            R.FORGET_VAL_LOSS: guard_sum(model, w, *forget_val) if forget_val is not None else 0.0,
-            R.FORGET_VAL_NUM: len(forget_val[1]) if forget_val is not None else 0,
-            R.FORGET_VAL_CORRECT: count_correct(model, w, forget_val)})
+        out[f"{R.METRICS_KEY}-{n}"] = MetricRecord({R.NUM_EXAMPLES: len(train[1]), **_validation(model, w, val,
+                                                                                                   forget_val, cfg)})
         if local_steps > 0:
             new = repair_steps(model, w, train, replace(cfg, local_steps=local_steps),
                                seed=(partition_id(context), int(config[R.REPAIR_ROUND])), forget=forget_train,
                                cache=HEAD_FEATURES)
             out[f"{R.MODEL_KEY_PREFIX}{n}"] = R.tensors_to_record(new)
     return Message(RecordDict(out), reply_to=msg)
+
+
+def _validation(model: torch.nn.Module, weights: Tensors, val: tuple[torch.Tensor, torch.Tensor],
+                forget_val: tuple[torch.Tensor, torch.Tensor] | None, cfg: RepairConfig) -> dict[str, Any]:
+    """A ``train.repair`` client's figures of ``weights`` on its held-back rows. For ``repair-part=head`` from the
+    head over the body's features, which this process keeps across the rounds of the repair (:data:`HEAD_FEATURES`):
+    the body does not change while the head is repaired."""
+    forget_num = len(forget_val[1]) if forget_val is not None else 0
+    if cfg.part == "head":
+        val_loss, val_correct, _ = head_scores(model, weights, val, HEAD_FEATURES)
+        _, forget_correct, forget_loss = head_scores(model, weights, forget_val, HEAD_FEATURES)
+    else:
+        val_loss, val_correct = loss_sum(model, weights, *val), count_correct(model, weights, val)
+        forget_loss = guard_sum(model, weights, *forget_val) if forget_val is not None else 0.0
+        forget_correct = count_correct(model, weights, forget_val)
+    return {R.VAL_LOSS: val_loss, R.VAL_NUM: len(val[1]), R.VAL_CORRECT: val_correct, R.FORGET_VAL_LOSS: forget_loss,
+            R.FORGET_VAL_NUM: forget_num, R.FORGET_VAL_CORRECT: forget_correct}
 
 
 def _repair_samples(data: Any, config: Any, context: Context) -> tuple[Any, Any]:

@@ -558,6 +558,20 @@ def test_a_feature_cache_serves_the_same_body_and_rows_again_and_nothing_else():
     assert cache.misses == 5 and len(cache._entries) == 3
 
 
+def test_head_scores_are_the_whole_models_figures():
+    from fl_unlearn.calibrate import FeatureCache, count_correct, guard_sum, head_scores, loss_sum
+
+    model, _, damaged, kept, forget = _quadrant_cnn()
+    cache = FeatureCache()
+    for rows in (kept[0], forget[0]):
+        loss, correct, guard = head_scores(model, damaged, rows, cache)
+        assert loss == pytest.approx(loss_sum(model, damaged, *rows), rel=1e-5)
+        assert correct == count_correct(model, damaged, rows)
+        assert guard == pytest.approx(guard_sum(model, damaged, *rows), rel=1e-5, abs=1e-6)
+    assert head_scores(model, damaged, rows, cache) == (loss, correct, guard) and cache.hits == 1
+    assert head_scores(model, damaged, None) == (0.0, 0, 0.0)
+
+
 def test_repair_part_is_checked_and_needs_a_model_split_head_knows():
     model, _, damaged, kept, _ = _quadrant_cnn()
     with pytest.raises(ConfigError, match="part must be one of all, head"):
