@@ -542,10 +542,8 @@ def run_fiun_head(ctx: Context) -> tuple[dict[str, Weights], float, dict]:
     guard = forget.request.kind == "classes"
     cfg = RepairConfig(max_rounds=REPAIR_ROUNDS, local_steps=REPAIR_STEPS, lr=REPAIR_LR, batch_size=s.batch_size,
                        seed=s.seed, forget_weight=REPAIR_FORGET_WEIGHT if guard else 0.0, part="head")
-    choice = info["choice"]
-    lam = dict(zip(ctx.targets, info["lam"] or [None] * len(ctx.targets)))
-    moved = [n for n in ctx.targets if choice is not None
-             and ((info["alphas"][n], lam[n]) != tuple(choice) or n in info["own_fisher"])]
+    moved = [n for n, lam in zip(ctx.targets, info["lam"])
+             if (info["alphas"][n], lam) != info["choice"] or n in info["own_fisher"]]
     t0 = time.perf_counter()
     clients = sorted({k for n in moved for k in net.clients_behind(n) if len(forget.kept[k])})
     kept_of = {k: _head(forget.kept[k], s.head_rows, s.seed + 200 + k) for k in clients}

@@ -487,6 +487,7 @@ class _Head:
         model.eval()  # the body's normalisation layers, if any, as at inference
         self.model = model
         self.base = weights
+        self._body_digest: str | None = None
         self.weights = {name: weights[full].clone() for name, full in self.names.items()}
 
     @torch.no_grad()
@@ -525,10 +526,13 @@ class _Head:
         return out
 
     def body_digest(self) -> str:
-        """A digest of every tensor of the input weights outside the head (what the body computes with)."""
-        head = set(self.names.values())
-        return hashlib.blake2b("".join(f"{name}:{_tensor_digest(t)}" for name, t in sorted(self.base.items())
-                                       if name not in head).encode(), digest_size=16).hexdigest()
+        """A digest of every tensor of the input weights outside the head (what the body computes with; once)."""
+        if self._body_digest is None:
+            head = set(self.names.values())
+            self._body_digest = hashlib.blake2b("".join(f"{name}:{_tensor_digest(t)}"
+                                                        for name, t in sorted(self.base.items()) if name not in head)
+                                                .encode(), digest_size=16).hexdigest()
+        return self._body_digest
 
     def merged(self, head_weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The input weights with the head's parameters replaced (the body's are copies of the input's)."""
@@ -567,63 +571,61 @@ def repair_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, T
     ``forget`` rows and ``cfg.forget_weight > 0``, each step adds the forget guard on a batch of them. With
     ``cfg.part="head"`` the steps train the head alone, on the body's features of the rows they draw (kept in
     ``cache``, a :class:`FeatureCache`, for later calls with the same body and rows)."""
-    if cfg.part == "head":
-        return _head_steps(model, weights, data, cfg, seed, forget, cache)
-    model.load_state_dict(weights)
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum)
-    x, y = data
     guard = forget if cfg.forget_weight > 0 and forget is not None and len(forget[1]) else None
-    gen = torch.Generator().manual_seed(hash(seed) & 0x7FFFFFFF)
-    for _ in range(cfg.local_steps):
-        rows = torch.randint(0, len(y), (min(cfg.batch_size, len(y)),), generator=gen)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
-        if guard is not None:
-            fx, fy = guard
-            frows = torch.randint(0, len(fy), (min(cfg.batch_size, len(fy)),), generator=gen)
-            loss = loss + cfg.forget_weight * forget_guard_loss(model(fx[frows]), fy[frows])
-        loss.backward()
-        opt.step()
-    model.eval()
+    batches = _batches(len(data[1]), len(guard[1]) if guard is not None else None, cfg, seed)
+    if cfg.part == "head":
+        return _head_steps(model, weights, data, guard, batches, cfg, cache)
+    model.load_state_dict(weights)
+    _sgd_steps(model, [p for p in model.parameters() if p.requires_grad], data, guard, batches, cfg)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _head_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor], cfg: RepairConfig,
-                seed: tuple[int, ...], forget: tuple[Tensor, Tensor] | None,
-                cache: FeatureCache | None = None) -> dict[str, Tensor]:
-    """:func:`repair_steps` for ``cfg.part="head"``: the batches are drawn first (as the steps would draw them), the
-    body runs once over the rows they use (over all rows, kept in ``cache``, when one is given), and the steps train
-    the head on those features."""
-    x, y = data
-    guard = forget if cfg.forget_weight > 0 and forget is not None and len(forget[1]) else None
+def _batches(kept: int, guard: int | None, cfg: RepairConfig,
+             seed: tuple[int, ...]) -> list[tuple[Tensor, Tensor | None]]:
+    """Per step, the rows of a kept batch and (with ``guard`` forget rows) of a forget batch, drawn with a generator
+    seeded by ``seed``, kept then forget in each step."""
     gen = torch.Generator().manual_seed(hash(seed) & 0x7FFFFFFF)
-    draws = []
+    out = []
     for _ in range(cfg.local_steps):
-        rows = torch.randint(0, len(y), (min(cfg.batch_size, len(y)),), generator=gen)
-        frows = torch.randint(0, len(guard[1]), (min(cfg.batch_size, len(guard[1])),), generator=gen) \
-            if guard is not None else None
-        draws.append((rows, frows))
-    head = _Head(model, weights)
-    if cache is not None:
-        kept_feats = cache.features(head, x)
-        guard_feats = cache.features(head, guard[0]) if guard is not None else None
-    else:
-        kept_feats = head.rows_features(x, torch.cat([r for r, _ in draws]))
-        guard_feats = head.rows_features(guard[0], torch.cat([f for _, f in draws])) if guard is not None else None
-    module = head.module
-    module.load_state_dict(head.weights)
+        rows = torch.randint(0, kept, (min(cfg.batch_size, kept),), generator=gen)
+        frows = torch.randint(0, guard, (min(cfg.batch_size, guard),), generator=gen) if guard is not None else None
+        out.append((rows, frows))
+    return out
+
+
+def _sgd_steps(module: torch.nn.Module, params: Sequence[torch.nn.Parameter], data: tuple[Tensor, Tensor],
+               guard: tuple[Tensor, Tensor] | None, batches: Sequence[tuple[Tensor, Tensor | None]],
+               cfg: RepairConfig) -> None:
+    """SGD on ``params`` of ``module``, one step per batch: cross-entropy on the kept rows plus, with ``guard``, the
+    weighted forget guard on the forget rows; ``module`` is left in eval mode."""
+    x, y = data
     module.train()
-    opt = torch.optim.SGD(module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    for rows, frows in draws:
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    for rows, frows in batches:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(module(kept_feats[rows]), y[rows])
+        loss = torch.nn.functional.cross_entropy(module(x[rows]), y[rows])
         if guard is not None:
-            loss = loss + cfg.forget_weight * forget_guard_loss(module(guard_feats[frows]), guard[1][frows])
+            loss = loss + cfg.forget_weight * forget_guard_loss(module(guard[0][frows]), guard[1][frows])
         loss.backward()
         opt.step()
     module.eval()
-    return head.merged({k: v.detach().clone() for k, v in module.named_parameters()})
+
+
+def _head_steps(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor],
+                guard: tuple[Tensor, Tensor] | None, batches: Sequence[tuple[Tensor, Tensor | None]],
+                cfg: RepairConfig, cache: FeatureCache | None) -> dict[str, Tensor]:
+    """:func:`repair_steps` for ``cfg.part="head"``: the body runs once over the rows the ``batches`` use (over all
+    rows, kept in ``cache``, when one is given), and the steps train the head on those features."""
+    head = _Head(model, weights)
+
+    def features(x: Tensor, used: list[Tensor]) -> Tensor:
+        return cache.features(head, x) if cache is not None else head.rows_features(x, torch.cat(used))
+
+    kept = (features(data[0], [r for r, _ in batches]), data[1])
+    guard_feats = (features(guard[0], [f for _, f in batches]), guard[1]) if guard is not None else None
+    head.module.load_state_dict(head.weights)
+    _sgd_steps(head.module, list(head.module.parameters()), kept, guard_feats, batches, cfg)
+    return head.merged({k: v.detach().clone() for k, v in head.module.named_parameters()})
 
 
 class FeatureCache:
@@ -654,18 +656,22 @@ class FeatureCache:
         return feats
 
 
-def head_scores(model: torch.nn.Module, weights: Weights, data: tuple[Tensor, Tensor] | None,
-                cache: FeatureCache | None = None) -> tuple[float, int, float]:
-    """``(summed cross-entropy, correct predictions, summed forget guard)`` of ``model`` with ``weights`` on
-    ``(x, y)`` from one pass of the head over the body's features (kept in ``cache`` when given): what a client of
-    a head repair reports on its held-back rows each round, the body run over them once per repair. Zeros for
-    ``None`` or no rows."""
-    if data is None or len(data[1]) == 0:
-        return 0.0, 0, 0.0
-    x, y = data
-    logits = _Head(model, weights).logits(x, cache)
-    return (float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")), int((logits.argmax(1) == y).sum()),
-            float(forget_guard_loss(logits, y, "sum")))
+def head_scores(model: torch.nn.Module, weights: Weights, *datas: tuple[Tensor, Tensor] | None,
+                cache: FeatureCache | None = None) -> list[tuple[float, int, float]]:
+    """Per row set ``(x, y)``, ``(summed cross-entropy, correct predictions, summed forget guard)`` of ``model``
+    with ``weights``, from one pass of the head over the body's features (kept in ``cache`` when given): what a
+    client of a head repair reports on its held-back rows each round, the body run over them once per repair.
+    Zeros for ``None`` or no rows."""
+    head = _Head(model, weights)
+    out = []
+    for data in datas:
+        if data is None or len(data[1]) == 0:
+            out.append((0.0, 0, 0.0))
+            continue
+        logits = head.logits(data[0], cache)
+        out.append((float(torch.nn.functional.cross_entropy(logits, data[1], reduction="sum")),
+                    int((logits.argmax(1) == data[1]).sum()), float(forget_guard_loss(logits, data[1], "sum"))))
+    return out
 
 
 def _tensor_digest(t: Tensor) -> str:

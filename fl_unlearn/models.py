@@ -155,7 +155,8 @@ def split_head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor]
     """``(body, head)`` with ``head(body(x)) == model(x)``: the layers a head repair trains, and what feeds them.
 
     ``head`` shares its parameters with ``model`` (training it changes ``model``); ``body`` is the rest of the
-    forward pass, run once per sample under ``torch.no_grad`` by :func:`fl_unlearn.calibrate.repair_head`.
+    forward pass, run once per sample under ``torch.no_grad`` by a head repair
+    (:class:`fl_unlearn.calibrate.RepairConfig` with ``part="head"``).
 
     - ``SmallCNN``: ``body`` = ``features`` (the convolutions, pooled and flattened), ``head`` = ``hidden`` + ``fc``.
     - torchvision ``ResNet``: ``body`` = every block up to the global average pool, ``head`` = ``fc``.

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fl_unlearn.calibrate import REPAIR_PARTS, REPAIR_STOPS
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.fisher import ESTIMATORS
 
@@ -118,13 +119,12 @@ METHODS = ("fiun", "finetune", "gradient_ascent", "retrain", "sisa")
 #: ``repair-scope``: ``served``, the served global model and the client-held ones; ``all``, also every other
 #: server-held affected model (local updates at the client that trained them, earlier globals at every client)
 REPAIR_SCOPES = ("served", "all")
-#: ``repair-stop``: ``stall``, stop when the validation loss stalls; ``restore``, also once the kept validation loss is
-#: back at the model's before unlearning (fl_unlearn.calibrate.RepairConfig.stop; half the repair time, measured to
-#: keep up to 2.3 points less on benchmarks/baselines.py's network)
-REPAIR_STOPS = ("stall", "restore")
-#: ``repair-part``: ``all`` weights train; ``head``, only the model's head (fl_unlearn.calibrate.RepairConfig.part;
-#: benchmarks/baselines.py: the same kept accuracy on the models it repairs, in a fraction of the time)
-REPAIR_PARTS = ("all", "head")
+# ``repair-stop`` (REPAIR_STOPS, from fl_unlearn.calibrate): ``stall``, stop when the validation loss stalls;
+# ``restore``, also once the kept validation loss is back at the model's before unlearning (RepairConfig.stop; half the
+# repair time, measured to keep up to 2.3 points less on benchmarks/baselines.py's network).
+# ``repair-part`` (REPAIR_PARTS, from fl_unlearn.calibrate): ``all`` weights train; ``head``, only the model's head
+# (RepairConfig.part; benchmarks/baselines.py: the same kept accuracy on the models it repairs, in a fraction of the
+# time).
 #: Environment variable naming the parent of default output directories (``out-dir=""``).
 RUNS_ENV = "FL_UNLEARN_RUNS_DIR"
 

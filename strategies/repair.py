@@ -217,8 +217,8 @@ def _validation(model: torch.nn.Module, weights: Tensors, val: tuple[torch.Tenso
     the body does not change while the head is repaired."""
     forget_num = len(forget_val[1]) if forget_val is not None else 0
     if cfg.part == "head":
-        val_loss, val_correct, _ = head_scores(model, weights, val, HEAD_FEATURES)
-        _, forget_correct, forget_loss = head_scores(model, weights, forget_val, HEAD_FEATURES)
+        (val_loss, val_correct, _), (_, forget_correct, forget_loss) = head_scores(model, weights, val, forget_val,
+                                                                                    cache=HEAD_FEATURES)
     else:
         val_loss, val_correct = loss_sum(model, weights, *val), count_correct(model, weights, val)
         forget_loss = guard_sum(model, weights, *forget_val) if forget_val is not None else 0.0

@@ -563,13 +563,13 @@ def test_head_scores_are_the_whole_models_figures():
 
     model, _, damaged, kept, forget = _quadrant_cnn()
     cache = FeatureCache()
-    for rows in (kept[0], forget[0]):
-        loss, correct, guard = head_scores(model, damaged, rows, cache)
+    scores = head_scores(model, damaged, kept[0], forget[0], cache=cache)
+    for rows, (loss, correct, guard) in zip((kept[0], forget[0]), scores):
         assert loss == pytest.approx(loss_sum(model, damaged, *rows), rel=1e-5)
         assert correct == count_correct(model, damaged, rows)
         assert guard == pytest.approx(guard_sum(model, damaged, *rows), rel=1e-5, abs=1e-6)
-    assert head_scores(model, damaged, rows, cache) == (loss, correct, guard) and cache.hits == 1
-    assert head_scores(model, damaged, None) == (0.0, 0, 0.0)
+    assert head_scores(model, damaged, forget[0], cache=cache) == scores[1:] and cache.hits == 1
+    assert head_scores(model, damaged, None) == [(0.0, 0, 0.0)]
 
 
 def test_repair_part_is_checked_and_needs_a_model_split_head_knows():
